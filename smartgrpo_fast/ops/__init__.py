@@ -1,0 +1,28 @@
+"""The fused ops of Smart-GRPO's noise search.
+
+Each op validates its arguments, then runs a Triton kernel on CUDA tensors and its PyTorch
+reference elsewhere (``SMARTGRPO_BACKEND=reference|triton`` forces one; with
+``TRITON_INTERPRET=1`` the Triton kernels also run on CPU tensors). All noise comes from the
+one Philox stream defined in :mod:`smartgrpo_fast.ops.philox`.
+"""
+
+from smartgrpo_fast.ops._common import BACKEND_ENV, resolve_backend
+from smartgrpo_fast.ops.cem_update import cem_update, cem_update_reference
+from smartgrpo_fast.ops.philox import philox_normal
+from smartgrpo_fast.ops.sample_perturb import sample_perturb, sample_perturb_reference
+from smartgrpo_fast.ops.topk_select import topk_select, topk_select_reference
+from smartgrpo_fast.ops.x0_estimate import x0_estimate, x0_estimate_reference
+
+__all__ = [
+    "BACKEND_ENV",
+    "cem_update",
+    "cem_update_reference",
+    "philox_normal",
+    "resolve_backend",
+    "sample_perturb",
+    "sample_perturb_reference",
+    "topk_select",
+    "topk_select_reference",
+    "x0_estimate",
+    "x0_estimate_reference",
+]

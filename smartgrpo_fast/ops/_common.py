@@ -1,0 +1,318 @@
+"""Validation, argument normalisation and backend dispatch shared by the fused ops.
+
+Every op validates its arguments here before it touches a kernel, and every
+error names the argument, what it got (shape, dtype, device or value) and what
+was expected. Arguments that may be either a Python number or a tensor are
+normalised into a :class:`Param`, the one form the kernels and references read:
+
+* ``SCALAR``: one Python float for every row and element (``value``);
+* ``ROW``: one value per row ``b`` at ``tensor[b * stride_b]``;
+* ``ELEM``: one value per (row, element) at ``tensor[b * stride_b + e * stride_e]``.
+
+Strides are kept rather than copied away, so broadcast (expanded) and row-sliced
+inputs cost no copy.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+
+__all__ = [
+    "BACKEND_ENV",
+    "FLOAT_DTYPES",
+    "Mode",
+    "Param",
+    "alloc",
+    "check_finite_values",
+    "check_float_tensor",
+    "check_no_grad",
+    "check_round",
+    "check_same_device",
+    "check_seed",
+    "check_stream_limits",
+    "describe",
+    "is_capturing",
+    "normalize_param",
+    "resolve_backend",
+    "rows_view",
+]
+
+#: dtypes the ops accept for floating-point tensors (storage dtype; math is float32).
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+
+#: Environment variable that forces a backend: ``auto`` (default), ``reference`` or ``triton``.
+BACKEND_ENV = "SMARTGRPO_BACKEND"
+
+_BACKENDS = ("auto", "reference", "triton")
+
+# Stream limits of the Philox keying (see smartgrpo_fast.ops.philox).
+MAX_ROWS = 2**32
+MAX_CANDIDATES = 2**32
+MAX_ELEMENTS = 2**34
+MAX_ROUND = 2**32
+MAX_SEED = 2**64
+
+
+def describe(x: object) -> str:
+    """A short description of an argument for error messages."""
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
+    if isinstance(x, bool):
+        return f"bool {x}"
+    if isinstance(x, numbers.Number):
+        return f"{type(x).__name__} {x!r}"
+    return f"object of type {type(x).__name__}"
+
+
+def alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate an op output. Every op allocates through here, so tests can NaN-fill it."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def is_capturing(device: torch.device) -> bool:
+    """True while a CUDA graph is being captured on the current stream of ``device``."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def check_float_tensor(
+    name: str, x: object, *, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES, min_dim: int = 0
+) -> torch.Tensor:
+    """Raise TypeError unless ``x`` is a tensor of one of ``dtypes`` with ``ndim >= min_dim``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {describe(x)}")
+    if x.dtype not in dtypes:
+        names = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({names}), got {describe(x)}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name}: expected at least {min_dim} dimension(s), got {describe(x)}")
+    return x
+
+
+def check_same_device(device: torch.device, **tensors: object) -> None:
+    """Raise ValueError if any tensor argument is not on ``device``."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device != device:
+            raise ValueError(
+                f"{name}: expected a tensor on {device} (the device of the op's main input), "
+                f"got {describe(t)}"
+            )
+
+
+def check_no_grad(op: str, **tensors: object) -> None:
+    """Raise ValueError if grad mode is on and a tensor requires grad (op not differentiable)."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(
+                f"{name}: {describe(t)} requires grad, but {op} is not differentiable; "
+                f"call it under torch.no_grad() or pass {name}.detach()"
+            )
+
+
+def _check_number(name: str, x: object) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name}: expected a float or a tensor, got {describe(x)}")
+    return float(x)
+
+
+def check_finite_values(
+    name: str, x: torch.Tensor | float, *, nonnegative: bool = False, validate: bool = True
+) -> None:
+    """Raise ValueError if ``x`` holds NaN/inf (or a negative value when ``nonnegative``).
+
+    Python numbers are always checked. Tensors are checked when ``validate`` is true and no
+    CUDA graph is being captured; the check reads the tensor, which synchronises a CUDA stream.
+    """
+    if isinstance(x, torch.Tensor):
+        if not validate or is_capturing(x.device) or x.numel() == 0:
+            return
+        xf = x.detach()
+        if not bool(torch.isfinite(xf).all()):
+            bad = int((~torch.isfinite(xf)).sum())
+            raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf in {describe(x)}")
+        if nonnegative and bool((xf < 0).any()):
+            raise ValueError(
+                f"{name}: expected values >= 0, got minimum {float(xf.min())} in {describe(x)}"
+            )
+        return
+    if not math.isfinite(x):
+        raise ValueError(f"{name}: expected a finite number, got {x!r}")
+    if nonnegative and x < 0:
+        raise ValueError(f"{name}: expected a value >= 0, got {x!r}")
+
+
+class Mode(IntEnum):
+    """How a parameter varies over rows and elements (a constexpr of every kernel)."""
+
+    SCALAR = 0
+    ROW = 1
+    ELEM = 2
+
+
+@dataclass(frozen=True)
+class Param:
+    """A normalised float parameter; see the module docstring."""
+
+    mode: Mode
+    value: float = 0.0
+    tensor: torch.Tensor | None = None
+    stride_b: int = 0
+    stride_e: int = 0
+
+    def rows(self, batch: int, numel: int) -> torch.Tensor:
+        """The parameter as a float32 (batch, numel) tensor view (for the references)."""
+        if self.tensor is None:
+            raise RuntimeError("rows() needs a tensor parameter")
+        t = self.tensor.float()
+        if self.mode == Mode.ROW:
+            return t.reshape(batch, 1).expand(batch, numel)
+        return t.reshape(batch, numel)
+
+
+def rows_view(name: str, x: torch.Tensor, batch: int, numel: int) -> tuple[torch.Tensor, int, int]:
+    """View ``x`` of shape (batch, *S) as (batch, numel) and return it with its two strides.
+
+    A view is returned whenever strides allow it (expanded and row-sliced tensors included);
+    otherwise ``reshape`` copies.
+    """
+    x2 = x.reshape(batch, numel)
+    return x2, x2.stride(0), x2.stride(1)
+
+
+def normalize_param(
+    name: str,
+    x: object,
+    *,
+    batch: int,
+    inner: tuple[int, ...],
+    device: torch.device,
+    allow_elem: bool = True,
+    nonnegative: bool = False,
+    validate: bool = True,
+) -> Param:
+    """Normalise a float-or-tensor parameter against rows ``batch`` and trailing shape ``inner``.
+
+    Accepted: a Python number (SCALAR); a 0-d tensor (ROW, stride 0); a (batch,) tensor (ROW,
+    one value per row even when it could also broadcast along the last axis); with
+    ``allow_elem``, any tensor that broadcasts to (batch, *inner) (ELEM).
+    """
+    numel = math.prod(inner)
+    if not isinstance(x, torch.Tensor):
+        v = _check_number(name, x)
+        check_finite_values(name, v, nonnegative=nonnegative)
+        return Param(Mode.SCALAR, value=v)
+    check_float_tensor(name, x, dtypes=(*FLOAT_DTYPES, torch.float64))
+    check_same_device(device, **{name: x})
+    check_finite_values(name, x, nonnegative=nonnegative, validate=validate)
+    if x.dim() == 0:
+        return Param(Mode.ROW, tensor=x.reshape(1), stride_b=0)
+    if x.dim() == 1 and x.shape[0] == batch:
+        return Param(Mode.ROW, tensor=x, stride_b=x.stride(0))
+    full = (batch, *inner)
+    if not allow_elem:
+        raise ValueError(
+            f"{name}: expected a number, a 0-d tensor or shape ({batch},), got {describe(x)}"
+        )
+    try:
+        xe = x.expand(full)
+    except RuntimeError:
+        raise ValueError(
+            f"{name}: expected a number, a ({batch},) tensor or a tensor broadcastable to "
+            f"{full}, got {describe(x)}"
+        ) from None
+    x2, sb, se = rows_view(name, xe, batch, numel)
+    if x2.dtype == torch.float64:
+        x2 = x2.float()
+        sb, se = x2.stride(0), x2.stride(1)
+    return Param(Mode.ELEM, tensor=x2, stride_b=sb, stride_e=se)
+
+
+def _check_int(name: str, x: object, lo: int, hi: int) -> int:
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name}: expected an int or a 0-d int64 tensor, got {describe(x)}")
+    v = int(x)
+    if not lo <= v < hi:
+        raise ValueError(f"{name}: expected {lo} <= {name} < {hi}, got {v}")
+    return v
+
+
+def _check_int_tensor(name: str, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if x.dtype != torch.int64 or x.dim() != 0:
+        raise TypeError(f"{name}: expected an int or a 0-d int64 tensor, got {describe(x)}")
+    check_same_device(device, **{name: x})
+    return x
+
+
+def check_seed(seed: object, device: torch.device) -> int | torch.Tensor:
+    """Validate a seed: an int in [0, 2**64) or a 0-d int64 tensor on ``device``.
+
+    A tensor seed holds the seed's 64 bits in two's complement (seeds >= 2**63 read negative).
+    """
+    if isinstance(seed, torch.Tensor):
+        return _check_int_tensor("seed", seed, device)
+    return _check_int("seed", seed, 0, MAX_SEED)
+
+
+def check_round(rnd: object, device: torch.device, *, validate: bool = True) -> int | torch.Tensor:
+    """Validate a round counter: an int in [0, 2**32) or a 0-d int64 tensor on ``device``."""
+    if isinstance(rnd, torch.Tensor):
+        _check_int_tensor("round", rnd, device)
+        if validate and not is_capturing(rnd.device):
+            v = int(rnd)
+            if not 0 <= v < MAX_ROUND:
+                raise ValueError(f"round: expected 0 <= round < {MAX_ROUND}, got tensor value {v}")
+        return rnd
+    return _check_int("round", rnd, 0, MAX_ROUND)
+
+
+def check_stream_limits(batch: int, k: int, numel: int) -> None:
+    """Raise ValueError when (batch, k, numel) exceeds what the Philox keying can address."""
+    if batch >= MAX_ROWS:
+        raise ValueError(f"rows: the noise stream addresses fewer than 2**32 rows, got {batch}")
+    if k >= MAX_CANDIDATES:
+        raise ValueError(f"k: the noise stream addresses fewer than 2**32 candidates, got {k}")
+    if numel > MAX_ELEMENTS:
+        raise ValueError(
+            f"shape: the noise stream addresses at most 2**34 elements per (row, candidate), "
+            f"got {numel}"
+        )
+
+
+def seed_words(seed: int | torch.Tensor) -> tuple[int, int]:
+    """(low, high) 32-bit words of an int seed (the Philox key)."""
+    s = int(seed) % MAX_SEED
+    return s & 0xFFFFFFFF, s >> 32
+
+
+def resolve_backend(device: torch.device) -> str:
+    """The backend an op runs on ``device``: ``reference`` or ``triton``.
+
+    ``SMARTGRPO_BACKEND`` selects it: ``auto`` (default) runs Triton on CUDA tensors and the
+    PyTorch reference elsewhere; ``triton`` forces the kernels (on CPU tensors only under
+    ``TRITON_INTERPRET=1``); ``reference`` forces the PyTorch reference everywhere.
+    """
+    name = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if name not in _BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}: expected one of {', '.join(_BACKENDS)}, got {name!r}")
+    from smartgrpo_fast.ops._triton import HAS_TRITON, interpreting
+
+    if name == "auto":
+        return "triton" if device.type == "cuda" and HAS_TRITON else "reference"
+    if name == "triton":
+        if not HAS_TRITON:
+            raise ValueError(f"{BACKEND_ENV}=triton: triton is not importable on this machine")
+        if device.type != "cuda" and not interpreting():
+            raise ValueError(
+                f"{BACKEND_ENV}=triton: tensors on {device} need TRITON_INTERPRET=1 set before "
+                f"triton is first imported (Triton compiles for CUDA devices only)"
+            )
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"{BACKEND_ENV}=triton: unsupported device {device}")
+    return name

@@ -1,0 +1,357 @@
+"""cem_update: refine the CEM Gaussian from the elites, regenerating their noise from Philox.
+
+For row b with elites ``E = elite_idx[b]`` (T of the K candidates that ``sample_perturb``
+drew with the same seed and round), ``eps_j = mu + sigma * n[b, j]`` and
+
+* ``mu_new = (1 - alpha) mu + alpha mean_{j in E} eps_j``
+* ``sigma_new = max(min_sigma, (1 - alpha) sigma + alpha std_{j in E} eps_j)``, population std,
+  per element; or with ``per_element=False`` one value per row, the pooled std
+  ``sqrt(mean over elements of the per-element elite variance)``.
+
+Only the T elite noises are regenerated, in registers: no (B, K, *S) buffer is ever read or
+allocated. An elite index outside [0, K) (possible only with ``validate=False``) turns that
+row's outputs into NaN instead of reading noise that was never drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from smartgrpo_fast.ops._common import (
+    Mode,
+    Param,
+    alloc,
+    check_finite_values,
+    check_no_grad,
+    check_round,
+    check_same_device,
+    check_seed,
+    check_stream_limits,
+    describe,
+    is_capturing,
+    normalize_param,
+    resolve_backend,
+)
+from smartgrpo_fast.ops._triton import interpreting, next_power_of_2, tl, triton
+from smartgrpo_fast.ops.philox import normals_reference, seed_args, seed_values
+
+__all__ = ["cem_update", "cem_update_reference"]
+
+if triton is not None:
+    from smartgrpo_fast.ops.philox import load_key, load_round, philox_normal_block
+    from smartgrpo_fast.ops.sample_perturb import load_param
+
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "round_val", "K", "T"])
+    def _cem_update_kernel(
+        mu_out_ptr,
+        sigma_out_ptr,
+        var_part_ptr,
+        mu_ptr,
+        sigma_ptr,
+        idx_ptr,
+        seed_ptr,
+        round_ptr,
+        mu_val,
+        sigma_val,
+        seed_lo,
+        seed_hi,
+        round_val,
+        alpha,
+        min_sigma,
+        D,
+        K,
+        T,
+        n_blocks,
+        stride_mu_b,
+        stride_mu_e,
+        stride_sigma_b,
+        stride_sigma_e,
+        stride_idx_b,
+        stride_idx_t,
+        MU_MODE: tl.constexpr,
+        SIGMA_MODE: tl.constexpr,
+        PER_ELEMENT: tl.constexpr,
+        SEED_FROM_PTR: tl.constexpr,
+        ROUND_FROM_PTR: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        i_blk = pid % n_blocks
+        i_b = pid // n_blocks
+        offs = i_blk * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < D
+        b_mu = load_param(mu_ptr, mu_val, i_b, offs, mask, stride_mu_b, stride_mu_e, MU_MODE)
+        b_sigma = load_param(
+            sigma_ptr, sigma_val, i_b, offs, mask, stride_sigma_b, stride_sigma_e, SIGMA_MODE
+        )
+        k0, k1 = load_key(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
+        rnd = load_round(round_ptr, round_val, ROUND_FROM_PTR)
+
+        # Welford over the T elites, on eps = mu + sigma * n (float32 registers).
+        b_mean = tl.zeros([BLOCK], dtype=tl.float32)
+        b_m2 = tl.zeros([BLOCK], dtype=tl.float32)
+        n_bad = tl.program_id(0) * 0
+        for i in range(T):
+            j = tl.load(idx_ptr + i_b * stride_idx_b + i * stride_idx_t).to(tl.int64)
+            n_bad += ((j < 0) | (j >= K)).to(tl.int32)
+            b_n = philox_normal_block(i_blk, j, i_b, rnd, k0, k1, BLOCK)
+            b_eps = b_mu + b_sigma * b_n
+            b_delta = b_eps - b_mean
+            b_mean += b_delta / tl.cast(i + 1, tl.float32)
+            b_m2 += b_delta * (b_eps - b_mean)
+        b_var = b_m2 / tl.cast(T, tl.float32)
+        a = tl.cast(alpha, tl.float32)
+        b_mu_new = (1.0 - a) * b_mu + a * b_mean
+        b_mu_new = tl.where(n_bad > 0, float("nan"), b_mu_new)
+        tl.store(mu_out_ptr + i_b * D + offs, b_mu_new, mask=mask)
+        if PER_ELEMENT:
+            b_sigma_new = (1.0 - a) * b_sigma + a * tl.sqrt_rn(b_var)
+            b_sigma_new = tl.maximum(
+                b_sigma_new, tl.cast(min_sigma, tl.float32), propagate_nan=tl.PropagateNan.ALL
+            )
+            b_sigma_new = tl.where(n_bad > 0, float("nan"), b_sigma_new)
+            tl.store(sigma_out_ptr + i_b * D + offs, b_sigma_new, mask=mask)
+        else:
+            part = tl.sum(tl.where(mask, b_var, 0.0), axis=0)
+            part = tl.where(n_bad > 0, float("nan"), part)
+            tl.store(var_part_ptr + i_b * n_blocks + i_blk, part)
+
+
+def _param_rows(p: Param, batch: int, numel: int, device: torch.device) -> torch.Tensor:
+    if p.mode == Mode.SCALAR:
+        return torch.tensor(p.value, dtype=torch.float32, device=device)
+    return p.rows(batch, numel)
+
+
+def _over_elites(x: torch.Tensor) -> torch.Tensor:
+    """(B, D) -> (B, 1, D) so it broadcasts against the (B, T, D) elite noise; 0-d stays."""
+    return x if x.dim() == 0 else x.unsqueeze(1)
+
+
+def cem_update_reference(
+    mu: Param,
+    sigma: Param,
+    elite_idx: torch.Tensor,
+    *,
+    batch: int,
+    numel: int,
+    k: int,
+    seed: int,
+    rnd: int,
+    alpha: float,
+    min_sigma: float,
+    per_element: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch cem_update: materialises the (B, T, D) elite noise. Returns float32
+    mu_new (B, D) and sigma_new (B, D), or (B,) when pooled."""
+    device = elite_idx.device
+    rows = torch.arange(batch, device=device).view(batch, 1)
+    n = normals_reference(seed, rnd, rows, elite_idx, numel)  # (B, T, D)
+    mu_r = _param_rows(mu, batch, numel, device)
+    sigma_r = _param_rows(sigma, batch, numel, device)
+    eps = _over_elites(mu_r) + _over_elites(sigma_r) * n
+    mean = eps.mean(dim=1)
+    var = eps.var(dim=1, unbiased=False)
+    mu_new = (1.0 - alpha) * mu_r + alpha * mean
+    mu_new = mu_new.expand(batch, numel).clone()
+    floor = torch.tensor(min_sigma, dtype=torch.float32, device=device)
+    if per_element:
+        sigma_new = torch.maximum((1.0 - alpha) * sigma_r + alpha * var.sqrt(), floor)
+        sigma_new = sigma_new.expand(batch, numel).clone()
+    else:
+        sigma_row = sigma_r[:, 0] if sigma_r.dim() else sigma_r.expand(batch)
+        sigma_new = torch.maximum((1.0 - alpha) * sigma_row + alpha * var.mean(-1).sqrt(), floor)
+    bad = ((elite_idx < 0) | (elite_idx >= k)).any(dim=1)
+    if bool(bad.any()):
+        mu_new[bad] = float("nan")
+        sigma_new[bad] = float("nan")
+    return mu_new, sigma_new
+
+
+def _check_shape(shape: object) -> tuple[int, ...]:
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if (
+        not isinstance(shape, Sequence)
+        or isinstance(shape, str)
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
+    ):
+        raise TypeError(f"shape: expected a tuple of ints (B, *S), got {describe(shape)}")
+    shape = tuple(shape)
+    if len(shape) < 1 or any(s < 1 for s in shape):
+        raise ValueError(f"shape: expected (B, *S) with every dimension >= 1, got {shape}")
+    return shape
+
+
+def _check_elite_idx(elite_idx: object, batch: int, k: int, validate: bool) -> torch.Tensor:
+    if not isinstance(elite_idx, torch.Tensor):
+        raise TypeError(f"elite_idx: expected a (B, T) int64 tensor, got {describe(elite_idx)}")
+    if elite_idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(
+            f"elite_idx: expected dtype torch.int64 or int32, got {describe(elite_idx)}"
+        )
+    if elite_idx.dim() != 2 or elite_idx.shape[0] != batch:
+        raise ValueError(
+            f"elite_idx: expected shape ({batch}, T) (B from shape), got {describe(elite_idx)}"
+        )
+    t = elite_idx.shape[1]
+    if not 1 <= t <= k:
+        raise ValueError(f"elite_idx: expected 1 <= T <= k = {k} elites, got {describe(elite_idx)}")
+    if validate and not is_capturing(elite_idx.device):
+        lo, hi = int(elite_idx.min()), int(elite_idx.max())
+        if lo < 0 or hi >= k:
+            raise ValueError(
+                f"elite_idx: expected indices in [0, {k}), got values in [{lo}, {hi}] "
+                f"in {describe(elite_idx)}"
+            )
+        srt = torch.sort(elite_idx, dim=1).values
+        dup = (srt[:, 1:] == srt[:, :-1]).any(dim=1)
+        if bool(dup.any()):
+            row = int(dup.nonzero()[0, 0])
+            raise ValueError(
+                f"elite_idx: expected distinct candidates per row, row {row} repeats one: "
+                f"{elite_idx[row].tolist()}"
+            )
+    return elite_idx
+
+
+def cem_update(
+    mu: float | torch.Tensor,
+    sigma: float | torch.Tensor,
+    elite_idx: torch.Tensor,
+    *,
+    shape: Sequence[int] | torch.Size,
+    k: int,
+    seed: int | torch.Tensor,
+    round: int | torch.Tensor,
+    alpha: float = 1.0,
+    min_sigma: float = 0.0,
+    per_element: bool = True,
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CEM refinement of N(mu, sigma^2) from the elites of one ``sample_perturb`` call.
+
+    Args:
+        mu: the current mean: a float, a 0-d or (B,) tensor, or broadcastable to (B, *S).
+        sigma: the current std, same forms (>= 0); with ``per_element=False`` a float or a
+            0-d or (B,) tensor.
+        elite_idx: (B, T) int64 (or int32) candidate indices, e.g. ``topk_select``'s output;
+            1 <= T <= k, distinct per row.
+        shape: the (B, *S) shape of the mean given to ``sample_perturb``.
+        k: the K given to ``sample_perturb``.
+        seed, round: the seed and round given to ``sample_perturb`` (ints or 0-d int64
+            tensors on elite_idx's device).
+        alpha: smoothing in (0, 1]; 1 is textbook CEM.
+        min_sigma: floor of the new std, >= 0.
+        per_element: a std per element (True) or one pooled std per row (False).
+        validate: check tensor values (indices in range and distinct, finite mu/sigma,
+            round range). Reads them, synchronising a CUDA stream; skipped in graph capture.
+
+    Returns:
+        (mu_new, sigma_new): float32 (B, *S) and float32 (B, *S), or (B,) when pooled.
+    """
+    shape = _check_shape(shape)
+    batch, inner = shape[0], shape[1:]
+    numel = math.prod(inner)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k: expected an int >= 1, got {describe(k)}")
+    if k < 1:
+        raise ValueError(f"k: expected an int >= 1, got {k}")
+    check_stream_limits(batch, k, numel)
+    elite_idx = _check_elite_idx(elite_idx, batch, k, validate)
+    device = elite_idx.device
+    check_same_device(device, mu=mu, sigma=sigma)
+    check_no_grad("cem_update", mu=mu, sigma=sigma)
+    for name, val in (("alpha", alpha), ("min_sigma", min_sigma)):
+        if isinstance(val, bool) or not isinstance(val, (int, float)):
+            raise TypeError(f"{name}: expected a float, got {describe(val)}")
+    check_finite_values("alpha", float(alpha))
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha: expected 0 < alpha <= 1, got {alpha}")
+    check_finite_values("min_sigma", float(min_sigma), nonnegative=True)
+    kw = {"batch": batch, "inner": inner, "device": device, "validate": validate}
+    p_mu = normalize_param("mu", mu, **kw)
+    p_sigma = normalize_param("sigma", sigma, nonnegative=True, **kw)
+    if not per_element and p_sigma.mode == Mode.ELEM:
+        raise ValueError(
+            f"sigma: per_element=False pools the std to one value per row, so sigma must be a "
+            f"float or a 0-d or ({batch},) tensor, got {describe(sigma)}"
+        )
+    seed = check_seed(seed, device)
+    rnd = check_round(round, device, validate=validate)
+    alpha, min_sigma = float(alpha), float(min_sigma)
+
+    if resolve_backend(device) == "reference":
+        s, r = seed_values(seed, rnd)
+        mu_new, sigma_new = cem_update_reference(
+            p_mu,
+            p_sigma,
+            elite_idx,
+            batch=batch,
+            numel=numel,
+            k=k,
+            seed=s,
+            rnd=r,
+            alpha=alpha,
+            min_sigma=min_sigma,
+            per_element=per_element,
+        )
+        mu_out = alloc(shape, torch.float32, device)
+        mu_out.copy_(mu_new.reshape(shape))
+        sigma_out = alloc(shape if per_element else (batch,), torch.float32, device)
+        sigma_out.copy_(sigma_new.reshape(sigma_out.shape))
+        return mu_out, sigma_out
+
+    cap = 65536 if interpreting() else 1024
+    block = max(16, min(next_power_of_2(numel), cap))
+    n_blocks = triton.cdiv(numel, block)
+    mu_out = alloc(shape, torch.float32, device)
+    if per_element:
+        sigma_out = alloc(shape, torch.float32, device)
+        var_part = mu_out  # unused
+    else:
+        sigma_out = mu_out  # written below
+        var_part = alloc((batch, n_blocks), torch.float32, device)
+    dummy = mu_out
+    _cem_update_kernel[(n_blocks * batch,)](
+        mu_out,
+        sigma_out,
+        var_part,
+        p_mu.tensor if p_mu.tensor is not None else dummy,
+        p_sigma.tensor if p_sigma.tensor is not None else dummy,
+        elite_idx,
+        mu_val=p_mu.value,
+        sigma_val=p_sigma.value,
+        alpha=alpha,
+        min_sigma=min_sigma,
+        D=numel,
+        K=k,
+        T=elite_idx.shape[1],
+        n_blocks=n_blocks,
+        stride_mu_b=p_mu.stride_b,
+        stride_mu_e=p_mu.stride_e,
+        stride_sigma_b=p_sigma.stride_b,
+        stride_sigma_e=p_sigma.stride_e,
+        stride_idx_b=elite_idx.stride(0),
+        stride_idx_t=elite_idx.stride(1),
+        MU_MODE=int(p_mu.mode),
+        SIGMA_MODE=int(p_sigma.mode),
+        PER_ELEMENT=per_element,
+        BLOCK=block,
+        **seed_args(seed, rnd, device),
+    )
+    if per_element:
+        return mu_out, sigma_out
+    var_rows = var_part.sum(dim=1) / numel
+    if p_sigma.mode == Mode.SCALAR:
+        sigma_row = torch.full((batch,), p_sigma.value, dtype=torch.float32, device=device)
+    else:
+        sigma_row = p_sigma.rows(batch, 1)[:, 0]
+    floor = torch.tensor(min_sigma, dtype=torch.float32, device=device)
+    sigma_new = torch.maximum((1.0 - alpha) * sigma_row + alpha * var_rows.sqrt(), floor)
+    sigma_out = alloc((batch,), torch.float32, device)
+    sigma_out.copy_(sigma_new)
+    return mu_out, sigma_out

@@ -1,0 +1,362 @@
+"""The one noise stream of smartgrpo_fast: Philox4x32-10 keyed by (seed, round, row, candidate).
+
+Every backend (the PyTorch reference below, the Triton kernels, the C++ ops) draws the
+standard normal ``n[b, j, e]`` of row ``b``, candidate ``j`` and flat element ``e`` (row-major
+over the trailing shape ``S``, ``D = prod(S)`` elements) like this:
+
+* **key** ``(k0, k1) = (seed mod 2**32, seed >> 32)``, ``seed`` in ``[0, 2**64)``;
+* **counter** ``(c0, c1, c2, c3) = (e // 4, j, b, round)``, each a 32-bit word;
+* ``(x0, x1, x2, x3) = Philox4x32-10(counter, key)`` with the Random123 constants
+  (multipliers ``0xD2511F53``, ``0xCD9E8D57``; Weyl key increments ``0x9E3779B9``,
+  ``0xBB67AE85``), ten rounds, bit-identical to Triton's ``philox_impl``;
+* each word becomes a uniform in (0, 1) exactly representable in float32:
+  ``u = ((x >> 8) + 0.5) * 2**-24``;
+* Box-Muller on the pairs ``(u0, u1)`` and ``(u2, u3)``, in float32:
+  ``r = sqrt(-2 ln u_first)``, ``theta = 2 pi u_second`` (2 pi rounded to float32),
+  ``n[4g] = r cos theta``, ``n[4g+1] = r sin theta`` for the first pair, and
+  ``n[4g+2], n[4g+3]`` likewise from the second.
+
+So the noise of candidate ``j`` of row ``b`` does not depend on how many rows or candidates a
+call has: growing K adds candidates without changing the first ones, and ``cem_update`` can
+regenerate any elite's noise from its index alone.
+
+Limits (checked, a ValueError beyond them): rows ``b < 2**32``, candidates ``j < 2**32``,
+``round < 2**32``, ``D <= 2**34`` elements per (row, candidate). Beyond ``D = 2**34`` the
+element counter would wrap and repeat noise, so it is refused rather than widened. The
+integers are identical on every backend; the normals differ only by the float32 rounding of
+log, sqrt, cos and sin (measured in ``tests/test_philox.py``; see the README).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from smartgrpo_fast.ops._common import (
+    alloc,
+    check_round,
+    check_seed,
+    check_stream_limits,
+    describe,
+    resolve_backend,
+    seed_words,
+)
+from smartgrpo_fast.ops._triton import interpreting, next_power_of_2, tl, triton
+
+__all__ = [
+    "PHILOX_M0",
+    "PHILOX_M1",
+    "PHILOX_W0",
+    "PHILOX_W1",
+    "TWO_PI_F32",
+    "normals_reference",
+    "philox4x32_10_reference",
+    "philox_normal",
+]
+
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+#: 2 pi rounded to float32, the exact constant every backend multiplies by.
+TWO_PI_F32 = 6.2831854820251465
+#: 2**-24: the uniform step.
+_U_STEP = 5.9604644775390625e-08
+
+
+# --------------------------------------------------------------------------------------
+# PyTorch reference (integer tensor arithmetic; the oracle of every backend)
+# --------------------------------------------------------------------------------------
+
+
+def philox4x32_10_reference(
+    c0: torch.Tensor,
+    c1: torch.Tensor,
+    c2: torch.Tensor,
+    c3: torch.Tensor,
+    k0: int,
+    k1: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32-10 on int64 tensors that hold unsigned 32-bit words.
+
+    The 32x32-bit products wrap in int64; ``(p >> 32) & 0xFFFFFFFF`` is still the high word.
+    Counters broadcast against each other; returns four int64 tensors of words in [0, 2**32).
+    """
+    for _ in range(10):
+        p0 = c0 * PHILOX_M0
+        p1 = c2 * PHILOX_M1
+        c0, c1, c2, c3 = (
+            ((p1 >> 32) & _MASK32) ^ c1 ^ k0,
+            p1 & _MASK32,
+            ((p0 >> 32) & _MASK32) ^ c3 ^ k1,
+            p0 & _MASK32,
+        )
+        k0 = (k0 + PHILOX_W0) & _MASK32
+        k1 = (k1 + PHILOX_W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _uniform_reference(x: torch.Tensor) -> torch.Tensor:
+    return ((x >> 8).to(torch.float32) + 0.5) * _U_STEP
+
+
+def _box_muller_reference(
+    x_a: torch.Tensor, x_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r = torch.sqrt(-2.0 * torch.log(_uniform_reference(x_a)))
+    theta = _uniform_reference(x_b) * TWO_PI_F32
+    return r * torch.cos(theta), r * torch.sin(theta)
+
+
+def normals_reference(
+    seed: int, rnd: int, rows: torch.Tensor, cands: torch.Tensor, numel: int
+) -> torch.Tensor:
+    """Normals ``n[rows[p], cands[p], 0:numel]`` of the stream, as float32 ``(*P, numel)``.
+
+    ``rows`` and ``cands`` are int64 tensors broadcastable to a common shape ``P``; ``seed`` and
+    ``rnd`` are plain ints (validated by the caller).
+    """
+    k0, k1 = seed_words(seed)
+    rows, cands = torch.broadcast_tensors(rows.to(torch.int64), cands.to(torch.int64))
+    groups = (numel + 3) // 4
+    g = torch.arange(groups, dtype=torch.int64, device=rows.device)
+    c0 = g.expand(*rows.shape, groups)
+    c1 = (cands & _MASK32).unsqueeze(-1)
+    c2 = (rows & _MASK32).unsqueeze(-1)
+    c3 = torch.full((), int(rnd) & _MASK32, dtype=torch.int64, device=rows.device)
+    x0, x1, x2, x3 = philox4x32_10_reference(c0, c1, c2, c3, k0, k1)
+    n0, n1 = _box_muller_reference(x0, x1)
+    n2, n3 = _box_muller_reference(x2, x3)
+    n = torch.stack((n0, n1, n2, n3), dim=-1).reshape(*rows.shape, 4 * groups)
+    return n[..., :numel]
+
+
+# --------------------------------------------------------------------------------------
+# Triton device functions (imported by every kernel that draws noise)
+# --------------------------------------------------------------------------------------
+
+if triton is not None:
+    _M0 = tl.constexpr(PHILOX_M0)
+    _M1 = tl.constexpr(PHILOX_M1)
+    _W0 = tl.constexpr(PHILOX_W0)
+    _W1 = tl.constexpr(PHILOX_W1)
+    _TWO_PI = tl.constexpr(TWO_PI_F32)
+    _STEP = tl.constexpr(_U_STEP)
+
+    @triton.jit
+    def philox4x32_10(c0, c1, c2, c3, k0, k1):
+        """Ten Philox rounds on uint32 blocks ``c0..c3`` with uint32 key words ``k0, k1``."""
+        for _ in tl.static_range(10):
+            hi0 = tl.umulhi(c0, _M0)
+            lo0 = c0 * _M0
+            hi1 = tl.umulhi(c2, _M1)
+            lo1 = c2 * _M1
+            c0 = hi1 ^ c1 ^ k0
+            c1 = lo1
+            c2 = hi0 ^ c3 ^ k1
+            c3 = lo0
+            k0 = k0 + _W0
+            k1 = k1 + _W1
+        return c0, c1, c2, c3
+
+    @triton.jit
+    def _box_muller(x_a, x_b):
+        u_a = ((x_a >> 8).to(tl.float32) + 0.5) * _STEP
+        u_b = ((x_b >> 8).to(tl.float32) + 0.5) * _STEP
+        r = tl.sqrt_rn(-2.0 * tl.log(u_a))
+        theta = u_b * _TWO_PI
+        return r * tl.cos(theta), r * tl.sin(theta)
+
+    @triton.jit
+    def load_key(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR: tl.constexpr):
+        """The two uint32 key words, from a 0-d int64 tensor or from two int arguments."""
+        if SEED_FROM_PTR:
+            s = tl.load(seed_ptr)
+            k0 = s.to(tl.uint32)
+            k1 = (s >> 32).to(tl.uint32)
+        else:
+            k0 = tl.cast(seed_lo, tl.uint32)
+            k1 = tl.cast(seed_hi, tl.uint32)
+        return k0, k1
+
+    @triton.jit
+    def load_round(round_ptr, round_val, ROUND_FROM_PTR: tl.constexpr):
+        """The uint32 round word, from a 0-d int64 tensor or an int argument."""
+        if ROUND_FROM_PTR:
+            r = tl.load(round_ptr).to(tl.uint32)
+        else:
+            r = tl.cast(round_val, tl.uint32)
+        return r
+
+    @triton.jit
+    def philox_normal_block(blk, j, b, rnd, k0, k1, BLOCK: tl.constexpr):
+        """float32 normals of elements ``blk*BLOCK + arange(BLOCK)`` of slice (row b, cand j)."""
+        GROUPS: tl.constexpr = BLOCK // 4
+        g = tl.cast(blk, tl.int64) * GROUPS + tl.arange(0, GROUPS)
+        c0 = g.to(tl.uint32)
+        zero = tl.zeros([GROUPS], dtype=tl.uint32)
+        c1 = zero + tl.cast(j, tl.uint32)
+        c2 = zero + tl.cast(b, tl.uint32)
+        c3 = zero + rnd
+        x0, x1, x2, x3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
+        n0, n1 = _box_muller(x0, x1)
+        n2, n3 = _box_muller(x2, x3)
+        # (GROUPS, 2, 2) flattened row-major is n0, n1, n2, n3 per group: element order.
+        return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])
+
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "round_val", "K"])
+    def _philox_normal_kernel(
+        out_ptr,
+        seed_ptr,
+        round_ptr,
+        seed_lo,
+        seed_hi,
+        round_val,
+        D,
+        K,
+        n_blocks,
+        SEED_FROM_PTR: tl.constexpr,
+        ROUND_FROM_PTR: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        blk = pid % n_blocks
+        row = pid // n_blocks  # row = b * K + j
+        j = row % K
+        b = row // K
+        k0, k1 = load_key(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
+        rnd = load_round(round_ptr, round_val, ROUND_FROM_PTR)
+        n = philox_normal_block(blk, j, b, rnd, k0, k1, BLOCK)
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + row * D + offs, n, mask=offs < D)
+
+    @triton.jit
+    def _philox_bits_kernel(ctr_ptr, out_ptr, k0, k1, N, BLOCK: tl.constexpr):
+        """Raw Philox words for N counters (N, 4) -> (N, 4); test hook for bit-exactness."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        c0 = tl.load(ctr_ptr + offs * 4 + 0, mask=mask, other=0).to(tl.uint32)
+        c1 = tl.load(ctr_ptr + offs * 4 + 1, mask=mask, other=0).to(tl.uint32)
+        c2 = tl.load(ctr_ptr + offs * 4 + 2, mask=mask, other=0).to(tl.uint32)
+        c3 = tl.load(ctr_ptr + offs * 4 + 3, mask=mask, other=0).to(tl.uint32)
+        x0, x1, x2, x3 = philox4x32_10(
+            c0, c1, c2, c3, tl.cast(k0, tl.uint32), tl.cast(k1, tl.uint32)
+        )
+        tl.store(out_ptr + offs * 4 + 0, x0.to(tl.int64), mask=mask)
+        tl.store(out_ptr + offs * 4 + 1, x1.to(tl.int64), mask=mask)
+        tl.store(out_ptr + offs * 4 + 2, x2.to(tl.int64), mask=mask)
+        tl.store(out_ptr + offs * 4 + 3, x3.to(tl.int64), mask=mask)
+
+
+def noise_block_size(numel: int) -> int:
+    """Elements per program for noise kernels: a multiple of 4, large when interpreting."""
+    cap = 65536 if interpreting() else 1024
+    return max(16, min(next_power_of_2(numel), cap))
+
+
+def seed_args(seed: int | torch.Tensor, rnd: int | torch.Tensor, device: torch.device) -> dict:
+    """Kernel arguments for a seed and a round that are ints or 0-d int64 tensors."""
+    dummy = None
+    seed_from_ptr = isinstance(seed, torch.Tensor)
+    round_from_ptr = isinstance(rnd, torch.Tensor)
+    if not (seed_from_ptr and round_from_ptr):
+        dummy = torch.zeros((), dtype=torch.int64, device=device)
+    lo, hi = (0, 0) if seed_from_ptr else seed_words(seed)
+    return {
+        "seed_ptr": seed if seed_from_ptr else dummy,
+        "round_ptr": rnd if round_from_ptr else dummy,
+        "seed_lo": lo,
+        "seed_hi": hi,
+        "round_val": 0 if round_from_ptr else int(rnd),
+        "SEED_FROM_PTR": seed_from_ptr,
+        "ROUND_FROM_PTR": round_from_ptr,
+    }
+
+
+def seed_values(seed: int | torch.Tensor, rnd: int | torch.Tensor) -> tuple[int, int]:
+    """Plain-int seed (in [0, 2**64)) and round (low 32 bits) for the references."""
+    s = int(seed) % 2**64
+    r = int(rnd) & _MASK32
+    return s, r
+
+
+def _check_shape(shape: object) -> tuple[int, ...]:
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if (
+        not isinstance(shape, Sequence)
+        or isinstance(shape, str)
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
+    ):
+        raise TypeError(f"shape: expected a tuple of ints (B, k, *S), got {describe(shape)}")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2:
+        raise ValueError(f"shape: expected (B, k, *S) with at least 2 dimensions, got {shape}")
+    if shape[0] < 1 or shape[1] < 1 or any(s < 1 for s in shape[2:]):
+        raise ValueError(f"shape: expected every dimension >= 1, got {shape}")
+    return shape
+
+
+def philox_normal(
+    shape: Sequence[int] | torch.Size,
+    *,
+    seed: int | torch.Tensor,
+    round: int | torch.Tensor = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The exact standard normals ``n`` that ``sample_perturb`` and ``cem_update`` use.
+
+    Args:
+        shape: ``(B, k, *S)``: rows, candidates and the per-candidate shape.
+        seed: int in [0, 2**64) or a 0-d int64 tensor on ``device``.
+        round: int in [0, 2**32) or a 0-d int64 tensor on ``device``.
+        device: where to draw (default: the seed tensor's device, else CPU).
+
+    Returns:
+        float32 tensor of ``shape``; ``n[b, j]`` is the noise of row b, candidate j.
+    """
+    shape = _check_shape(shape)
+    if device is None:
+        device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    seed = check_seed(seed, device)
+    rnd = check_round(round, device)
+    batch, k = shape[0], shape[1]
+    numel = math.prod(shape[2:])
+    check_stream_limits(batch, k, numel)
+    backend = resolve_backend(device)
+    if backend == "reference":
+        s, r = seed_values(seed, rnd)
+        rows = torch.arange(batch, device=device).view(batch, 1)
+        cands = torch.arange(k, device=device).view(1, k)
+        return normals_reference(s, r, rows, cands, numel).reshape(shape)
+    out = alloc(shape, torch.float32, device)
+    block = noise_block_size(numel)
+    n_blocks = triton.cdiv(numel, block)
+    _philox_normal_kernel[(n_blocks * batch * k,)](
+        out, D=numel, K=k, n_blocks=n_blocks, BLOCK=block, **seed_args(seed, rnd, device)
+    )
+    return out
+
+
+def philox_bits(counters: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
+    """Raw Philox4x32-10 words of ``counters`` (N, 4) int64 -> (N, 4) int64, on the backend.
+
+    A test hook: the reference and the kernels must agree on these bit for bit.
+    """
+    if counters.dim() != 2 or counters.shape[1] != 4 or counters.dtype != torch.int64:
+        raise ValueError(f"counters: expected an (N, 4) int64 tensor, got {describe(counters)}")
+    if resolve_backend(counters.device) == "reference":
+        c = counters & _MASK32
+        return torch.stack(
+            philox4x32_10_reference(c[:, 0], c[:, 1], c[:, 2], c[:, 3], k0, k1), dim=1
+        )
+    counters = counters.contiguous()
+    out = alloc(tuple(counters.shape), torch.int64, counters.device)
+    n = counters.shape[0]
+    block = 65536 if interpreting() else 256
+    _philox_bits_kernel[(triton.cdiv(n, block),)](counters, out, k0, k1, n, BLOCK=block)
+    return out

@@ -1,0 +1,253 @@
+"""sample_perturb: draw K candidate noises per row and perturb the SDE mean with each, fused.
+
+``z[b, j] = mean[b] + scale[b] * (mu[b] + sigma[b] * n[b, j])`` with ``n`` the Philox stream
+of :mod:`smartgrpo_fast.ops.philox`. The kernel reads ``mean``, ``mu`` and ``sigma`` once per
+block and writes the K candidates: the (B, K, *S) noise never exists in memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from smartgrpo_fast.ops._common import (
+    Mode,
+    Param,
+    alloc,
+    check_float_tensor,
+    check_no_grad,
+    check_round,
+    check_same_device,
+    check_seed,
+    check_stream_limits,
+    normalize_param,
+    resolve_backend,
+    rows_view,
+)
+from smartgrpo_fast.ops._triton import tl, triton
+from smartgrpo_fast.ops.philox import (
+    noise_block_size,
+    normals_reference,
+    seed_args,
+    seed_values,
+)
+
+__all__ = ["sample_perturb", "sample_perturb_reference"]
+
+if triton is not None:
+    from smartgrpo_fast.ops.philox import load_key, load_round, philox_normal_block
+
+    @triton.jit
+    def load_param(ptr, value, b, offs, mask, stride_b, stride_e, MODE: tl.constexpr):
+        """float32 parameter block: a scalar value, one value per row, or one per element."""
+        if MODE == 0:
+            p = tl.cast(value, tl.float32)
+        elif MODE == 1:
+            p = tl.load(ptr + b * stride_b).to(tl.float32)
+        else:
+            p = tl.load(ptr + b * stride_b + offs * stride_e, mask=mask, other=0.0)
+            p = p.to(tl.float32)
+        return p
+
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "round_val", "K", "cands_per_prog"])
+    def _sample_perturb_kernel(
+        z_ptr,
+        mean_ptr,
+        mu_ptr,
+        sigma_ptr,
+        scale_ptr,
+        seed_ptr,
+        round_ptr,
+        mu_val,
+        sigma_val,
+        scale_val,
+        seed_lo,
+        seed_hi,
+        round_val,
+        D,
+        K,
+        n_blocks,
+        n_chunks,
+        cands_per_prog,
+        stride_mean_b,
+        stride_mean_e,
+        stride_mu_b,
+        stride_mu_e,
+        stride_sigma_b,
+        stride_sigma_e,
+        stride_scale_b,
+        MU_MODE: tl.constexpr,
+        SIGMA_MODE: tl.constexpr,
+        SCALE_MODE: tl.constexpr,
+        SEED_FROM_PTR: tl.constexpr,
+        ROUND_FROM_PTR: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # One program: one block of BLOCK elements of row b, for a chunk of candidates.
+        pid = tl.program_id(0).to(tl.int64)
+        i_blk = pid % n_blocks
+        i_rest = pid // n_blocks
+        i_chunk = i_rest % n_chunks
+        i_b = i_rest // n_chunks
+
+        offs = i_blk * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < D
+        b_mean = tl.load(
+            mean_ptr + i_b * stride_mean_b + offs * stride_mean_e, mask=mask, other=0.0
+        ).to(tl.float32)
+        b_mu = load_param(mu_ptr, mu_val, i_b, offs, mask, stride_mu_b, stride_mu_e, MU_MODE)
+        b_sigma = load_param(
+            sigma_ptr, sigma_val, i_b, offs, mask, stride_sigma_b, stride_sigma_e, SIGMA_MODE
+        )
+        b_scale = load_param(scale_ptr, scale_val, i_b, offs, mask, stride_scale_b, 0, SCALE_MODE)
+        k0, k1 = load_key(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
+        rnd = load_round(round_ptr, round_val, ROUND_FROM_PTR)
+
+        j_start = i_chunk * cands_per_prog
+        j_end = tl.minimum(j_start + cands_per_prog, K)
+        for j in range(j_start, j_end):
+            b_n = philox_normal_block(i_blk, j, i_b, rnd, k0, k1, BLOCK)
+            b_z = b_mean + b_scale * (b_mu + b_sigma * b_n)
+            p_z = z_ptr + (i_b * K + j) * D + offs
+            tl.store(p_z, b_z.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+def _param_rows(p: Param, batch: int, numel: int, device: torch.device) -> torch.Tensor:
+    """A Param as float32 broadcastable to (batch, 1, numel) (reference path)."""
+    if p.mode == Mode.SCALAR:
+        return torch.tensor(p.value, dtype=torch.float32, device=device)
+    return p.rows(batch, numel).unsqueeze(1)
+
+
+def sample_perturb_reference(
+    mean2: torch.Tensor,
+    mu: Param,
+    sigma: Param,
+    scale: Param,
+    *,
+    k: int,
+    seed: int,
+    rnd: int,
+) -> torch.Tensor:
+    """Plain PyTorch sample_perturb on validated, normalised arguments.
+
+    ``mean2`` is (B, D); returns float32 (B, k, D).
+    """
+    batch, numel = mean2.shape
+    device = mean2.device
+    rows = torch.arange(batch, device=device).view(batch, 1)
+    cands = torch.arange(k, device=device).view(1, k)
+    n = normals_reference(seed, rnd, rows, cands, numel)
+    mu_r = _param_rows(mu, batch, numel, device)
+    sigma_r = _param_rows(sigma, batch, numel, device)
+    scale_r = _param_rows(scale, batch, 1, device)
+    return mean2.float().unsqueeze(1) + scale_r * (mu_r + sigma_r * n)
+
+
+def _candidates_per_program(n_programs_without_chunks: int, k: int) -> int:
+    """Candidates each program loops over: all of them unless that leaves the GPU idle."""
+    target_programs = 1024  # a few waves on ~132 SMs
+    if n_programs_without_chunks >= target_programs:
+        return k
+    chunks = min(k, math.ceil(target_programs / n_programs_without_chunks))
+    return math.ceil(k / chunks)
+
+
+def _ptr(p: Param, fallback: torch.Tensor) -> torch.Tensor:
+    return p.tensor if p.tensor is not None else fallback
+
+
+def sample_perturb(
+    mean: torch.Tensor,
+    mu: float | torch.Tensor,
+    sigma: float | torch.Tensor,
+    scale: float | torch.Tensor,
+    *,
+    k: int,
+    seed: int | torch.Tensor,
+    round: int | torch.Tensor = 0,
+    validate: bool = True,
+) -> torch.Tensor:
+    """K perturbed candidates per row: ``z[b, j] = mean[b] + scale[b]*(mu[b] + sigma[b]*n[b, j])``.
+
+    Args:
+        mean: (B, *S) float32/bfloat16/float16, the SDE step's mean. Any strides.
+        mu: the noise mean: a float, a 0-d or (B,) tensor (per row), or a tensor broadcastable
+            to (B, *S) (per element). Any float dtype; read as float32.
+        sigma: the noise std, same forms as ``mu``; must be >= 0.
+        scale: the SDE step's std_t * sqrt(-dt): a float, or a 0-d or (B,) tensor.
+        k: candidates per row, >= 1.
+        seed: int in [0, 2**64) or 0-d int64 tensor on mean's device (read inside the kernel,
+            so an in-place change is seen by a captured CUDA graph).
+        round: int in [0, 2**32) or 0-d int64 tensor, likewise.
+        validate: also check tensor *values* (finite mu/scale, finite non-negative sigma, round
+            range). This reads them and synchronises a CUDA stream; skipped during graph capture.
+
+    Returns:
+        z: (B, k, *S) in mean's dtype, computed in float32. ``n`` is
+        ``philox_normal((B, k, *S), seed=seed, round=round)``.
+    """
+    check_float_tensor("mean", mean, min_dim=1)
+    device = mean.device
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k: expected an int >= 1, got {type(k).__name__} {k!r}")
+    if k < 1:
+        raise ValueError(f"k: expected an int >= 1, got {k}")
+    check_no_grad("sample_perturb", mean=mean, mu=mu, sigma=sigma, scale=scale)
+    batch, inner = mean.shape[0], tuple(mean.shape[1:])
+    numel = math.prod(inner)
+    if batch < 1 or numel < 1:
+        raise ValueError(
+            f"mean: expected a non-empty (B, *S) tensor, got shape {tuple(mean.shape)}"
+        )
+    check_stream_limits(batch, k, numel)
+    check_same_device(device, mu=mu, sigma=sigma, scale=scale)
+    kw = {"batch": batch, "inner": inner, "device": device, "validate": validate}
+    p_mu = normalize_param("mu", mu, **kw)
+    p_sigma = normalize_param("sigma", sigma, nonnegative=True, **kw)
+    p_scale = normalize_param("scale", scale, allow_elem=False, **kw)
+    seed = check_seed(seed, device)
+    rnd = check_round(round, device, validate=validate)
+    mean2, stride_mean_b, stride_mean_e = rows_view("mean", mean, batch, numel)
+
+    if resolve_backend(device) == "reference":
+        s, r = seed_values(seed, rnd)
+        z = sample_perturb_reference(mean2, p_mu, p_sigma, p_scale, k=k, seed=s, rnd=r)
+        out = alloc((batch, k, *inner), mean.dtype, device)
+        out.copy_(z.reshape(out.shape))
+        return out
+
+    out = alloc((batch, k, *inner), mean.dtype, device)
+    block = noise_block_size(numel)
+    n_blocks = triton.cdiv(numel, block)
+    cands = _candidates_per_program(n_blocks * batch, k)
+    n_chunks = triton.cdiv(k, cands)
+    _sample_perturb_kernel[(n_blocks * n_chunks * batch,)](
+        out,
+        mean2,
+        _ptr(p_mu, mean2),
+        _ptr(p_sigma, mean2),
+        _ptr(p_scale, mean2),
+        mu_val=p_mu.value,
+        sigma_val=p_sigma.value,
+        scale_val=p_scale.value,
+        D=numel,
+        K=k,
+        n_blocks=n_blocks,
+        n_chunks=n_chunks,
+        cands_per_prog=cands,
+        stride_mean_b=stride_mean_b,
+        stride_mean_e=stride_mean_e,
+        stride_mu_b=p_mu.stride_b,
+        stride_mu_e=p_mu.stride_e,
+        stride_sigma_b=p_sigma.stride_b,
+        stride_sigma_e=p_sigma.stride_e,
+        stride_scale_b=p_scale.stride_b,
+        MU_MODE=int(p_mu.mode),
+        SIGMA_MODE=int(p_sigma.mode),
+        SCALE_MODE=int(p_scale.mode),
+        BLOCK=block,
+        **seed_args(seed, rnd, device),
+    )
+    return out

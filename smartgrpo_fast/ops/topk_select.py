@@ -1,0 +1,104 @@
+"""topk_select: indices of the T highest rewards per row, NaN-safe and stable.
+
+Order: higher reward first; every NaN ranks below every number (-inf included); equal rewards
+(``-0.0 == 0.0`` included) go to the lower index. Rewards are ranked in float32 (float64
+rewards are ranked in float64 by the PyTorch path on every device).
+
+The kernel maps each reward to a 64-bit key that is unique and totally ordered: the high word
+is the float's bits made monotonic as a signed int (NaN -> INT32_MIN), the low word is
+``2**32 - 1 - index``. T rounds of "take the row maximum, then knock it out" give the indices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from smartgrpo_fast.ops._common import (
+    FLOAT_DTYPES,
+    alloc,
+    check_float_tensor,
+    describe,
+    resolve_backend,
+)
+from smartgrpo_fast.ops._triton import next_power_of_2, tl, triton
+
+__all__ = ["topk_select", "topk_select_reference"]
+
+_MAX_K = 2**20
+
+if triton is not None:
+    _INT32_MIN = tl.constexpr(-(2**31))
+    _INT64_MIN = tl.constexpr(-(2**63))
+
+    @triton.jit(do_not_specialize=["K", "T"])
+    def _topk_select_kernel(idx_ptr, r_ptr, K, T, stride_r_b, stride_r_k, BLOCK_K: tl.constexpr):
+        i_b = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_K)
+        mask = offs < K
+        low_mask = tl.full((), 2**32 - 1, tl.int64)
+        b_r = tl.load(r_ptr + i_b * stride_r_b + offs * stride_r_k, mask=mask, other=0.0)
+        b_bits = b_r.to(tl.float32).to(tl.int32, bitcast=True)
+        b_bits = tl.where(b_bits == _INT32_MIN, 0, b_bits)  # -0.0 ranks as +0.0
+        b_key = b_bits ^ ((b_bits >> 31) & 0x7FFFFFFF)  # monotonic signed order
+        b_key = tl.where(b_r != b_r, _INT32_MIN, b_key)  # NaN below -inf
+        b_comp = (b_key.to(tl.int64) << 32) | (low_mask - offs.to(tl.int64))
+        b_comp = tl.where(mask, b_comp, _INT64_MIN)
+        for i in range(T):
+            m = tl.max(b_comp, axis=0)
+            tl.store(idx_ptr + i_b * T + i, low_mask - (m & low_mask))
+            b_comp = tl.where(b_comp == m, _INT64_MIN, b_comp)
+
+
+def topk_select_reference(rewards: torch.Tensor, t: int) -> torch.Tensor:
+    """Plain PyTorch topk_select: two stable sorts give (NaN last, value desc, index asc)."""
+    r = rewards.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
+    nan = torch.isnan(r)
+    r = torch.where(nan, torch.zeros_like(r), r) + 0.0  # + 0.0 turns -0.0 into +0.0
+    order = torch.sort(r, dim=1, descending=True, stable=True).indices
+    order = order.gather(
+        1, torch.sort(nan.gather(1, order).to(torch.uint8), dim=1, stable=True).indices
+    )
+    return order[:, :t].contiguous()
+
+
+def topk_select(rewards: torch.Tensor, t: int) -> torch.Tensor:
+    """Indices of the ``t`` best candidates of each row.
+
+    Args:
+        rewards: (B, K) float32/bfloat16/float16/float64 rewards, higher is better. NaN ranks
+            last. Any strides.
+        t: how many to keep, 1 <= t <= K.
+
+    Returns:
+        (B, t) int64 indices into K, best first; ties go to the lower index.
+    """
+    check_float_tensor("rewards", rewards, dtypes=(*FLOAT_DTYPES, torch.float64))
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards: expected a (B, K) tensor, got {describe(rewards)}")
+    batch, k = rewards.shape
+    if batch < 1 or k < 1:
+        raise ValueError(f"rewards: expected B >= 1 and K >= 1, got {describe(rewards)}")
+    if isinstance(t, bool) or not isinstance(t, int):
+        raise TypeError(f"t: expected an int, got {describe(t)}")
+    if not 1 <= t <= k:
+        raise ValueError(f"t: expected 1 <= t <= K = {k}, got {t}")
+    if k > _MAX_K:
+        raise ValueError(f"rewards: expected K <= {_MAX_K} candidates per row, got {k}")
+
+    if resolve_backend(rewards.device) == "reference" or rewards.dtype == torch.float64:
+        out = alloc((batch, t), torch.int64, rewards.device)
+        out.copy_(topk_select_reference(rewards, t))
+        return out
+    out = alloc((batch, t), torch.int64, rewards.device)
+    block_k = max(16, next_power_of_2(k))
+    _topk_select_kernel[(batch,)](
+        out,
+        rewards,
+        k,
+        t,
+        rewards.stride(0),
+        rewards.stride(1),
+        BLOCK_K=block_k,
+        num_warps=4 if block_k <= 2048 else 8,
+    )
+    return out

@@ -1,0 +1,40 @@
+"""Comparison helpers for the op tests."""
+
+from __future__ import annotations
+
+import torch
+
+#: (atol, rtol) per output dtype: float32 math everywhere, so the storage rounding dominates.
+TOL: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (2e-2, 1.6e-2),
+}
+
+
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    name: str = "output",
+) -> None:
+    """Like torch.testing.assert_close, but reports the first mismatches and any NaN/inf."""
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    d_atol, d_rtol = TOL.get(actual.dtype, TOL[torch.float32])
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    both_nan = torch.isnan(a) & torch.isnan(e)
+    bad = ~(((a - e).abs() <= atol + rtol * e.abs()) | both_nan)
+    bad |= torch.isnan(a) != torch.isnan(e)
+    if bool(bad.any()):
+        where = bad.nonzero()[:5].tolist()
+        lines = [f"  at {tuple(i)}: got {a[tuple(i)].item()!r}, expected {e[tuple(i)].item()!r}"
+                 for i in where]
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {a.numel()} elements differ (atol={atol}, "
+            f"rtol={rtol}); max abs diff {float((a - e).abs().nan_to_num(0).max()):.3g}; "
+            f"NaN in output: {int(torch.isnan(a).sum())}\n" + "\n".join(lines)
+        )
