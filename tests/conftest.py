@@ -14,11 +14,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-import pytest  # noqa: E402
+import importlib
 
-import importlib  # noqa: E402
+import pytest
 
-from smartgrpo_fast.ops._triton import HAS_TRITON, interpreting  # noqa: E402
+from smartgrpo_fast.ops._triton import HAS_TRITON, interpreting
 
 HAS_CUDA = torch.cuda.is_available()
 _OP_MODULES = [

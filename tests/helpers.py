@@ -31,8 +31,10 @@ def assert_close(
     bad |= torch.isnan(a) != torch.isnan(e)
     if bool(bad.any()):
         where = bad.nonzero()[:5].tolist()
-        lines = [f"  at {tuple(i)}: got {a[tuple(i)].item()!r}, expected {e[tuple(i)].item()!r}"
-                 for i in where]
+        lines = [
+            f"  at {tuple(i)}: got {a[tuple(i)].item()!r}, expected {e[tuple(i)].item()!r}"
+            for i in where
+        ]
         raise AssertionError(
             f"{name}: {int(bad.sum())} of {a.numel()} elements differ (atol={atol}, "
             f"rtol={rtol}); max abs diff {float((a - e).abs().nan_to_num(0).max()):.3g}; "

@@ -212,7 +212,7 @@ def normalize_param(
     check_same_device(device, **{name: x})
     check_finite_values(name, x, nonnegative=nonnegative, validate=validate)
     if x.dim() == 0:
-        return Param(Mode.ROW, tensor=x.reshape(1), stride_b=0)
+        return Param(Mode.ROW, tensor=x.reshape(1).expand(batch), stride_b=0)
     if x.dim() == 1 and x.shape[0] == batch:
         return Param(Mode.ROW, tensor=x, stride_b=x.stride(0))
     full = (batch, *inner)

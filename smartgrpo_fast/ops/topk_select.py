@@ -37,10 +37,11 @@ if triton is not None:
         mask = offs < K
         low_mask = tl.full((), 2**32 - 1, tl.int64)
         b_r = tl.load(r_ptr + i_b * stride_r_b + offs * stride_r_k, mask=mask, other=0.0)
-        b_bits = b_r.to(tl.float32).to(tl.int32, bitcast=True)
+        b_f = b_r.to(tl.float32)
+        b_bits = b_f.to(tl.int32, bitcast=True)
         b_bits = tl.where(b_bits == _INT32_MIN, 0, b_bits)  # -0.0 ranks as +0.0
         b_key = b_bits ^ ((b_bits >> 31) & 0x7FFFFFFF)  # monotonic signed order
-        b_key = tl.where(b_r != b_r, _INT32_MIN, b_key)  # NaN below -inf
+        b_key = tl.where(b_f != b_f, _INT32_MIN, b_key)  # NaN below -inf
         b_comp = (b_key.to(tl.int64) << 32) | (low_mask - offs.to(tl.int64))
         b_comp = tl.where(mask, b_comp, _INT64_MIN)
         for i in range(T):

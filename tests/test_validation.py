@@ -1,0 +1,261 @@
+"""One test per validation rule: the error type, and a message that names the argument and
+says what it got."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smartgrpo_fast.ops import (
+    cem_update,
+    resolve_backend,
+    sample_perturb,
+    topk_select,
+    x0_estimate,
+)
+
+MEAN = torch.zeros(2, 3, 4)
+IDX = torch.tensor([[0, 1], [2, 3]])
+CEM = dict(shape=(2, 3, 4), k=4, seed=0, round=0)
+
+
+def sp(**kw):
+    args = dict(mean=MEAN, mu=0.0, sigma=1.0, scale=1.0, k=2, seed=0)
+    args.update(kw)
+    return sample_perturb(**args)
+
+
+def test_mean_integer_dtype() -> None:
+    with pytest.raises(TypeError, match=r"^mean: expected dtype .*torch.int64"):
+        sp(mean=torch.zeros(2, 3, dtype=torch.int64))
+
+
+def test_mean_complex_dtype() -> None:
+    with pytest.raises(TypeError, match=r"^mean: .*complex64"):
+        sp(mean=torch.zeros(2, 3, dtype=torch.complex64))
+
+
+def test_mean_not_a_tensor() -> None:
+    with pytest.raises(TypeError, match=r"^mean: expected a torch.Tensor, got object of type list"):
+        sp(mean=[[0.0]])
+
+
+def test_mean_zero_dim() -> None:
+    with pytest.raises(ValueError, match=r"^mean: expected at least 1 dimension"):
+        sp(mean=torch.tensor(1.0))
+
+
+def test_mu_not_broadcastable() -> None:
+    with pytest.raises(ValueError, match=r"^mu: .*broadcastable to \(2, 3, 4\), got .*\(5,\)"):
+        sp(mu=torch.zeros(5))
+
+
+def test_sigma_integer_tensor() -> None:
+    with pytest.raises(TypeError, match=r"^sigma: expected dtype"):
+        sp(sigma=torch.ones(2, dtype=torch.int32))
+
+
+def test_scale_per_element_refused() -> None:
+    with pytest.raises(ValueError, match=r"^scale: expected a number, a 0-d tensor or shape"):
+        sp(scale=torch.ones(2, 3, 4))
+
+
+def test_mu_on_another_device() -> None:
+    with pytest.raises(ValueError, match=r"^mu: expected a tensor on cpu.*device meta"):
+        sp(mu=torch.zeros(2, device="meta"))
+
+
+def test_k_below_one() -> None:
+    with pytest.raises(ValueError, match=r"^k: expected an int >= 1, got 0"):
+        sp(k=0)
+
+
+def test_k_not_int() -> None:
+    with pytest.raises(TypeError, match=r"^k: "):
+        sp(k=2.0)
+
+
+def test_negative_sigma_float() -> None:
+    with pytest.raises(ValueError, match=r"^sigma: expected a value >= 0, got -0.5"):
+        sp(sigma=-0.5)
+
+
+def test_negative_sigma_tensor() -> None:
+    with pytest.raises(ValueError, match=r"^sigma: expected values >= 0, got minimum -1.0"):
+        sp(sigma=torch.tensor([1.0, -1.0]))
+
+
+def test_nan_mu_tensor() -> None:
+    with pytest.raises(ValueError, match=r"^mu: expected finite values, got 1 NaN/inf"):
+        sp(mu=torch.tensor([0.0, float("nan")]))
+
+
+def test_non_finite_scale_float() -> None:
+    with pytest.raises(ValueError, match=r"^scale: expected a finite number, got nan"):
+        sp(scale=float("nan"))
+
+
+def test_non_finite_scale_tensor() -> None:
+    with pytest.raises(ValueError, match=r"^scale: expected finite values"):
+        sp(scale=torch.tensor([1.0, float("inf")]))
+
+
+def test_value_checks_can_be_skipped() -> None:
+    z = sp(scale=torch.tensor([1.0, float("inf")]), validate=False)
+    assert torch.isinf(z[1]).all() or torch.isnan(z[1]).any()
+
+
+def test_requires_grad_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"^mean: .*requires grad.*not differentiable"):
+        sp(mean=MEAN.clone().requires_grad_())
+
+
+def test_x0_shape_mismatch() -> None:
+    with pytest.raises(ValueError, match=r"^v: expected shape \(2, 3\) \(z's shape\)"):
+        x0_estimate(torch.zeros(2, 3), torch.zeros(3, 2), 0.5)
+
+
+def test_x0_device_mismatch() -> None:
+    with pytest.raises(ValueError, match=r"^v: expected a tensor on cpu"):
+        x0_estimate(torch.zeros(2, 3), torch.zeros(2, 3, device="meta"), 0.5)
+
+
+def test_x0_integer_v() -> None:
+    with pytest.raises(TypeError, match=r"^v: expected dtype"):
+        x0_estimate(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.int32), 0.5)
+
+
+def test_x0_non_finite_t_float() -> None:
+    with pytest.raises(ValueError, match=r"^t: expected a finite number, got inf"):
+        x0_estimate(torch.zeros(2, 3), torch.zeros(2, 3), float("inf"))
+
+
+def test_x0_non_finite_t_tensor() -> None:
+    with pytest.raises(ValueError, match=r"^t: expected finite values, got 1 NaN/inf"):
+        x0_estimate(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0.5, float("nan")]))
+
+
+def test_x0_t_wrong_rows() -> None:
+    with pytest.raises(ValueError, match=r"^t: expected a number, a 0-d tensor or shape \(2,\)"):
+        x0_estimate(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(3))
+
+
+def test_x0_zero_scaling() -> None:
+    with pytest.raises(ValueError, match=r"^scaling: expected a non-zero number"):
+        x0_estimate(torch.zeros(2, 3), torch.zeros(2, 3), 0.5, scaling=0.0)
+
+
+def test_x0_non_finite_shift() -> None:
+    with pytest.raises(ValueError, match=r"^shift: expected a finite number"):
+        x0_estimate(torch.zeros(2, 3), torch.zeros(2, 3), 0.5, shift=float("nan"))
+
+
+def test_topk_t_below_one() -> None:
+    with pytest.raises(ValueError, match=r"^t: expected 1 <= t <= K = 4, got 0"):
+        topk_select(torch.zeros(2, 4), 0)
+
+
+def test_topk_t_above_k() -> None:
+    with pytest.raises(ValueError, match=r"^t: expected 1 <= t <= K = 4, got 5"):
+        topk_select(torch.zeros(2, 4), 5)
+
+
+def test_topk_rewards_not_2d() -> None:
+    with pytest.raises(ValueError, match=r"^rewards: expected a \(B, K\) tensor, got .*\(8,\)"):
+        topk_select(torch.zeros(8), 2)
+
+
+def test_topk_integer_rewards() -> None:
+    with pytest.raises(TypeError, match=r"^rewards: expected dtype"):
+        topk_select(torch.zeros(2, 4, dtype=torch.int64), 2)
+
+
+def test_cem_alpha_zero() -> None:
+    with pytest.raises(ValueError, match=r"^alpha: expected 0 < alpha <= 1, got 0.0"):
+        cem_update(0.0, 1.0, IDX, alpha=0.0, **CEM)
+
+
+def test_cem_alpha_above_one() -> None:
+    with pytest.raises(ValueError, match=r"^alpha: expected 0 < alpha <= 1, got 1.5"):
+        cem_update(0.0, 1.0, IDX, alpha=1.5, **CEM)
+
+
+def test_cem_alpha_nan() -> None:
+    with pytest.raises(ValueError, match=r"^alpha: expected a finite number"):
+        cem_update(0.0, 1.0, IDX, alpha=float("nan"), **CEM)
+
+
+def test_cem_negative_min_sigma() -> None:
+    with pytest.raises(ValueError, match=r"^min_sigma: expected a value >= 0, got -0.1"):
+        cem_update(0.0, 1.0, IDX, min_sigma=-0.1, **CEM)
+
+
+def test_cem_index_out_of_range() -> None:
+    msg = r"^elite_idx: expected indices in \[0, 4\), got .*\[0, 4\]"
+    with pytest.raises(ValueError, match=msg):
+        cem_update(0.0, 1.0, torch.tensor([[0, 1], [2, 4]]), **CEM)
+
+
+def test_cem_negative_index() -> None:
+    with pytest.raises(ValueError, match=r"^elite_idx: expected indices in \[0, 4\), got .*\[-1,"):
+        cem_update(0.0, 1.0, torch.tensor([[0, -1], [2, 3]]), **CEM)
+
+
+def test_cem_repeated_index() -> None:
+    msg = r"^elite_idx: expected distinct candidates per row, row 1"
+    with pytest.raises(ValueError, match=msg):
+        cem_update(0.0, 1.0, torch.tensor([[0, 1], [2, 2]]), **CEM)
+
+
+def test_cem_more_elites_than_candidates() -> None:
+    with pytest.raises(ValueError, match=r"^elite_idx: expected 1 <= T <= k = 4"):
+        cem_update(0.0, 1.0, torch.tensor([[0, 1, 2, 3, 0]] * 2), **CEM)
+
+
+def test_cem_index_rows_mismatch() -> None:
+    with pytest.raises(ValueError, match=r"^elite_idx: expected shape \(2, T\)"):
+        cem_update(0.0, 1.0, torch.tensor([[0, 1]]), **CEM)
+
+
+def test_cem_index_float_dtype() -> None:
+    with pytest.raises(TypeError, match=r"^elite_idx: expected dtype torch.int64"):
+        cem_update(0.0, 1.0, IDX.float(), **CEM)
+
+
+def test_cem_mu_shape_mismatch() -> None:
+    with pytest.raises(ValueError, match=r"^mu: .*broadcastable to \(2, 3, 4\)"):
+        cem_update(torch.zeros(2, 4, 3), 1.0, IDX, **CEM)
+
+
+def test_cem_pooled_needs_row_sigma() -> None:
+    with pytest.raises(ValueError, match=r"^sigma: per_element=False pools"):
+        cem_update(0.0, torch.ones(2, 3, 4), IDX, per_element=False, **CEM)
+
+
+def test_cem_negative_sigma() -> None:
+    with pytest.raises(ValueError, match=r"^sigma: expected a value >= 0"):
+        cem_update(0.0, -1.0, IDX, **CEM)
+
+
+def test_cem_k_below_one() -> None:
+    with pytest.raises(ValueError, match=r"^k: expected an int >= 1, got 0"):
+        cem_update(0.0, 1.0, IDX, **{**CEM, "k": 0})
+
+
+def test_cem_bad_shape() -> None:
+    with pytest.raises(ValueError, match=r"^shape: expected \(B, \*S\) with every dimension >= 1"):
+        cem_update(0.0, 1.0, IDX, **{**CEM, "shape": (2, 0)})
+
+
+def test_unknown_backend(monkeypatch) -> None:
+    monkeypatch.setenv("SMARTGRPO_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match=r"^SMARTGRPO_BACKEND: expected one of .*got 'cudnn'"):
+        sp()
+
+
+def test_triton_backend_on_cpu_without_interpreter(monkeypatch) -> None:
+    pytest.importorskip("triton")
+    monkeypatch.setenv("SMARTGRPO_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"TRITON_INTERPRET=1"):
+        resolve_backend(torch.device("cpu"))
