@@ -35,6 +35,7 @@ __all__ = [
     "check_round",
     "check_same_device",
     "check_seed",
+    "check_shape",
     "check_stream_limits",
     "describe",
     "is_capturing",
@@ -232,6 +233,27 @@ def normalize_param(
         x2 = x2.float()
         sb, se = x2.stride(0), x2.stride(1)
     return Param(Mode.ELEM, tensor=x2, stride_b=sb, stride_e=se)
+
+
+def check_shape(shape: object, *, layout: str, min_dims: int) -> tuple[int, ...]:
+    """Validate a ``shape`` argument: a sequence of at least ``min_dims`` ints, each >= 1.
+
+    ``layout`` names the expected layout in messages, e.g. ``"(B, k, *S)"``.
+    """
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, (tuple, list)) or not all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in shape
+    ):
+        raise TypeError(f"shape: expected a tuple of ints {layout}, got {describe(shape)}")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < min_dims:
+        raise ValueError(
+            f"shape: expected {layout} with at least {min_dims} dimension(s), got {shape}"
+        )
+    if any(s < 1 for s in shape):
+        raise ValueError(f"shape: expected {layout} with every dimension >= 1, got {shape}")
+    return shape
 
 
 def _check_int(name: str, x: object, lo: int, hi: int) -> int:

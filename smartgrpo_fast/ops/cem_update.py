@@ -29,6 +29,7 @@ from smartgrpo_fast.ops._common import (
     check_round,
     check_same_device,
     check_seed,
+    check_shape,
     check_stream_limits,
     describe,
     is_capturing,
@@ -171,21 +172,6 @@ def cem_update_reference(
     return mu_new, sigma_new
 
 
-def _check_shape(shape: object) -> tuple[int, ...]:
-    if isinstance(shape, torch.Size):
-        shape = tuple(shape)
-    if (
-        not isinstance(shape, Sequence)
-        or isinstance(shape, str)
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
-    ):
-        raise TypeError(f"shape: expected a tuple of ints (B, *S), got {describe(shape)}")
-    shape = tuple(shape)
-    if len(shape) < 1 or any(s < 1 for s in shape):
-        raise ValueError(f"shape: expected (B, *S) with every dimension >= 1, got {shape}")
-    return shape
-
-
 def _check_elite_idx(elite_idx: object, batch: int, k: int, validate: bool) -> torch.Tensor:
     if not isinstance(elite_idx, torch.Tensor):
         raise TypeError(f"elite_idx: expected a (B, T) int64 tensor, got {describe(elite_idx)}")
@@ -253,7 +239,7 @@ def cem_update(
     Returns:
         (mu_new, sigma_new): float32 (B, *S) and float32 (B, *S), or (B,) when pooled.
     """
-    shape = _check_shape(shape)
+    shape = check_shape(shape, layout="(B, *S)", min_dims=1)
     batch, inner = shape[0], shape[1:]
     numel = math.prod(inner)
     if isinstance(k, bool) or not isinstance(k, int):

@@ -38,6 +38,7 @@ from smartgrpo_fast.ops._common import (
     alloc,
     check_round,
     check_seed,
+    check_shape,
     check_stream_limits,
     describe,
     resolve_backend,
@@ -283,23 +284,6 @@ def seed_values(seed: int | torch.Tensor, rnd: int | torch.Tensor) -> tuple[int,
     return s, r
 
 
-def _check_shape(shape: object) -> tuple[int, ...]:
-    if isinstance(shape, torch.Size):
-        shape = tuple(shape)
-    if (
-        not isinstance(shape, Sequence)
-        or isinstance(shape, str)
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
-    ):
-        raise TypeError(f"shape: expected a tuple of ints (B, k, *S), got {describe(shape)}")
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 2:
-        raise ValueError(f"shape: expected (B, k, *S) with at least 2 dimensions, got {shape}")
-    if shape[0] < 1 or shape[1] < 1 or any(s < 1 for s in shape[2:]):
-        raise ValueError(f"shape: expected every dimension >= 1, got {shape}")
-    return shape
-
-
 def philox_normal(
     shape: Sequence[int] | torch.Size,
     *,
@@ -318,7 +302,7 @@ def philox_normal(
     Returns:
         float32 tensor of ``shape``; ``n[b, j]`` is the noise of row b, candidate j.
     """
-    shape = _check_shape(shape)
+    shape = check_shape(shape, layout="(B, k, *S)", min_dims=2)
     if device is None:
         device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)

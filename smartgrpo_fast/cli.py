@@ -1,0 +1,242 @@
+"""The ``smartgrpo-fast`` command line: a thin layer over the library's configs.
+
+Commands:
+
+* ``smartgrpo-fast bench ops``: time the fused ops against unfused PyTorch
+  (:mod:`smartgrpo_fast.bench.ops`); prints a table and writes CSV, JSON and a PNG plot.
+* ``smartgrpo-fast --version``.
+
+``python -m smartgrpo_fast`` runs the same :func:`main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from smartgrpo_fast import __version__
+from smartgrpo_fast.bench import ops as bench_ops
+
+__all__ = ["build_parser", "main"]
+
+_PROG = "smartgrpo-fast"
+_SUFFIXES = {"K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def _size(text: str) -> int:
+    """argparse type of --sizes: an int >= 256 (K·D elements), or with a binary suffix K, M, G
+    (``64K`` = 65536, ``1M`` = 1048576)."""
+    cleaned = text.strip().upper()
+    factor = _SUFFIXES.get(cleaned[-1:], 1)
+    digits = cleaned[:-1] if factor > 1 else cleaned
+    try:
+        value = int(digits) * factor
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of elements such as 65536 or 64K, got {text!r}"
+        ) from None
+    if value < bench_ops.MIN_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"expected at least {bench_ops.MIN_SIZE} elements (16 candidates of a (16, 1, 1) "
+            f"latent), got {text!r}"
+        )
+    return value
+
+
+def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """argparse type: an int in [lo, hi) (no upper bound when ``hi`` is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value >= hi):
+            bound = f">= {lo}" if hi is None else f"in [{lo}, {hi})"
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    """argparse type of --device: cpu, cuda or cuda:N."""
+    name = text.strip().lower()
+    head, _, index = name.partition(":")
+    if name == "cpu" or (head == "cuda" and (not index or index.isdigit())):
+        return name
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+
+
+def _add_bench_ops(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ops",
+        help="time the fused ops against unfused PyTorch",
+        description=(
+            "Time each fused op (sample_perturb, x0_estimate, topk_select, cem_update) against "
+            "the unfused PyTorch a user would write, at sizes of K·D elements (B = 1 row, K "
+            "candidates of a (16, H, W) latent). Prints a table and writes one row per "
+            "measurement to CSV and JSON, plus a PNG plot drawn from the CSV. On CPU the fused "
+            "ops run their PyTorch reference, whose Philox noise is slower than torch.randn."
+        ),
+    )
+    p.add_argument(
+        "--ops",
+        nargs="+",
+        choices=bench_ops.OPS,
+        default=list(bench_ops.OPS),
+        metavar="OP",
+        help=f"ops to time, from: {', '.join(bench_ops.OPS)} (default: all)",
+    )
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        type=_size,
+        default=None,
+        metavar="N",
+        help="K·D element counts, each >= 256; suffixes K, M, G are powers of 2 "
+        "(default: 64K 256K 1M on CPU, 1M 4M 16M 64M on CUDA)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=tuple(bench_ops.DTYPES),
+        default="float32",
+        help="storage dtype of the latents; rewards, mu and sigma stay float32 "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        type=_device,
+        default=None,
+        help="cpu, cuda or cuda:N (default: cuda if available, else cpu)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=_int_in(1),
+        default=None,
+        metavar="N",
+        help="timed calls per measurement (default: 10 on CPU, 100 on CUDA)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=_int_in(0),
+        default=None,
+        metavar="N",
+        help="untimed calls before them (default: 2 on CPU, 10 on CUDA)",
+    )
+    p.add_argument(
+        "--seed",
+        type=_int_in(0, 2**63),
+        default=0,
+        help="seed of the inputs and the noise (default: %(default)s)",
+    )
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="call the fused ops with validate=True (value checks, which sync CUDA)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench_out"),
+        metavar="DIR",
+        help="output directory (default: %(default)s)",
+    )
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(handler=_run_bench_ops, parser=p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``smartgrpo-fast``."""
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Fast Smart-GRPO: fused ops and CEM noise search for flow-matching models.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    bench = commands.add_parser(
+        "bench",
+        help="run a benchmark",
+        description="Run a benchmark and write its results (CSV, JSON, PNG) to --out.",
+    )
+    targets = bench.add_subparsers(dest="target", metavar="TARGET", required=True)
+    _add_bench_ops(targets)
+    return parser
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _run_bench_ops(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args.parser
+    device = args.device or _default_device()
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            parser.error(f"argument --device: {device!r} requested but CUDA is not available")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            parser.error(
+                f"argument --device: {device!r} requested but only "
+                f"{torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+    try:
+        config = bench_ops.OpsBenchConfig.for_device(
+            device,
+            ops=tuple(dict.fromkeys(args.ops)),
+            sizes=tuple(dict.fromkeys(args.sizes)) if args.sizes else None,
+            dtype=args.dtype,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            seed=args.seed,
+            validate=args.validate,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    for size in config.sizes:
+        actual = bench_ops.case_shape(size).elements
+        if actual != size:
+            print(f"note: size {size} runs as K·D = {actual}", file=sys.stderr)
+
+    rows = bench_ops.run_ops_bench(config, progress=not args.no_progress)
+    stem = args.out / f"ops_{device.replace(':', '')}_{config.dtype}"
+    csv_path = bench_ops.write_csv(rows, stem.with_suffix(".csv"))
+    json_path = bench_ops.write_json(rows, stem.with_suffix(".json"))
+    first = rows[0]
+    print(
+        f"smartgrpo_fast {first['smartgrpo_fast_version']} ops benchmark on "
+        f"{first['device_name']} ({first['device']}), torch {first['torch_version']}, "
+        f"{config.repeats} repeats, {config.warmup} warm-up, commit {first['git_commit']}"
+    )
+    print(bench_ops.format_table(rows))
+    print(f"\nCSV:  {csv_path}\nJSON: {json_path}")
+    if not args.no_plot:
+        try:
+            png_path = bench_ops.plot_csv(csv_path, stem.with_suffix(".png"))
+        except ImportError as err:
+            print(
+                f"plot skipped: {err} (pip install 'smartgrpo-fast[bench]')",
+                file=sys.stderr,
+            )
+        else:
+            print(f"PNG:  {png_path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``smartgrpo-fast`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
+
+    Argument errors exit with status 2 and a message naming the argument (argparse).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

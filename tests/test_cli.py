@@ -1,0 +1,231 @@
+"""The ``smartgrpo-fast`` command line, run in-process at a tiny size.
+
+Nothing here depends on a measured time: only on the rows, files and messages the CLI writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import runpy
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+import smartgrpo_fast
+from smartgrpo_fast.bench.ops import CSV_FIELDS, OPS, PROVIDERS, case_shape, format_table
+from smartgrpo_fast.cli import main
+
+REQUIRED_COLUMNS = {
+    "op",
+    "provider",
+    "mode",
+    "metric",
+    "unit",
+    "x",
+    "median",
+    "p20",
+    "p80",
+    "device_name",
+    "torch_version",
+    "smartgrpo_fast_version",
+    "git_commit",
+    "date",
+}
+TINY = ["--sizes", "4096", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--no-progress"]
+
+
+@dataclass(frozen=True)
+class CliRun:
+    code: int
+    stdout: str
+    stderr: str
+    out: Path
+
+
+def _run(argv: list[str], out: Path) -> CliRun:
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with (
+        pytest.MonkeyPatch.context() as mp,
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+    ):
+        mp.delenv("SMARTGRPO_BACKEND", raising=False)
+        code = main([*argv, "--out", str(out)])
+    return CliRun(code, stdout.getvalue(), stderr.getvalue(), out)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> CliRun:
+    """All four ops, both providers, one size of 4096 elements, one timed call each."""
+    return _run(["bench", "ops", *TINY], tmp_path_factory.mktemp("bench_out"))
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_bench_ops_writes_csv_with_every_op_and_provider(full_run: CliRun) -> None:
+    assert full_run.code == 0
+    header, rows = _read_csv(full_run.out / "ops_cpu_float32.csv")
+    assert header == list(CSV_FIELDS)
+    assert set(header) >= REQUIRED_COLUMNS
+    for op in OPS:
+        for metric in ("time", "bandwidth"):
+            providers = {r["provider"] for r in rows if r["op"] == op and r["metric"] == metric}
+            assert providers == set(PROVIDERS), (op, metric)
+        speedups = [r for r in rows if r["op"] == op and r["metric"] == "speedup"]
+        assert len(speedups) == 1, op
+    assert len(rows) == len(OPS) * (2 * len(PROVIDERS) + 1)
+    units = {r["metric"]: r["unit"] for r in rows}
+    assert units == {"time": "ms", "bandwidth": "GB/s", "speedup": "unfused/fused"}
+
+
+def test_bench_ops_rows_carry_run_metadata(full_run: CliRun) -> None:
+    _, rows = _read_csv(full_run.out / "ops_cpu_float32.csv")
+    for row in rows:
+        assert row["mode"] == "forward"
+        assert int(row["x"]) == 4096  # 16 candidates of a (16, 4, 4) latent
+        assert (int(row["k"]), row["latent"]) == (16, "16x4x4")
+        assert row["dtype"] == "float32"
+        assert row["device"] == "cpu"
+        assert row["device_name"]
+        assert row["torch_version"] == torch.__version__
+        assert row["smartgrpo_fast_version"] == smartgrpo_fast.__version__
+        assert row["git_commit"]
+        assert datetime.fromisoformat(row["date"]).tzinfo is not None
+        med, p20, p80 = (float(row[k]) for k in ("median", "p20", "p80"))
+        assert all(math.isfinite(v) and v >= 0 for v in (med, p20, p80))
+        assert p20 <= med <= p80
+
+
+def test_bench_ops_json_matches_csv(full_run: CliRun) -> None:
+    _, csv_rows = _read_csv(full_run.out / "ops_cpu_float32.csv")
+    json_rows = json.loads((full_run.out / "ops_cpu_float32.json").read_text())
+    assert [list(r) for r in json_rows] == [list(CSV_FIELDS)] * len(csv_rows)
+    key = lambda r: (r["op"], r["provider"], r["metric"], str(r["x"]))
+    assert [key(r) for r in json_rows] == [key(r) for r in csv_rows]
+    for jr, cr in zip(json_rows, csv_rows, strict=True):
+        assert float(jr["median"]) == pytest.approx(float(cr["median"]))
+
+
+def test_bench_ops_writes_png(full_run: CliRun) -> None:
+    png = full_run.out / "ops_cpu_float32.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(png) in full_run.stdout
+
+
+def test_bench_ops_prints_table_and_paths(full_run: CliRun) -> None:
+    for op in OPS:
+        assert op in full_run.stdout
+    for header in ("K·D", "fused ms", "unfused ms", "unfused/fused", "GB/s"):
+        assert header in full_run.stdout
+    for suffix in ("csv", "json"):
+        assert str(full_run.out / f"ops_cpu_float32.{suffix}") in full_run.stdout
+
+
+def test_bench_ops_subset_dtype_and_no_plot(tmp_path: Path) -> None:
+    argv = ["bench", "ops", *TINY, "--ops", "x0_estimate", "--dtype", "bfloat16", "--no-plot"]
+    run = _run(argv, tmp_path)
+    assert run.code == 0
+    _, rows = _read_csv(tmp_path / "ops_cpu_bfloat16.csv")
+    assert {r["op"] for r in rows} == {"x0_estimate"}
+    assert {r["dtype"] for r in rows} == {"bfloat16"}
+    assert not list(tmp_path.glob("*.png"))
+    assert "sample_perturb" not in run.stdout
+
+
+def test_size_that_is_not_latent_shaped_is_rounded_down_with_a_note(tmp_path: Path) -> None:
+    argv = ["bench", "ops", *TINY, "--sizes", "5000", "--ops", "topk_select", "--no-plot"]
+    run = _run(argv, tmp_path)
+    shape = case_shape(5000)  # (16, 4, 4) latents: K = 5000 // 256 = 19
+    assert (shape.k, shape.latent, shape.elements) == (19, (16, 4, 4), 4864)
+    assert "runs as K·D = 4864" in run.stderr
+    _, rows = _read_csv(tmp_path / "ops_cpu_float32.csv")
+    assert {int(r["x"]) for r in rows} == {4864}
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"smartgrpo-fast {smartgrpo_fast.__version__}"
+
+
+def test_python_dash_m_runs_the_cli(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["smartgrpo_fast", "--version"])
+    with pytest.raises(SystemExit) as exc:
+        runpy.run_module("smartgrpo_fast", run_name="__main__")
+    assert exc.value.code == 0
+    assert smartgrpo_fast.__version__ in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--sizes", "0"], "argument --sizes"),
+        (["--sizes", "lots"], "argument --sizes"),
+        (["--ops", "softmax"], "argument --ops: invalid choice: 'softmax'"),
+        (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+        (["--repeats", "0"], "argument --repeats"),
+        (["--warmup", "-1"], "argument --warmup"),
+        (["--device", "tpu"], "argument --device"),
+    ],
+)
+def test_bad_argument_exits_with_a_clear_error(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "ops", *argv, "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "smartgrpo-fast bench ops: error:" in err
+    assert message in err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_device_without_cuda_is_an_argument_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "ops", "--device", "cuda", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "argument --device: 'cuda' requested but CUDA is not available" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("argv", [[], ["bench"]])
+def test_missing_command_is_an_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "required" in capsys.readouterr().err
+
+
+def test_table_marks_a_missing_provider() -> None:
+    row = {
+        "op": "x0_estimate",
+        "provider": "fused",
+        "metric": "time",
+        "x": 4096,
+        "k": 16,
+        "latent": "16x4x4",
+        "dtype": "float32",
+        "median": 0.5,
+    }
+    table = format_table([row])
+    assert "x0_estimate" in table and "16×(16,4,4)" in table
+    assert table.splitlines()[-1].split()[-1] == "-"
