@@ -1,0 +1,238 @@
+"""CUDA-graph capture of a static-shape callable, with torch.compile and eager as alternatives.
+
+:class:`GraphedCallable` wraps ``fn(*tensors) -> tensor`` whose tensor arguments are all
+batch-major (same leading size N). With ``backend="graph"`` it keeps one CUDA graph per
+batch-size *bucket* (N is padded up to the smallest bucket that holds it), all captured into
+one shared memory pool:
+
+* static input buffers per bucket; a call copies its inputs into rows ``[:N]`` and replays;
+* capture after ``warmup`` eager calls on a side stream (cuBLAS/cuDNN workspaces and lazy
+  initialisation must happen outside the capture);
+* a new dtype or trailing shape at a bucket re-captures that bucket (counted in
+  :class:`GraphStats`);
+* eager execution, with a single warning, when not on CUDA, when grad mode needs autograd
+  through ``fn``, when N exceeds the largest bucket, or when capture fails.
+
+Parameters updated *in place* (an optimizer step on LoRA weights, ``param.data.copy_``) are
+seen by the next replay: a graph reads parameter memory at replay time. Re-creating a
+parameter (``module.weight = nn.Parameter(...)``, ``load_state_dict(assign=True)``, moving
+the module) leaves the graph reading the old memory: call :meth:`GraphedCallable.reset` then.
+
+``backend="compile-reduce-overhead"`` / ``"compile-max-autotune"`` run ``torch.compile`` with
+that mode on the same call instead, so benchmarks compare eager, graph and compile directly.
+"""
+
+from __future__ import annotations
+
+import bisect
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["BACKENDS", "GraphConfig", "GraphStats", "GraphedCallable", "pick_bucket"]
+
+BACKENDS = ("eager", "graph", "compile-reduce-overhead", "compile-max-autotune")
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """How a :class:`GraphedCallable` runs its function.
+
+    Attributes:
+        backend: ``eager``, ``graph`` (CUDA graphs, the default), ``compile-reduce-overhead``
+            or ``compile-max-autotune`` (``torch.compile`` modes).
+        buckets: batch sizes captured, ascending; a call of N rows uses the smallest bucket
+            >= N (padding costs at most 2x at powers of two, and bounds the number of graphs).
+        warmup: eager calls on a side stream before each capture.
+        clone_outputs: return a copy of the static output (True) or a view into it that the
+            next call overwrites (False, saves a copy when the caller consumes it at once).
+    """
+
+    backend: str = "graph"
+    buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    warmup: int = 2
+    clone_outputs: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"backend: expected one of {', '.join(BACKENDS)}, got {self.backend!r}"
+            )
+        b = tuple(self.buckets)
+        if not b or any(not isinstance(x, int) or x < 1 for x in b) or list(b) != sorted(set(b)):
+            raise ValueError(f"buckets: expected strictly increasing ints >= 1, got {b!r}")
+        if self.warmup < 1:
+            raise ValueError(
+                f"warmup: expected >= 1 (capture needs a warm-up call), got {self.warmup}"
+            )
+
+
+@dataclass
+class GraphStats:
+    """Bookkeeping of a :class:`GraphedCallable` (for tests, logs and benchmarks)."""
+
+    captures: int = 0
+    recaptures: int = 0
+    replays: int = 0
+    eager_calls: int = 0
+    fallback_reason: str | None = None
+    buckets_captured: list[int] = field(default_factory=list)
+
+
+def pick_bucket(n: int, buckets: tuple[int, ...]) -> int | None:
+    """The smallest bucket >= n, or None when n exceeds the largest."""
+    i = bisect.bisect_left(buckets, n)
+    return buckets[i] if i < len(buckets) else None
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor]
+    output: torch.Tensor
+    signature: tuple
+
+
+def _on_cuda(args: tuple[torch.Tensor, ...]) -> bool:
+    return all(a.is_cuda for a in args)
+
+
+def _record(
+    fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], pool: tuple, warmup: int
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Warm ``fn`` up on a side stream, then capture one call into a graph in ``pool``."""
+    device = inputs[0].device
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn(*inputs)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = fn(*inputs)
+    return graph, output
+
+
+def _pool_handle() -> tuple:
+    return torch.cuda.graph_pool_handle()
+
+
+def _signature(args: tuple[torch.Tensor, ...]) -> tuple:
+    return tuple((tuple(a.shape[1:]), a.dtype, a.device) for a in args)
+
+
+class GraphedCallable:
+    """``fn(*tensors) -> tensor`` run eagerly, as CUDA graphs per batch bucket, or compiled.
+
+    Every positional argument must be a tensor with the same leading (batch) size N; the
+    output's leading size must be N too. See the module docstring for the rules.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], config: GraphConfig | None = None):
+        self.fn = fn
+        self.config = config or GraphConfig()
+        self.stats = GraphStats()
+        self._graphs: dict[int, _Graph] = {}
+        self._pool: tuple | None = None
+        self._compiled: Callable[..., torch.Tensor] | None = None
+        self._broken: str | None = None  # set when a capture failed: eager from then on
+
+    def reset(self) -> None:
+        """Drop every captured graph (after parameters were re-created, not updated in place)."""
+        self._graphs.clear()
+        self._pool = None
+        self._compiled = None
+        self._broken = None
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        backend = self.config.backend
+        if backend == "eager":
+            self.stats.eager_calls += 1
+            return self.fn(*args)
+        if backend.startswith("compile"):
+            return self._call_compiled(*args)
+        return self._call_graph(*args)
+
+    # ------------------------------------------------------------------------- compile
+
+    def _call_compiled(self, *args: torch.Tensor) -> torch.Tensor:
+        mode = self.config.backend.removeprefix("compile-")
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, mode=mode, dynamic=False)
+        if mode == "reduce-overhead" and args and args[0].is_cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = self._compiled(*args)
+        return out.clone() if self.config.clone_outputs else out
+
+    # --------------------------------------------------------------------------- graphs
+
+    def _eager(self, reason: str, *args: torch.Tensor) -> torch.Tensor:
+        if self.stats.fallback_reason is None:
+            self.stats.fallback_reason = reason
+            warnings.warn(
+                f"GraphedCallable: running {getattr(self.fn, '__name__', 'fn')} eagerly: {reason}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.stats.eager_calls += 1
+        return self.fn(*args)
+
+    def _call_graph(self, *args: torch.Tensor) -> torch.Tensor:
+        if not args or not all(isinstance(a, torch.Tensor) for a in args):
+            raise TypeError("GraphedCallable: every positional argument must be a tensor")
+        n = args[0].shape[0] if args[0].dim() else 0
+        for i, a in enumerate(args):
+            if a.dim() == 0 or a.shape[0] != n:
+                raise ValueError(
+                    f"args[{i}]: expected a batch-major tensor with leading size {n}, "
+                    f"got shape {tuple(a.shape)}"
+                )
+        if self._broken is not None:
+            return self._eager(self._broken, *args)
+        if not _on_cuda(args):
+            return self._eager("inputs are not CUDA tensors", *args)
+        if torch.is_grad_enabled():
+            return self._eager("grad mode is on (graphs cover inference only)", *args)
+        bucket = pick_bucket(n, self.config.buckets)
+        if bucket is None:
+            return self._eager(f"batch {n} exceeds the largest bucket", *args)
+        sig = _signature(args)
+        g = self._graphs.get(bucket)
+        if g is None or g.signature != sig:
+            try:
+                g = self._capture(bucket, args, sig, recapture=g is not None)
+            except Exception as exc:  # capture can fail in many ways; run eagerly from then on
+                self._graphs.pop(bucket, None)
+                self._broken = f"capture failed ({type(exc).__name__}: {exc})"
+                return self._eager(self._broken, *args)
+        for buf, a in zip(g.inputs, args, strict=True):
+            buf[:n].copy_(a)
+        g.graph.replay()
+        self.stats.replays += 1
+        out = g.output[:n]
+        return out.clone() if self.config.clone_outputs else out
+
+    def _capture(self, bucket: int, args: tuple, sig: tuple, *, recapture: bool) -> _Graph:
+        n = args[0].shape[0]
+        inputs = []
+        for a in args:
+            buf = torch.empty((bucket, *a.shape[1:]), dtype=a.dtype, device=a.device)
+            buf[:n].copy_(a)
+            if bucket > n:
+                buf[n:].copy_(a[:1].expand(bucket - n, *a.shape[1:]))  # valid padding rows
+            inputs.append(buf)
+        if self._pool is None:
+            self._pool = _pool_handle()
+        graph, output = _record(self.fn, inputs, self._pool, self.config.warmup)
+        if not isinstance(output, torch.Tensor) or output.shape[:1] != (bucket,):
+            raise TypeError(f"fn must return one batch-major tensor, got {type(output).__name__}")
+        g = _Graph(graph, inputs, output, sig)
+        self._graphs[bucket] = g
+        self.stats.captures += 1
+        self.stats.recaptures += int(recapture)
+        if bucket not in self.stats.buckets_captured:
+            self.stats.buckets_captured.append(bucket)
+        return g

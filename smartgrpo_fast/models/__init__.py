@@ -1,0 +1,33 @@
+"""Flow-model adapters behind one protocol, and a loader.
+
+``load(name_or_path)`` returns a :class:`FlowModel`: a local StableDiffusion3Pipeline folder
+or a repo id already in the Hugging Face cache gives an :class:`SD3FlowModel`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from smartgrpo_fast.models.base import Cond, FlowModel, repeat_rows
+
+__all__ = ["Cond", "FlowModel", "SD3FlowModel", "load", "repeat_rows"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SD3FlowModel":  # lazy: diffusers is an optional extra
+        from smartgrpo_fast.models.sd3 import SD3FlowModel
+
+        return SD3FlowModel
+    raise AttributeError(name)
+
+
+def load(name_or_path: str | Path, **kwargs: Any) -> FlowModel:
+    """Load a flow model by path (a StableDiffusion3Pipeline folder) or HF-cache repo id.
+
+    Keyword arguments go to :meth:`SD3FlowModel.from_pretrained` (dtype, device,
+    local_files_only, attention, config).
+    """
+    from smartgrpo_fast.models.sd3 import SD3FlowModel
+
+    return SD3FlowModel.from_pretrained(name_or_path, **kwargs)

@@ -1,0 +1,377 @@
+"""Stable Diffusion 3 / 3.5 as a :class:`~smartgrpo_fast.models.base.FlowModel`, via diffusers.
+
+The adapter owns the diffusers components (transformer, VAE, scheduler config and the three
+text encoders with their tokenizers, held by one ``StableDiffusion3Pipeline`` for its
+``encode_prompt``) and converts the flow time ``t`` in [0, 1] to diffusers' timestep
+``1000 * t``. Velocity for K candidates per prompt runs as one batched forward; the transformer
+forward can be CUDA-graphed or compiled (:mod:`smartgrpo_fast.graphs`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from smartgrpo_fast.graphs import GraphConfig, GraphedCallable
+from smartgrpo_fast.models.base import Cond, repeat_rows
+
+__all__ = ["SD3Config", "SD3FlowModel"]
+
+log = logging.getLogger(__name__)
+
+_COMPONENTS = (
+    "transformer",
+    "vae",
+    "scheduler",
+    "text_encoder",
+    "tokenizer",
+    "text_encoder_2",
+    "tokenizer_2",
+    "text_encoder_3",
+    "tokenizer_3",
+)
+_ATTENTION = ("sdpa", "xformers")
+
+
+@dataclass(frozen=True)
+class SD3Config:
+    """Options of :class:`SD3FlowModel`.
+
+    Attributes:
+        max_sequence_length: T5 tokens per prompt (Flow-GRPO uses 128).
+        guidance_scale: classifier-free guidance weight; 1.0 = off (one forward per row).
+        attention: ``sdpa`` (PyTorch scaled-dot-product attention, default) or ``xformers``
+            (used only when its kernels really load; otherwise an error says why).
+        graph: how the transformer forward runs: eager, CUDA graph or torch.compile.
+        release_text_encoders: drop the text encoders after each ``encode_prompts`` (frees
+            their memory; later prompts must come from the embedding cache).
+        embedding_cache: a folder for prompt embeddings in safetensors, keyed by model and
+            prompt; None disables the cache.
+    """
+
+    max_sequence_length: int = 128
+    guidance_scale: float = 1.0
+    attention: str = "sdpa"
+    graph: GraphConfig = field(default_factory=lambda: GraphConfig(backend="eager"))
+    release_text_encoders: bool = False
+    embedding_cache: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length: expected >= 1, got {self.max_sequence_length}")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 1.0:
+            raise ValueError(
+                f"guidance_scale: expected a finite value >= 1, got {self.guidance_scale}"
+            )
+        if self.attention not in _ATTENTION:
+            raise ValueError(f"attention: expected one of {_ATTENTION}, got {self.attention!r}")
+
+
+def _check_layout(path: Path) -> None:
+    """Raise FileNotFoundError naming the first missing file of a StableDiffusion3 layout."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"{index}: not found; expected a StableDiffusion3Pipeline folder "
+            f"(model_index.json with {', '.join(_COMPONENTS)})"
+        )
+    meta = json.loads(index.read_text())
+    cls = meta.get("_class_name", "")
+    if cls not in ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"):
+        raise ValueError(
+            f"{index}: _class_name is {cls!r}; expected StableDiffusion3Pipeline "
+            f"(the SD3-medium, SD3.5-medium and SD3.5-large layouts)"
+        )
+    for name in _COMPONENTS:
+        if name not in meta or meta[name] in (None, [None, None]):
+            raise ValueError(
+                f"{index}: component {name!r} missing; expected {', '.join(_COMPONENTS)}"
+            )
+        folder = path / name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: not found (component {name!r} of {index})")
+        if name.startswith(("transformer", "vae", "text_encoder")):
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(f"{folder / 'config.json'}: not found")
+            weights = [*folder.glob("*.safetensors"), *folder.glob("*.bin")]
+            if not weights:
+                raise FileNotFoundError(
+                    f"{folder}: no weights (*.safetensors or *.bin) for component {name!r}"
+                )
+
+
+def _resolve(path_or_id: str | Path, local_files_only: bool) -> Path:
+    """A local folder, or the snapshot folder of a Hugging Face repo id in the local cache."""
+    p = Path(path_or_id).expanduser()
+    if p.exists():
+        return p
+    if str(path_or_id).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{p}: no such folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_id), local_files_only=local_files_only))
+    except Exception as exc:  # huggingface_hub raises several types here
+        where = "the local Hugging Face cache" if local_files_only else "the Hub"
+        raise FileNotFoundError(
+            f"{path_or_id!r}: not a folder and not found in {where} ({type(exc).__name__}: "
+            f"{exc}); pass a local StableDiffusion3Pipeline folder"
+        ) from None
+
+
+class SD3FlowModel:
+    """SD3 / SD3.5 (diffusers) behind the FlowModel protocol.
+
+    Build it with :meth:`from_pretrained`, or directly from a ``StableDiffusion3Pipeline``.
+    """
+
+    def __init__(self, pipe: Any, config: SD3Config | None = None, *, name: str = "sd3") -> None:
+        self.pipe = pipe
+        self.config = config or SD3Config()
+        self.name = name
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.device = self.transformer.device
+        self.dtype = self.transformer.dtype
+        tcfg = self.transformer.config
+        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        side = tcfg.sample_size
+        self.latent_shape: tuple[int, int, int] = (tcfg.in_channels, side, side)
+        self.image_size: int = side * vae_factor
+        self.vae_scale_factor = vae_factor
+        if self.config.attention == "xformers":
+            self._enable_xformers()
+        self._forward = GraphedCallable(self._transformer_forward, self.config.graph)
+
+    # ----------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        local_files_only: bool = True,
+        attention: str | None = None,
+        config: SD3Config | None = None,
+    ) -> SD3FlowModel:
+        """Load a StableDiffusion3Pipeline folder (or a repo id in the HF cache).
+
+        The VAE stays in float32 (Flow-GRPO's habit: bf16 decoding bands); the transformer and
+        text encoders use ``dtype``. ``attention`` (``sdpa`` or ``xformers``) overrides
+        ``config.attention`` when given. A missing file or an unknown layout is a clear error that
+        names the file and the folder.
+        """
+        from diffusers import StableDiffusion3Pipeline
+
+        path = _resolve(path_or_id, local_files_only)
+        _check_layout(path)
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            path, dtype={"vae": torch.float32, "default": dtype}, local_files_only=True
+        )
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(device)
+        cfg = config or SD3Config()
+        if attention is not None:
+            cfg = replace(cfg, attention=attention)
+        return cls(pipe, cfg, name=str(path))
+
+    def _enable_xformers(self) -> None:
+        try:
+            import xformers.ops as xops
+
+            q = torch.zeros(1, 4, 1, 8, device=self.device, dtype=self.dtype)
+            xops.memory_efficient_attention(q, q, q)  # really loads its kernels
+            self.transformer.enable_xformers_memory_efficient_attention()
+        except Exception as exc:
+            raise RuntimeError(
+                f"attention='xformers': xformers cannot run here ({type(exc).__name__}: {exc}); "
+                f"use attention='sdpa'"
+            ) from None
+
+    # -------------------------------------------------------------------------- prompts
+
+    @property
+    def scaling_factor(self) -> float:
+        """The VAE's scaling factor (``x0_estimate``'s ``scaling``)."""
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def shift_factor(self) -> float:
+        """The VAE's shift factor (``x0_estimate``'s ``shift``)."""
+        return float(getattr(self.vae.config, "shift_factor", 0.0) or 0.0)
+
+    def _cache_file(self, prompt: str) -> Path | None:
+        if self.config.embedding_cache is None:
+            return None
+        key = json.dumps(
+            [self.name, self.config.max_sequence_length, self.config.guidance_scale > 1, prompt]
+        )
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        return Path(self.config.embedding_cache) / f"{digest}.safetensors"
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Conditioning for B prompts: (B, 77 + max_sequence_length, D) embeddings and (B, P)
+        pooled, plus the empty-prompt pair when guidance is on. Cached on disk when set."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts: expected a list of strings, got {type(prompts).__name__}")
+        if not prompts:
+            raise ValueError("prompts: expected at least one prompt")
+        rows = [self._load_cached(p) for p in prompts]
+        missing = [i for i, r in enumerate(rows) if r is None]
+        if missing:
+            fresh = self._encode([prompts[i] for i in missing])
+            for j, i in enumerate(missing):
+                rows[i] = {k: v[j : j + 1] for k, v in fresh.items()}
+                self._store_cached(prompts[i], rows[i])
+        if self.config.release_text_encoders:
+            self.release_text_encoders()
+        cat = {k: torch.cat([r[k] for r in rows]).to(self.device, self.dtype) for k in rows[0]}
+        return Cond(
+            cat["prompt_embeds"],
+            cat["pooled"],
+            cat.get("negative_prompt_embeds"),
+            cat.get("negative_pooled"),
+            tuple(prompts),
+        )
+
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if self.pipe.text_encoder is None:
+            raise RuntimeError(
+                f"encode_prompts: the text encoders were released and {len(prompts)} prompt(s) "
+                f"are not in the embedding cache (first: {prompts[0]!r}); reload the model"
+            )
+        cfg = self.config
+        with torch.no_grad():
+            pe, npe, pp, npp = self.pipe.encode_prompt(
+                prompt=prompts,
+                prompt_2=None,
+                prompt_3=None,
+                device=self.device,
+                do_classifier_free_guidance=cfg.guidance_scale > 1.0,
+                max_sequence_length=cfg.max_sequence_length,
+            )
+        out = {"prompt_embeds": pe, "pooled": pp}
+        if cfg.guidance_scale > 1.0:
+            out |= {"negative_prompt_embeds": npe, "negative_pooled": npp}
+        return {k: v.detach() for k, v in out.items()}
+
+    def _load_cached(self, prompt: str) -> dict[str, torch.Tensor] | None:
+        f = self._cache_file(prompt)
+        if f is None or not f.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        return load_file(f)
+
+    def _store_cached(self, prompt: str, row: dict[str, torch.Tensor]) -> None:
+        f = self._cache_file(prompt)
+        if f is None:
+            return
+        from safetensors.torch import save_file
+
+        f.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous().cpu() for k, v in row.items()}, f, metadata={"prompt": prompt})
+
+    def release_text_encoders(self) -> None:
+        """Drop the three text encoders (their memory is freed once nothing else holds them)."""
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            setattr(self.pipe, name, None)
+
+    # -------------------------------------------------------------------------- velocity
+
+    def _transformer_forward(
+        self, z: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor, pooled: torch.Tensor
+    ) -> torch.Tensor:
+        return self.transformer(
+            hidden_states=z,
+            encoder_hidden_states=ehs,
+            pooled_projections=pooled,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+
+    def velocity(
+        self, z: torch.Tensor, t: float | torch.Tensor, cond: Cond, k: int = 1
+    ) -> torch.Tensor:
+        """v_theta(z, t) for z: (B*k, C, H, W); t: flow time, a float or (B*k,) tensor.
+
+        Each of cond's B prompts serves k consecutive rows of z. With guidance on, the
+        unconditional and conditional halves run in one batch of 2*B*k. Returns v in z's dtype.
+        """
+        n = z.shape[0]
+        if z.dim() != 4 or tuple(z.shape[1:]) != self.latent_shape:
+            raise ValueError(
+                f"z: expected (B*k, {', '.join(map(str, self.latent_shape))}), "
+                f"got shape {tuple(z.shape)}"
+            )
+        if k < 1 or n != cond.batch * k:
+            raise ValueError(
+                f"z: expected B*k = {cond.batch}*{k} = {cond.batch * k} rows, got {n} "
+                f"(cond has B = {cond.batch} prompts, k = {k})"
+            )
+        timestep = self._timesteps(t, n)
+        zz = z.to(self.dtype)
+        ehs = repeat_rows(cond.prompt_embeds, k)
+        pooled = repeat_rows(cond.pooled, k)
+        g = self.config.guidance_scale
+        if g > 1.0:
+            if not cond.has_negative:
+                raise ValueError("cond: guidance_scale > 1 needs negative embeddings; encode again")
+            ehs = torch.cat([repeat_rows(cond.negative_prompt_embeds, k), ehs])
+            pooled = torch.cat([repeat_rows(cond.negative_pooled, k), pooled])
+            zz = torch.cat([zz, zz])
+            timestep = torch.cat([timestep, timestep])
+        v = self._forward(zz, timestep, ehs, pooled)
+        if g > 1.0:
+            v_uncond, v_cond = v.chunk(2)
+            v = v_uncond + g * (v_cond - v_uncond)
+        return v.to(z.dtype)
+
+    def _timesteps(self, t: float | torch.Tensor, n: int) -> torch.Tensor:
+        """diffusers' timestep 1000*t as an (n,) float32 tensor on the model's device."""
+        if isinstance(t, torch.Tensor):
+            if t.dim() == 0:
+                t = t.reshape(1).expand(n)
+            if t.shape != (n,):
+                raise ValueError(
+                    f"t: expected a float, a 0-d or ({n},) tensor, got {tuple(t.shape)}"
+                )
+            return t.to(self.device, torch.float32) * 1000.0
+        t = float(t)
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"t: expected a flow time in [0, 1], got {t}")
+        return torch.full((n,), 1000.0 * t, device=self.device, dtype=torch.float32)
+
+    # ---------------------------------------------------------------------------- decode
+
+    def decode(
+        self, x0_latent: torch.Tensor, *, size: int | tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Images in [0, 1], float32 (N, 3, H, W), from latents already un-scaled by
+        ``x0_estimate(..., scaling=self.scaling_factor, shift=self.shift_factor)``.
+
+        ``size`` resizes (bilinear, antialiased) to a reward's input size.
+        """
+        if x0_latent.dim() != 4 or x0_latent.shape[1] != self.latent_shape[0]:
+            raise ValueError(
+                f"x0_latent: expected (N, {self.latent_shape[0]}, H, W), "
+                f"got shape {tuple(x0_latent.shape)}"
+            )
+        with torch.no_grad():
+            img = self.vae.decode(x0_latent.to(self.vae.dtype), return_dict=False)[0]
+        img = (img.float() / 2 + 0.5).clamp(0, 1)
+        if size is not None:
+            hw = (size, size) if isinstance(size, int) else tuple(size)
+            img = F.interpolate(img, size=hw, mode="bilinear", antialias=True, align_corners=False)
+            img = img.clamp(0, 1)
+        return img

@@ -1,0 +1,226 @@
+"""SD3-family configurations written in code, and random-weight builders (no download).
+
+* :func:`build_tiny_sd3_pipeline`: a complete, tiny, randomly initialised
+  ``StableDiffusion3Pipeline`` (two transformer layers, a small VAE, tiny CLIP-L/CLIP-G/T5
+  with in-memory tokenizers). :func:`save_tiny_sd3_pipeline` writes it with
+  ``save_pretrained``, so tests load it through the same ``from_pretrained`` path as a real
+  checkpoint.
+* :func:`random_sd35_medium`: the SD3.5-medium transformer and the SD3 VAE at full size with
+  random weights, for timing the real architecture without weights.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+__all__ = [
+    "SD3_VAE",
+    "SD35_MEDIUM_TRANSFORMER",
+    "TINY_TRANSFORMER",
+    "TINY_VAE",
+    "build_tiny_sd3_pipeline",
+    "random_sd35_medium",
+    "save_tiny_sd3_pipeline",
+]
+
+#: stabilityai/stable-diffusion-3.5-medium transformer (MMDiT-X): 24 layers, width 1536,
+#: dual attention in the first 13 layers, RMS q/k norm, a 384x384 positional table.
+SD35_MEDIUM_TRANSFORMER: MappingProxyType[str, Any] = MappingProxyType(
+    {
+        "sample_size": 128,
+        "patch_size": 2,
+        "in_channels": 16,
+        "num_layers": 24,
+        "attention_head_dim": 64,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "caption_projection_dim": 1536,
+        "pooled_projection_dim": 2048,
+        "out_channels": 16,
+        "pos_embed_max_size": 384,
+        "dual_attention_layers": tuple(range(13)),
+        "qk_norm": "rms_norm",
+    }
+)
+
+#: The SD3 / SD3.5 VAE: 16 latent channels, 8x down-sampling, no quant convs.
+SD3_VAE: MappingProxyType[str, Any] = MappingProxyType(
+    {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 16,
+        "block_out_channels": (128, 256, 512, 512),
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "act_fn": "silu",
+        "sample_size": 1024,
+        "scaling_factor": 1.5305,
+        "shift_factor": 0.0609,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    }
+)
+
+#: Two MMDiT layers, width 32: about 0.1 M parameters.
+TINY_TRANSFORMER: MappingProxyType[str, Any] = MappingProxyType(
+    {
+        "sample_size": 32,
+        "patch_size": 2,
+        "in_channels": 16,
+        "num_layers": 2,
+        "attention_head_dim": 8,
+        "num_attention_heads": 4,
+        "joint_attention_dim": 32,
+        "caption_projection_dim": 32,
+        "pooled_projection_dim": 64,
+        "out_channels": 16,
+        "pos_embed_max_size": 32,
+    }
+)
+
+#: A VAE with the SD3 latent layout (16 channels, scaling and shift) and 2x down-sampling.
+TINY_VAE: MappingProxyType[str, Any] = MappingProxyType(
+    {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 16,
+        "block_out_channels": (8, 16),
+        "down_block_types": ("DownEncoderBlock2D",) * 2,
+        "up_block_types": ("UpDecoderBlock2D",) * 2,
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "sample_size": 64,
+        "scaling_factor": 1.5305,
+        "shift_factor": 0.0609,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    }
+)
+
+_WORDS = (
+    "a an the of on in with and photo picture painting red green blue yellow black white "
+    "orange purple cat dog circle square triangle background small large"
+).split()
+
+
+def _clip_tokenizer() -> Any:
+    """A CLIP BPE tokenizer over characters plus whole-word merges of a small word list."""
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + string.digits + ".,!?'-":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in _WORDS:
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            parts = [pair[0] + pair[1], *parts[2:]]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _t5_tokenizer() -> Any:
+    """A T5 (unigram) tokenizer over the word list and single characters, built in memory."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("▁" + w, -1.0) for w in _WORDS]
+    pieces += [("▁", -2.0)]
+    pieces += [(c, -3.0) for c in string.ascii_lowercase + string.digits + ".,!?'-"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def build_tiny_sd3_pipeline(seed: int = 0) -> Any:
+    """A tiny random ``StableDiffusion3Pipeline`` (CPU, float32), deterministic from ``seed``.
+
+    Latents are (16, 32, 32) at 64x64 px. Needs the ``sd3`` extra.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    torch.manual_seed(seed)
+    tok = _clip_tokenizer()
+    t5_tok = _t5_tokenizer()
+
+    def clip() -> Any:
+        cfg = CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+        return CLIPTextModelWithProjection(cfg).eval()
+
+    t5_cfg = T5Config(
+        vocab_size=len(t5_tok),
+        d_model=32,
+        d_ff=64,
+        d_kv=8,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(**TINY_TRANSFORMER).eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=AutoencoderKL(**TINY_VAE).eval(),
+        text_encoder=clip(),
+        tokenizer=tok,
+        text_encoder_2=clip(),
+        tokenizer_2=_clip_tokenizer(),
+        text_encoder_3=T5EncoderModel(t5_cfg).eval(),
+        tokenizer_3=t5_tok,
+    )
+
+
+def save_tiny_sd3_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """Build :func:`build_tiny_sd3_pipeline` and ``save_pretrained`` it to ``path``."""
+    path = Path(path)
+    build_tiny_sd3_pipeline(seed).save_pretrained(path)
+    return path
+
+
+def random_sd35_medium(
+    *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", seed: int = 0
+) -> tuple[Any, Any]:
+    """(transformer, vae): SD3.5-medium's transformer and the SD3 VAE with random weights.
+
+    About 2.5 B transformer parameters: build on the GPU (``device="cuda"``) in bfloat16.
+    """
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER).to(dtype).eval()
+        vae = AutoencoderKL(**SD3_VAE).to(dtype).eval()
+    return transformer, vae
