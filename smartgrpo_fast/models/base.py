@@ -7,12 +7,13 @@ nothing above them sees it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Cond", "FlowModel", "repeat_rows"]
+__all__ = ["Cond", "DiTFlowModel", "FlowModel", "repeat_rows"]
 
 
 @dataclass(frozen=True)
@@ -125,3 +126,82 @@ class FlowModel(Protocol):
     def decode(self, x0_latent: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], (N, 3, H_img, W_img) float32, from latents already un-scaled."""
         ...
+
+
+class DiTFlowModel:
+    """Velocity of a diffusers ``SD3Transformer2DModel``, shared by the SD3 and tiny adapters.
+
+    Subclasses set ``transformer``, ``device``, ``dtype``, ``latent_shape``, ``guidance_scale``
+    and ``_forward`` (a :class:`~smartgrpo_fast.graphs.GraphedCallable` over
+    :meth:`_transformer_forward`). The flow time ``t`` becomes diffusers' timestep ``1000 t``.
+    """
+
+    transformer: Any
+    device: torch.device
+    dtype: torch.dtype
+    latent_shape: tuple[int, int, int]
+    guidance_scale: float
+    _forward: Callable[..., torch.Tensor]
+
+    def _transformer_forward(
+        self, z: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor, pooled: torch.Tensor
+    ) -> torch.Tensor:
+        return self.transformer(
+            hidden_states=z,
+            encoder_hidden_states=ehs,
+            pooled_projections=pooled,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+
+    def velocity(
+        self, z: torch.Tensor, t: float | torch.Tensor, cond: Cond, k: int = 1
+    ) -> torch.Tensor:
+        """v_theta(z, t) for z: (B*k, C, H, W); t: flow time, a float or (B*k,) tensor.
+
+        Each of cond's B prompts serves k consecutive rows of z. With guidance on, the
+        unconditional and conditional halves run in one batch of 2*B*k. Returns v in z's dtype.
+        """
+        n = z.shape[0]
+        if z.dim() != 4 or tuple(z.shape[1:]) != self.latent_shape:
+            raise ValueError(
+                f"z: expected (B*k, {', '.join(map(str, self.latent_shape))}), "
+                f"got shape {tuple(z.shape)}"
+            )
+        if k < 1 or n != cond.batch * k:
+            raise ValueError(
+                f"z: expected B*k = {cond.batch}*{k} = {cond.batch * k} rows, got {n} "
+                f"(cond has B = {cond.batch} prompts, k = {k})"
+            )
+        timestep = self._timesteps(t, n)
+        zz = z.to(self.dtype)
+        ehs = repeat_rows(cond.prompt_embeds, k)
+        pooled = repeat_rows(cond.pooled, k)
+        g = self.guidance_scale
+        if g > 1.0:
+            if not cond.has_negative:
+                raise ValueError("cond: guidance_scale > 1 needs negative embeddings; encode again")
+            ehs = torch.cat([repeat_rows(cond.negative_prompt_embeds, k), ehs])
+            pooled = torch.cat([repeat_rows(cond.negative_pooled, k), pooled])
+            zz = torch.cat([zz, zz])
+            timestep = torch.cat([timestep, timestep])
+        v = self._forward(zz, timestep, ehs, pooled)
+        if g > 1.0:
+            v_uncond, v_cond = v.chunk(2)
+            v = v_uncond + g * (v_cond - v_uncond)
+        return v.to(z.dtype)
+
+    def _timesteps(self, t: float | torch.Tensor, n: int) -> torch.Tensor:
+        """diffusers' timestep 1000*t as an (n,) float32 tensor on the model's device."""
+        if isinstance(t, torch.Tensor):
+            if t.dim() == 0:
+                t = t.reshape(1).expand(n)
+            if t.shape != (n,):
+                raise ValueError(
+                    f"t: expected a float, a 0-d or ({n},) tensor, got {tuple(t.shape)}"
+                )
+            return t.to(self.device, torch.float32) * 1000.0
+        t = float(t)
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"t: expected a flow time in [0, 1], got {t}")
+        return torch.full((n,), 1000.0 * t, device=self.device, dtype=torch.float32)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from smartgrpo_fast.graphs import GraphConfig, GraphedCallable
-from smartgrpo_fast.models.base import Cond, repeat_rows
+from smartgrpo_fast.models.base import Cond, DiTFlowModel
 
 __all__ = ["SD3Config", "SD3FlowModel"]
 
@@ -127,7 +127,7 @@ def _resolve(path_or_id: str | Path, local_files_only: bool) -> Path:
         ) from None
 
 
-class SD3FlowModel:
+class SD3FlowModel(DiTFlowModel):
     """SD3 / SD3.5 (diffusers) behind the FlowModel protocol.
 
     Build it with :meth:`from_pretrained`, or directly from a ``StableDiffusion3Pipeline``.
@@ -150,6 +150,7 @@ class SD3FlowModel:
         if self.config.attention == "xformers":
             self._enable_xformers()
         self._forward = GraphedCallable(self._transformer_forward, self.config.graph)
+        self.guidance_scale = self.config.guidance_scale
 
     # ----------------------------------------------------------------------------- loading
 
@@ -286,71 +287,6 @@ class SD3FlowModel:
         """Drop the three text encoders (their memory is freed once nothing else holds them)."""
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             setattr(self.pipe, name, None)
-
-    # -------------------------------------------------------------------------- velocity
-
-    def _transformer_forward(
-        self, z: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor, pooled: torch.Tensor
-    ) -> torch.Tensor:
-        return self.transformer(
-            hidden_states=z,
-            encoder_hidden_states=ehs,
-            pooled_projections=pooled,
-            timestep=timestep,
-            return_dict=False,
-        )[0]
-
-    def velocity(
-        self, z: torch.Tensor, t: float | torch.Tensor, cond: Cond, k: int = 1
-    ) -> torch.Tensor:
-        """v_theta(z, t) for z: (B*k, C, H, W); t: flow time, a float or (B*k,) tensor.
-
-        Each of cond's B prompts serves k consecutive rows of z. With guidance on, the
-        unconditional and conditional halves run in one batch of 2*B*k. Returns v in z's dtype.
-        """
-        n = z.shape[0]
-        if z.dim() != 4 or tuple(z.shape[1:]) != self.latent_shape:
-            raise ValueError(
-                f"z: expected (B*k, {', '.join(map(str, self.latent_shape))}), "
-                f"got shape {tuple(z.shape)}"
-            )
-        if k < 1 or n != cond.batch * k:
-            raise ValueError(
-                f"z: expected B*k = {cond.batch}*{k} = {cond.batch * k} rows, got {n} "
-                f"(cond has B = {cond.batch} prompts, k = {k})"
-            )
-        timestep = self._timesteps(t, n)
-        zz = z.to(self.dtype)
-        ehs = repeat_rows(cond.prompt_embeds, k)
-        pooled = repeat_rows(cond.pooled, k)
-        g = self.config.guidance_scale
-        if g > 1.0:
-            if not cond.has_negative:
-                raise ValueError("cond: guidance_scale > 1 needs negative embeddings; encode again")
-            ehs = torch.cat([repeat_rows(cond.negative_prompt_embeds, k), ehs])
-            pooled = torch.cat([repeat_rows(cond.negative_pooled, k), pooled])
-            zz = torch.cat([zz, zz])
-            timestep = torch.cat([timestep, timestep])
-        v = self._forward(zz, timestep, ehs, pooled)
-        if g > 1.0:
-            v_uncond, v_cond = v.chunk(2)
-            v = v_uncond + g * (v_cond - v_uncond)
-        return v.to(z.dtype)
-
-    def _timesteps(self, t: float | torch.Tensor, n: int) -> torch.Tensor:
-        """diffusers' timestep 1000*t as an (n,) float32 tensor on the model's device."""
-        if isinstance(t, torch.Tensor):
-            if t.dim() == 0:
-                t = t.reshape(1).expand(n)
-            if t.shape != (n,):
-                raise ValueError(
-                    f"t: expected a float, a 0-d or ({n},) tensor, got {tuple(t.shape)}"
-                )
-            return t.to(self.device, torch.float32) * 1000.0
-        t = float(t)
-        if not 0.0 <= t <= 1.0:
-            raise ValueError(f"t: expected a flow time in [0, 1], got {t}")
-        return torch.full((n,), 1000.0 * t, device=self.device, dtype=torch.float32)
 
     # ---------------------------------------------------------------------------- decode
 
