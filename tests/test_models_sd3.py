@@ -199,6 +199,17 @@ def test_velocity_argument_errors(model) -> None:
         model.encode_prompts("a single string")
 
 
+@torch.no_grad()
+def test_resolution_sets_the_latent_size(model) -> None:
+    half = SD3FlowModel(model.pipe, SD3Config(resolution=32))
+    assert half.latent_shape == (16, 16, 16)
+    cond = half.encode_prompts(PROMPTS[:1])
+    v = half.velocity(torch.randn(2, 16, 16, 16), 0.5, cond, k=2)
+    assert v.shape == (2, 16, 16, 16)
+    with pytest.raises(ValueError, match=r"^resolution: expected a multiple of 4"):
+        SD3FlowModel(model.pipe, SD3Config(resolution=34))
+
+
 def test_xformers_that_cannot_run_is_a_clear_error(tiny_dir) -> None:
     with pytest.raises(RuntimeError, match="attention='xformers': xformers cannot run here"):
         SD3FlowModel.from_pretrained(tiny_dir, dtype=torch.float32, attention="xformers")

@@ -16,7 +16,7 @@ eager (a warning says so) and is reported as such.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -85,7 +85,7 @@ def build_velocity_model(config: VelocityBenchConfig, backend: str) -> Any:
         return SD3FlowModel(pipe, cfg, name="tiny-random")
     if config.model == "sd35-medium":
         transformer, vae = random_sd35_medium(dtype=dtype, device=device)
-        transformer.register_to_config(sample_size=64)  # 512 px latents
+        cfg = replace(cfg, resolution=512)  # Flow-GRPO's training resolution: (16, 64, 64)
         return SD3FlowModel(_BarePipe(transformer, vae), cfg, name="sd35-medium-random")
     model = SD3FlowModel.from_pretrained(config.model, dtype=dtype, device=device)
     return SD3FlowModel(model.pipe, cfg, name=config.model)

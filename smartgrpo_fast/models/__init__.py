@@ -1,7 +1,9 @@
 """Flow-model adapters behind one protocol, and a loader.
 
-``load(name_or_path)`` returns a :class:`FlowModel`: a local StableDiffusion3Pipeline folder
-or a repo id already in the Hugging Face cache gives an :class:`SD3FlowModel`.
+``load(name_or_path)`` returns a :class:`FlowModel`: ``"tiny"`` is the embedded pixel-space
+model that ships in the package (:mod:`smartgrpo_fast.models.tiny`); a local
+StableDiffusion3Pipeline folder or a repo id already in the Hugging Face cache gives an
+:class:`SD3FlowModel`.
 """
 
 from __future__ import annotations
@@ -23,11 +25,16 @@ def __getattr__(name: str) -> Any:
 
 
 def load(name_or_path: str | Path, **kwargs: Any) -> FlowModel:
-    """Load a flow model by path (a StableDiffusion3Pipeline folder) or HF-cache repo id.
+    """Load a flow model: ``"tiny"`` (embedded), or a StableDiffusion3Pipeline folder or
+    HF-cache repo id.
 
-    Keyword arguments go to :meth:`SD3FlowModel.from_pretrained` (dtype, device,
-    local_files_only, attention, config).
+    Keyword arguments go to :meth:`TinyFlowModel.from_pretrained` (device, dtype, graph) or
+    :meth:`SD3FlowModel.from_pretrained` (dtype, device, local_files_only, attention, config).
     """
+    if str(name_or_path) == "tiny":
+        from smartgrpo_fast.models.tiny import TinyFlowModel
+
+        return TinyFlowModel.from_pretrained(**kwargs)
     from smartgrpo_fast.models.sd3 import SD3FlowModel
 
     return SD3FlowModel.from_pretrained(name_or_path, **kwargs)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,8 +23,6 @@ from smartgrpo_fast.graphs import GraphConfig, GraphedCallable
 from smartgrpo_fast.models.base import Cond, DiTFlowModel
 
 __all__ = ["SD3Config", "SD3FlowModel"]
-
-log = logging.getLogger(__name__)
 
 _COMPONENTS = (
     "transformer",
@@ -55,6 +52,8 @@ class SD3Config:
             their memory; later prompts must come from the embedding cache).
         embedding_cache: a folder for prompt embeddings in safetensors, keyed by model and
             prompt; None disables the cache.
+        resolution: image side in pixels (Flow-GRPO trains SD3.5 at 512); None = the
+            transformer's ``sample_size`` times the VAE factor (1024 for SD3/SD3.5).
     """
 
     max_sequence_length: int = 128
@@ -63,6 +62,7 @@ class SD3Config:
     graph: GraphConfig = field(default_factory=lambda: GraphConfig(backend="eager"))
     release_text_encoders: bool = False
     embedding_cache: str | None = None
+    resolution: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_sequence_length < 1:
@@ -71,6 +71,8 @@ class SD3Config:
             raise ValueError(
                 f"guidance_scale: expected a finite value >= 1, got {self.guidance_scale}"
             )
+        if self.resolution is not None and self.resolution < 1:
+            raise ValueError(f"resolution: expected a positive pixel count, got {self.resolution}")
         if self.attention not in _ATTENTION:
             raise ValueError(f"attention: expected one of {_ATTENTION}, got {self.attention!r}")
 
@@ -144,6 +146,13 @@ class SD3FlowModel(DiTFlowModel):
         tcfg = self.transformer.config
         vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         side = tcfg.sample_size
+        if self.config.resolution is not None:
+            if self.config.resolution % (vae_factor * tcfg.patch_size):
+                raise ValueError(
+                    f"resolution: expected a multiple of {vae_factor * tcfg.patch_size} "
+                    f"(VAE factor x patch size), got {self.config.resolution}"
+                )
+            side = self.config.resolution // vae_factor
         self.latent_shape: tuple[int, int, int] = (tcfg.in_channels, side, side)
         self.image_size: int = side * vae_factor
         self.vae_scale_factor = vae_factor

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Every GPU check in one command, for a lent GPU machine (one lease, spent well):
+# the CUDA tests, the ops benchmark (Triton and CUDA C++ vs unfused PyTorch) and the velocity
+# benchmark (eager vs CUDA graph vs torch.compile) on the tiny and the full-size random
+# SD3.5-medium transformer. Results land in $OUT (default bench_out/); copy the tables into
+# benchmarks/RESULTS.md with the card's name.
+#
+#   bash benchmarks/run_gpu.sh
+set -uo pipefail
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$OUT/inductor}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -m pytest -m cuda tests -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+python3 -m smartgrpo_fast bench ops --dtype bfloat16 --out "$OUT" 2>&1 | tee "$OUT/ops_bf16.txt"
+python3 -m smartgrpo_fast bench velocity --model tiny --backends eager graph \
+    compile-reduce-overhead --batches 1 16 64 --out "$OUT" 2>&1 | tee "$OUT/velocity_tiny.txt"
+python3 -m smartgrpo_fast bench velocity --model sd35-medium --dtype bfloat16 \
+    --backends eager graph compile-reduce-overhead --batches 1 8 16 --out "$OUT" 2>&1 \
+    | tee "$OUT/velocity_sd35m.txt"

@@ -1,0 +1,121 @@
+"""The Flow-GRPO sampler steps (ODE and SDE), shared by the search and the trainer.
+
+Flow matching, SD3 convention: ``x_t = (1 - t) x0 + t eps``, velocity ``v = eps - x0``.
+A step goes from ``sigma`` to ``sigma_next < sigma`` (``dt = sigma_next - sigma < 0``):
+
+* ODE (Euler): ``x_next = x + dt v``.
+* SDE (Flow-GRPO): ``std_t = noise_level * sqrt(sigma / (1 - sigma))`` (``sigma == 1`` uses
+  ``sigma_max``, the next value of the schedule), ``mean = x (1 + std_t^2 / (2 sigma) dt) +
+  v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt``, ``x_next = mean + std_t sqrt(-dt) eps``; the
+  log-probability of ``x_next`` is that of N(mean, (std_t sqrt(-dt))^2), averaged over the
+  non-batch dimensions. Computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "SDEStep",
+    "flow_sigmas",
+    "ode_step",
+    "sample_ode",
+    "sde_log_prob",
+    "sde_step",
+]
+
+
+def flow_sigmas(steps: int, shift: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(steps + 1,) float32 flow times from 1 to 0, time-shifted like SD3's scheduler:
+    ``s t / (1 + (s - 1) t)`` (shift 3.0 for SD3; 1.0 = uniform)."""
+    if steps < 1:
+        raise ValueError(f"steps: expected >= 1, got {steps}")
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift: expected a finite value > 0, got {shift}")
+    t = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float32)
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def ode_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """Euler step of the probability-flow ODE, computed in float32, returned in x's dtype."""
+    return (x.float() + (sigma_next - sigma) * v.float()).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class SDEStep:
+    """Mean and std of one Flow-GRPO SDE step: x_next ~ N(mean, std^2); float32."""
+
+    mean: torch.Tensor
+    std: float
+
+
+def sde_step(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+    *,
+    noise_level: float = 0.7,
+    sigma_max: float | None = None,
+) -> SDEStep:
+    """The Flow-GRPO SDE step's Gaussian; ``std`` is the scale that multiplies eps
+    (``std_t * sqrt(-dt)``), i.e. ``sample_perturb``'s ``scale``."""
+    dt = sigma_next - sigma
+    if not dt < 0:
+        raise ValueError(f"sigma_next: expected < sigma = {sigma}, got {sigma_next}")
+    s = sigma
+    if s >= 1.0:
+        if sigma_max is None or not 0 < sigma_max < 1:
+            raise ValueError("sigma_max: at sigma == 1 give the schedule's next value in (0, 1)")
+        s = sigma_max
+    std_t = noise_level * math.sqrt(s / (1.0 - s))
+    xf, vf = x.float(), v.float()
+    mean = (
+        xf * (1.0 + std_t**2 / (2.0 * sigma) * dt)
+        + vf * (1.0 + std_t**2 * (1.0 - sigma) / (2.0 * sigma)) * dt
+    )
+    return SDEStep(mean, std_t * math.sqrt(-dt))
+
+
+def sde_log_prob(x_next: torch.Tensor, step: SDEStep) -> torch.Tensor:
+    """(N,) log N(x_next; mean, std^2), averaged over the non-batch dimensions (Flow-GRPO)."""
+    var = step.std**2
+    lp = -((x_next.float() - step.mean) ** 2) / (2 * var) - math.log(step.std)
+    lp = lp - 0.5 * math.log(2 * math.pi)
+    return lp.flatten(1).mean(dim=1)
+
+
+@torch.no_grad()
+def sample_ode(
+    model,
+    cond,
+    z: torch.Tensor,
+    *,
+    steps: int = 40,
+    shift: float = 1.0,
+    k: int = 1,
+    t_start: float | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Integrate the ODE from ``z`` (B*k, C, H, W) at t = 1 (or ``t_start``) to t = 0.
+
+    Returns the final latents (the model's x0 space), in z's dtype.
+    """
+    sigmas = flow_sigmas(steps, shift)
+    if t_start is not None:
+        sigmas = sigmas[sigmas <= t_start + 1e-6]
+        if sigmas[0] < t_start - 1e-6:
+            sigmas = torch.cat([torch.tensor([t_start]), sigmas])
+    x = z
+    pairs = list(zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True))
+    if progress:
+        from tqdm.auto import tqdm
+
+        pairs = tqdm(pairs, desc="ODE", leave=False)
+    for s, s_next in pairs:
+        v = model.velocity(x, s, cond, k=k)
+        x = ode_step(x, v, s, s_next)
+    return x

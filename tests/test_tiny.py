@@ -1,0 +1,233 @@
+"""The embedded default: procedural data, the shipped flow model and its rewards."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from smartgrpo_fast import models, rewards
+from smartgrpo_fast.models.tiny import (
+    COLORS,
+    SHAPES,
+    TinyArch,
+    TinyFlowModel,
+    attributes_from_prompt,
+    prompt_of,
+    sample_batch,
+    sample_prompts,
+    tokenize,
+)
+from smartgrpo_fast.models.tiny.model import build_modules, save_weights
+from smartgrpo_fast.rewards.tiny import ColorFidelityReward, TinyClassifierReward
+from smartgrpo_fast.sde import sample_ode
+
+pytest.importorskip("diffusers")
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def test_batches_are_deterministic_from_a_seed() -> None:
+    a, attrs_a = sample_batch(16, torch.Generator().manual_seed(3))
+    b, attrs_b = sample_batch(16, torch.Generator().manual_seed(3))
+    c, _ = sample_batch(16, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and torch.equal(attrs_a.shape, attrs_b.shape)
+    assert not torch.equal(a, c)
+    assert a.shape == (16, 3, 32, 32) and float(a.min()) >= 0 and float(a.max()) <= 1
+
+
+def test_shape_colour_differs_from_background() -> None:
+    _, attrs = sample_batch(512, torch.Generator().manual_seed(0))
+    assert bool((attrs.color != attrs.background).all())
+    assert set(attrs.shape.tolist()) == set(range(len(SHAPES)))
+
+
+def test_prompts_round_trip_and_use_an_before_vowels() -> None:
+    for s in range(len(SHAPES)):
+        for c in range(len(COLORS)):
+            b = (c + 1) % len(COLORS)
+            assert attributes_from_prompt(prompt_of(s, c, b)) == (s, c, b)
+    assert prompt_of(0, list(COLORS).index("orange"), 0).startswith("an orange circle")
+    prompts = sample_prompts(10, seed=5)
+    assert prompts == sample_prompts(10, seed=5) and prompts != sample_prompts(10, seed=6)
+    tokenize(prompts)  # every sampled prompt is in the vocabulary
+
+
+@pytest.mark.parametrize("bad", ["a red circle", "a pink circle on a blue background", ""])
+def test_unknown_prompts_are_clear_errors(bad) -> None:
+    with pytest.raises(ValueError, match="prompt"):
+        attributes_from_prompt(bad)
+    with pytest.raises(ValueError, match=r"^prompts: the embedded model reads 7-word prompts"):
+        tokenize([bad])
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@pytest.fixture(scope="module")
+def random_model_dir(tmp_path_factory):
+    arch = TinyArch(layers=1, heads=2, head_dim=8)
+    transformer, text_encoder = build_modules(arch, seed=0)
+    folder = tmp_path_factory.mktemp("tiny_random")
+    save_weights(
+        folder, transformer, text_encoder, arch, name="flow_ema.safetensors", dtype=torch.float32
+    )
+    return folder
+
+
+def test_model_written_by_the_trainer_loads_and_runs(random_model_dir) -> None:
+    m = TinyFlowModel.from_pretrained(random_model_dir)
+    assert isinstance(m, models.FlowModel) and m.latent_shape == (3, 32, 32)
+    cond = m.encode_prompts(sample_prompts(2, seed=0))
+    assert cond.prompt_embeds.shape == (2, 7, 64) and cond.pooled.shape == (2, 64)
+    z = torch.randn(6, 3, 32, 32)
+    v = m.velocity(z, 0.5, cond, k=3)
+    assert v.shape == z.shape and torch.isfinite(v).all()
+    img = m.decode(z)
+    assert img.shape == (6, 3, 32, 32) and float(img.min()) >= 0 and float(img.max()) <= 1
+    assert m.decode(z, size=64).shape == (6, 3, 64, 64)
+
+
+def test_missing_weights_are_a_clear_error(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"config\.json: not found"):
+        TinyFlowModel.from_pretrained(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> TinyFlowModel:
+    start = time.perf_counter()
+    model = models.load("tiny")
+    print(f"models.load('tiny') took {1e3 * (time.perf_counter() - start):.0f} ms")
+    return model
+
+
+def test_shipped_model_generates_deterministically(tiny) -> None:
+    prompts = sample_prompts(4, seed=1)
+    cond = tiny.encode_prompts(prompts)
+    z = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    a = sample_ode(tiny, cond, z, steps=8)
+    b = sample_ode(tiny, cond, z, steps=8)
+    assert torch.equal(a, b)
+    images = tiny.decode(a)
+    assert images.shape == (4, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_shipped_model_follows_its_prompts(tiny) -> None:
+    """A quick, loose version of the closing-note measurement: 16 samples, 20 ODE steps."""
+    from smartgrpo_fast.rewards.tiny import generation_accuracy
+
+    report = generation_accuracy(tiny, rewards.load("tiny"), n=16, seed=3, steps=20)
+    assert report.color >= 0.75 and report.background >= 0.75, report
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+def _real(n: int, seed: int):
+    images, attrs = sample_batch(n, torch.Generator().manual_seed(seed))
+    prompts = [
+        prompt_of(int(s), int(c), int(b))
+        for s, c, b in zip(attrs.shape, attrs.color, attrs.background, strict=True)
+    ]
+    return images, attrs, prompts
+
+
+def _mismatch(attrs, which: str) -> list[str]:
+    """Prompts with one attribute changed (colour changes keep colour != background)."""
+    s, c, b = attrs.shape.clone(), attrs.color.clone(), attrs.background.clone()
+    n_col = len(COLORS)
+    if which == "shape":
+        s = (s + 1) % len(SHAPES)
+    elif which == "color":
+        c = (c + 1) % n_col
+        c = torch.where(c == b, (c + 1) % n_col, c)
+    else:
+        b = (b + 1) % n_col
+        b = torch.where(b == c, (b + 1) % n_col, b)
+    return [prompt_of(int(x), int(y), int(z)) for x, y, z in zip(s, c, b, strict=True)]
+
+
+@pytest.mark.parametrize("mode", ["logprob", "prob"])
+@pytest.mark.parametrize("which", ["shape", "color", "background"])
+def test_classifier_reward_ranks_matching_images_first(mode, which) -> None:
+    reward = rewards.load("tiny" if mode == "logprob" else "tiny-prob")
+    images, attrs, prompts = _real(128, seed=11)
+    good = reward(images, prompts)
+    bad = reward(images, _mismatch(attrs, which))
+    assert good.shape == (128,) and good.dtype == torch.float32
+    assert float((good > bad).float().mean()) >= 0.95
+
+
+@pytest.mark.parametrize("which", ["color", "background"])
+def test_colour_fidelity_ranks_matching_images_first(which) -> None:
+    reward = rewards.load("tiny-color")
+    images, attrs, prompts = _real(128, seed=12)
+    good = reward(images, prompts)
+    bad = reward(images, _mismatch(attrs, which))
+    assert float((good > bad).float().mean()) >= 0.95
+    assert float(good.min()) > 0.9  # exact colours, exact proportions
+
+
+def test_classifier_on_real_images() -> None:
+    from smartgrpo_fast.rewards.tiny import real_image_accuracy
+
+    assert real_image_accuracy(rewards.load("tiny"), n=256) >= 0.97
+
+
+@pytest.mark.parametrize(
+    "images,prompts,exc,match",
+    [
+        (torch.full((2, 3, 8, 8), float("nan")), ["a", "b"], ValueError, "NaN"),
+        (torch.full((2, 3, 8, 8), 1.5), ["a", "b"], ValueError, r"\[0, 1\]"),
+        (torch.zeros(2, 1, 8, 8), ["a", "b"], ValueError, r"\(N, 3, H, W\)"),
+        (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), ["a", "b"], TypeError, "float"),
+        (torch.zeros(2, 3, 8, 8), ["a"], ValueError, "2 prompts"),
+    ],
+)
+def test_reward_input_errors(images, prompts, exc, match) -> None:
+    for reward in (ColorFidelityReward(), TinyClassifierReward.load()):
+        with pytest.raises(exc, match=match):
+            reward(images, prompts)
+
+
+def test_unknown_reward_name() -> None:
+    with pytest.raises(ValueError, match=r"^name_or_path: expected one of tiny"):
+        rewards.load("imagereward-v2")
+
+
+def test_image_grid_png(random_model_dir, tmp_path) -> None:
+    from PIL import Image
+
+    from smartgrpo_fast.models.tiny.grid import generate, save_grid
+
+    m = TinyFlowModel.from_pretrained(random_model_dir)
+    prompts = sample_prompts(2, seed=0)
+    images = generate(m, prompts, [0, 1, 2], steps=3)
+    assert images.shape == (2, 3, 3, 32, 32)
+    assert torch.equal(images, generate(m, prompts, [0, 1, 2], steps=3))  # seeded
+    path = save_grid(images, prompts, tmp_path / "grid.png")
+    width, height = Image.open(path).size
+    assert height == 2 * (32 * 4 + 4) and width > 3 * 32 * 4
+
+
+def test_training_runs_and_resumes_to_the_same_weights(tmp_path) -> None:
+    """Two chunks of 2 steps end where one run of 4 steps does (the resume state is exact)."""
+    from safetensors.torch import load_file
+
+    from smartgrpo_fast.models.tiny.train import FlowTrainConfig, train_flow
+
+    cfg = FlowTrainConfig(steps=4, batch=4, warmup=1)
+    arch = TinyArch(layers=1, heads=2, head_dim=8)
+    logs: list[str] = []
+    train_flow(cfg, arch, out=tmp_path / "once", log=logs.append, checkpoint_every=100)
+    train_flow(cfg, arch, out=tmp_path / "chunks", log=logs.append, stop_after=2)
+    train_flow(cfg, arch, out=tmp_path / "chunks", log=logs.append)
+    assert any("resumed" in line and "step 2" in line for line in logs)
+    once = load_file(tmp_path / "once" / "flow_ema.safetensors")
+    chunks = load_file(tmp_path / "chunks" / "flow_ema.safetensors")
+    assert once.keys() == chunks.keys()
+    assert all(torch.equal(once[k], chunks[k]) for k in once)
+    model = TinyFlowModel.from_pretrained(tmp_path / "once", weights="flow_ema.safetensors")
+    assert model.latent_shape == (3, 32, 32)
