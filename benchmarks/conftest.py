@@ -1,6 +1,6 @@
 """Options of the pytest-benchmark suite: device, dtype and sizes of the op cases.
 
-Sizes default to the engine's: 64K, 256K, 1M elements on CPU; 1M, 4M, 16M, 64M on CUDA.
+Sizes default to the engine's: 64K to 16M elements on CPU; 1M, 4M, 16M, 64M on CUDA.
 """
 
 from __future__ import annotations

@@ -4,11 +4,13 @@
     python -m pytest benchmarks -q --benchmark-disable      # smoke run: each case once
 
 Each test times one (op, provider, size) case of :func:`smartgrpo_fast.bench.ops.build_case`
-as complete calls (on CUDA each call ends with a synchronize). ``extra_info`` holds the
-elements, shape, the fused op's minimum bytes and the GB/s at the median time. The
-``smartgrpo-fast bench ops`` command is the reference measurement (CUDA events, L2 flushed,
-CSV/JSON/plot); this suite plugs the same cases into pytest-benchmark's tooling (``--benchmark-
-compare``, ``--benchmark-json``, histograms).
+as complete calls (on CUDA each call ends with a synchronize), the backend providers (cpp,
+reference, triton, cuda) with ``SMARTGRPO_BACKEND`` set to them; a provider that cannot run on
+the device (triton or cuda on CPU, cpp without a compiler) is skipped with the reason.
+``extra_info`` holds the elements, shape, the fused op's minimum bytes and the GB/s at the
+median time. The ``smartgrpo-fast bench ops`` command is the reference measurement (CUDA
+events, L2 flushed, CSV/JSON/plot); this suite plugs the same cases into pytest-benchmark's
+tooling (``--benchmark-compare``, ``--benchmark-json``, histograms).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smartgrpo_fast.bench.ops import OPS, PROVIDERS, build_case, device_name
+from smartgrpo_fast.bench.ops import OPS, PROVIDERS, build_case, device_name, provider_problem
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -29,6 +31,9 @@ def test_bench_op(
     bench_device: torch.device,
     bench_dtype: torch.dtype,
 ) -> None:
+    problem = provider_problem(provider, bench_device)
+    if problem is not None:
+        pytest.skip(problem)
     case = build_case(op, provider, size, dtype=bench_dtype, device=bench_device, seed=0)
     dtype_name = str(case.dtype).removeprefix("torch.")
     benchmark.group = f"{op} K*D={case.shape.elements} {dtype_name}"

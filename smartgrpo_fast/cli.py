@@ -2,7 +2,7 @@
 
 Commands:
 
-* ``smartgrpo-fast bench ops``: time the fused ops against unfused PyTorch
+* ``smartgrpo-fast bench ops``: time the fused ops on each backend against unfused PyTorch
   (:mod:`smartgrpo_fast.bench.ops`); prints a table and writes CSV, JSON and a PNG plot.
 * ``smartgrpo-fast --version``.
 
@@ -77,11 +77,12 @@ def _add_bench_ops(sub: argparse._SubParsersAction) -> None:
         "ops",
         help="time the fused ops against unfused PyTorch",
         description=(
-            "Time each fused op (sample_perturb, x0_estimate, topk_select, cem_update) against "
-            "the unfused PyTorch a user would write, at sizes of K·D elements (B = 1 row, K "
-            "candidates of a (16, H, W) latent). Prints a table and writes one row per "
-            "measurement to CSV and JSON, plus a PNG plot drawn from the CSV. On CPU the fused "
-            "ops run their PyTorch reference, whose Philox noise is slower than torch.randn."
+            "Time each fused op (sample_perturb, x0_estimate, topk_select, cem_update) on each "
+            "backend provider (cpp, reference, triton, cuda: SMARTGRPO_BACKEND set to it) "
+            "against the unfused PyTorch a user would write, at sizes of K·D elements (B = 1 "
+            "row, K candidates of a (16, H, W) latent). Prints a table with every speedup of "
+            "the run and writes one row per measurement to CSV and JSON, plus a PNG plot drawn "
+            "from the CSV."
         ),
     )
     p.add_argument(
@@ -93,13 +94,23 @@ def _add_bench_ops(sub: argparse._SubParsersAction) -> None:
         help=f"ops to time, from: {', '.join(bench_ops.OPS)} (default: all)",
     )
     p.add_argument(
+        "--providers",
+        nargs="+",
+        choices=bench_ops.PROVIDERS,
+        default=None,
+        metavar="P",
+        help=f"providers to time, from: {', '.join(bench_ops.PROVIDERS)} (default: "
+        f"{' '.join(bench_ops.CPU_PROVIDERS)} on CPU, {' '.join(bench_ops.CUDA_PROVIDERS)} on "
+        "CUDA, less those that cannot run here)",
+    )
+    p.add_argument(
         "--sizes",
         nargs="+",
         type=_size,
         default=None,
         metavar="N",
         help="K·D element counts, each >= 256; suffixes K, M, G are powers of 2 "
-        "(default: 64K 256K 1M on CPU, 1M 4M 16M 64M on CUDA)",
+        "(default: 64K 256K 1M 4M 16M on CPU, 1M 4M 16M 64M on CUDA)",
     )
     p.add_argument(
         "--dtype",
@@ -173,6 +184,29 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _providers(
+    parser: argparse.ArgumentParser, requested: Sequence[str] | None, device: str
+) -> tuple[str, ...]:
+    """The providers to time: ``requested`` (an argument error if one cannot run here), or the
+    device's defaults less those that cannot run here (with a note on stderr)."""
+    if requested:
+        chosen = tuple(dict.fromkeys(requested))
+        for provider in chosen:
+            problem = bench_ops.provider_problem(provider, device)
+            if problem is not None:
+                parser.error(f"argument --providers: {provider} cannot run on {device}: {problem}")
+        return chosen
+    defaults = bench_ops.CUDA_PROVIDERS if device.startswith("cuda") else bench_ops.CPU_PROVIDERS
+    chosen = []
+    for provider in defaults:
+        problem = bench_ops.provider_problem(provider, device)
+        if problem is None:
+            chosen.append(provider)
+        else:
+            print(f"note: provider {provider} left out: {problem}", file=sys.stderr)
+    return tuple(chosen)
+
+
 def _run_bench_ops(args: argparse.Namespace) -> int:
     parser: argparse.ArgumentParser = args.parser
     device = args.device or _default_device()
@@ -185,10 +219,12 @@ def _run_bench_ops(args: argparse.Namespace) -> int:
                 f"argument --device: {device!r} requested but only "
                 f"{torch.cuda.device_count()} CUDA device(s) are visible"
             )
+    providers = _providers(parser, args.providers, device)
     try:
         config = bench_ops.OpsBenchConfig.for_device(
             device,
             ops=tuple(dict.fromkeys(args.ops)),
+            providers=providers,
             sizes=tuple(dict.fromkeys(args.sizes)) if args.sizes else None,
             dtype=args.dtype,
             repeats=args.repeats,

@@ -18,6 +18,7 @@ import importlib
 
 import pytest
 
+from smartgrpo_fast.ops._cpp import cpu_extension
 from smartgrpo_fast.ops._triton import HAS_TRITON, interpreting
 
 HAS_CUDA = torch.cuda.is_available()
@@ -57,12 +58,14 @@ def use_backend(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     """Force a backend for the rest of a test; skip when it cannot run on CPU tensors here."""
     if name == "triton" and not (HAS_TRITON and interpreting()):
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (set on CPU-only machines)")
+    if name == "cpp" and not (ext := cpu_extension()).ok:
+        pytest.skip(f"the C++ extension could not be built here: {ext.reason}")
     monkeypatch.setenv("SMARTGRPO_BACKEND", name)
 
 
-@pytest.fixture(params=["reference", "triton"])
+@pytest.fixture(params=["reference", "triton", "cpp"])
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test once on the PyTorch reference and once on the (interpreted) Triton kernels."""
+    """Run a test on the PyTorch reference, the (interpreted) Triton kernels and the C++ ops."""
     use_backend(monkeypatch, request.param)
     return request.param
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -20,7 +21,16 @@ import pytest
 import torch
 
 import smartgrpo_fast
-from smartgrpo_fast.bench.ops import CSV_FIELDS, OPS, PROVIDERS, case_shape, format_table
+from smartgrpo_fast.bench.ops import (
+    BASELINES,
+    CPU_PROVIDERS,
+    CSV_FIELDS,
+    OPS,
+    case_shape,
+    format_table,
+    provider_problem,
+    speedup_rows,
+)
 from smartgrpo_fast.cli import main
 
 REQUIRED_COLUMNS = {
@@ -40,6 +50,22 @@ REQUIRED_COLUMNS = {
     "date",
 }
 TINY = ["--sizes", "4096", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--no-progress"]
+
+
+@functools.cache
+def default_providers() -> tuple[str, ...]:
+    """The default CPU providers that can run here (cpp only when the C++ extension built)."""
+    return tuple(p for p in CPU_PROVIDERS if provider_problem(p, "cpu") is None)
+
+
+def _speedup_units(providers: tuple[str, ...]) -> set[str]:
+    return {
+        f"{base}/{p}"
+        for base in BASELINES
+        if base in providers
+        for p in providers
+        if p not in ("unfused", base)
+    }
 
 
 @dataclass(frozen=True)
@@ -64,7 +90,7 @@ def _run(argv: list[str], out: Path) -> CliRun:
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory) -> CliRun:
-    """All four ops, both providers, one size of 4096 elements, one timed call each."""
+    """All four ops, the default providers, one size of 4096 elements, one timed call each."""
     return _run(["bench", "ops", *TINY], tmp_path_factory.mktemp("bench_out"))
 
 
@@ -79,15 +105,17 @@ def test_bench_ops_writes_csv_with_every_op_and_provider(full_run: CliRun) -> No
     header, rows = _read_csv(full_run.out / "ops_cpu_float32.csv")
     assert header == list(CSV_FIELDS)
     assert set(header) >= REQUIRED_COLUMNS
+    units = _speedup_units(default_providers())
     for op in OPS:
         for metric in ("time", "bandwidth"):
             providers = {r["provider"] for r in rows if r["op"] == op and r["metric"] == metric}
-            assert providers == set(PROVIDERS), (op, metric)
+            assert providers == set(default_providers()), (op, metric)
         speedups = [r for r in rows if r["op"] == op and r["metric"] == "speedup"]
-        assert len(speedups) == 1, op
-    assert len(rows) == len(OPS) * (2 * len(PROVIDERS) + 1)
-    units = {r["metric"]: r["unit"] for r in rows}
-    assert units == {"time": "ms", "bandwidth": "GB/s", "speedup": "unfused/fused"}
+        assert {r["unit"] for r in speedups} == units, op
+        assert len(speedups) == len(units), op
+    assert len(rows) == len(OPS) * (2 * len(default_providers()) + len(units))
+    assert {r["unit"] for r in rows if r["metric"] == "time"} == {"ms"}
+    assert {r["unit"] for r in rows if r["metric"] == "bandwidth"} == {"GB/s"}
 
 
 def test_bench_ops_rows_carry_run_metadata(full_run: CliRun) -> None:
@@ -127,7 +155,10 @@ def test_bench_ops_writes_png(full_run: CliRun) -> None:
 def test_bench_ops_prints_table_and_paths(full_run: CliRun) -> None:
     for op in OPS:
         assert op in full_run.stdout
-    for header in ("K·D", "fused ms", "unfused ms", "unfused/fused", "GB/s"):
+    for provider in default_providers():
+        assert f"{provider} ms" in full_run.stdout
+        assert f"{provider} GB/s" in full_run.stdout
+    for header in ("K·D", *_speedup_units(default_providers())):
         assert header in full_run.stdout
     for suffix in ("csv", "json"):
         assert str(full_run.out / f"ops_cpu_float32.{suffix}") in full_run.stdout
@@ -181,6 +212,7 @@ def test_python_dash_m_runs_the_cli(
         (["--repeats", "0"], "argument --repeats"),
         (["--warmup", "-1"], "argument --warmup"),
         (["--device", "tpu"], "argument --device"),
+        (["--providers", "fused"], "argument --providers: invalid choice: 'fused'"),
     ],
 )
 def test_bad_argument_exits_with_a_clear_error(
@@ -218,7 +250,7 @@ def test_missing_command_is_an_error(argv: list[str], capsys: pytest.CaptureFixt
 def test_table_marks_a_missing_provider() -> None:
     row = {
         "op": "x0_estimate",
-        "provider": "fused",
+        "provider": "cpp",
         "metric": "time",
         "x": 4096,
         "k": 16,
@@ -229,3 +261,58 @@ def test_table_marks_a_missing_provider() -> None:
     table = format_table([row])
     assert "x0_estimate" in table and "16×(16,4,4)" in table
     assert table.splitlines()[-1].split()[-1] == "-"
+
+
+def test_providers_subset_and_speedups(tmp_path: Path) -> None:
+    argv = ["bench", "ops", *TINY, "--ops", "cem_update", "--no-plot"]
+    run = _run([*argv, "--providers", "unfused", "reference"], tmp_path)
+    assert run.code == 0
+    _, rows = _read_csv(tmp_path / "ops_cpu_float32.csv")
+    assert {r["provider"] for r in rows} == {"unfused", "reference"}
+    assert [r["unit"] for r in rows if r["metric"] == "speedup"] == ["unfused/reference"]
+    assert "reference ms" in run.stdout and "cpp ms" not in run.stdout
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the error without CUDA")
+def test_provider_that_cannot_run_is_an_argument_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "ops", *TINY, "--providers", "cuda", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --providers: cuda cannot run on cpu: SMARTGRPO_BACKEND=cuda" in err
+
+
+def test_default_provider_that_cannot_run_is_left_out_with_a_note(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from smartgrpo_fast.bench import ops as bench_ops
+
+    monkeypatch.setattr(
+        bench_ops,
+        "provider_problem",
+        lambda provider, device: "no compiler" if provider == "cpp" else None,
+    )
+    argv = ["bench", "ops", *TINY, "--ops", "x0_estimate", "--no-plot"]
+    run = _run(argv, tmp_path)
+    assert run.code == 0
+    assert "note: provider cpp left out: no compiler" in run.stderr
+    _, rows = _read_csv(tmp_path / "ops_cpu_float32.csv")
+    assert {r["provider"] for r in rows} == {"reference", "unfused"}
+
+
+def test_speedup_rows_divide_baseline_by_provider() -> None:
+    def time_row(provider: str, median: float) -> dict:
+        row = dict.fromkeys(CSV_FIELDS, "")
+        row |= {"op": "sample_perturb", "x": 4096, "dtype": "float32", "provider": provider}
+        return row | {"metric": "time", "unit": "ms", "median": median, "p20": median,
+                      "p80": median}  # fmt: skip
+
+    rows = [time_row("cpp", 1.0), time_row("reference", 8.0), time_row("unfused", 2.0)]
+    got = {(r["provider"], r["unit"]): r["median"] for r in speedup_rows(rows)}
+    assert got == {
+        ("cpp", "unfused/cpp"): 2.0,
+        ("reference", "unfused/reference"): 0.25,
+        ("cpp", "reference/cpp"): 8.0,
+    }

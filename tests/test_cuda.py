@@ -1,4 +1,5 @@
-"""Compiled Triton kernels on a real GPU against the PyTorch references (skipped without CUDA)."""
+"""Compiled Triton kernels and the CUDA C++ ops on a real GPU against the PyTorch references
+(skipped without CUDA)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,88 @@ def test_graph_replay_draws_fresh_noise_from_device_round() -> None:
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         sample_perturb(mean, 0.0, 1.0, 1.0, k=3, seed=seed, round=rnd)  # warm-up compile
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        z = sample_perturb(mean, 0.0, 1.0, 1.0, k=3, seed=seed, round=rnd)
+    outs = []
+    for r in range(3):
+        rnd.fill_(r)
+        graph.replay()
+        outs.append(z.clone())
+    torch.cuda.synchronize()
+    for r, out in enumerate(outs):
+        assert torch.equal(out, philox_normal((2, 3, 4, 8, 8), seed=3, round=r, device=CUDA))
+    assert not torch.equal(outs[0], outs[1])
+
+
+# --------------------------------------------------------------------------------------
+# The CUDA C++ ops (SMARTGRPO_BACKEND=cuda): the same stream and semantics
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cuda_cpp(monkeypatch):
+    """Force the CUDA C++ backend; skip with the reason when it cannot be built here."""
+    from smartgrpo_fast.ops import _cpp
+
+    ext = _cpp.cuda_extension()
+    if not ext.ok:
+        pytest.skip(f"the CUDA C++ extension could not be built: {ext.reason}")
+    monkeypatch.setenv("SMARTGRPO_BACKEND", "cuda")
+
+
+def test_cuda_cpp_bits_and_normals_match_reference(cuda_cpp, monkeypatch) -> None:
+    counters = torch.randint(0, 2**32, (1 << 16, 4), dtype=torch.int64)
+    ref = _ref(philox_bits, monkeypatch, counters, 123, 456)
+    assert torch.equal(philox_bits(counters.to(CUDA), 123, 456).cpu(), ref)
+    for shape in ((4, 16, 16, 32, 32), (2, 3, 4099), (1, 1, 3)):
+        n = philox_normal(shape, seed=5, round=1, device=CUDA)
+        n_ref = _ref(philox_normal, monkeypatch, shape, seed=5, round=1)
+        diff = float((n.cpu() - n_ref).abs().max())
+        print(f"max |n_cuda_cpp - n_reference| over {n.numel()} normals: {diff:.3g}")
+        assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("s", [(16, 32, 32), (3, 343)])
+def test_cuda_cpp_ops_match_reference(cuda_cpp, monkeypatch, dtype, s) -> None:
+    b, k, t = 3, 16, 4
+    mean = torch.randn(b, *s).to(dtype)
+    mu = (0.1 * torch.randn(b, *s)).to(dtype)
+    sigma = torch.rand(b, dtype=torch.float64) + 0.5
+    scale = torch.rand(b)
+    z = sample_perturb(mean.to(CUDA), mu.to(CUDA), sigma.to(CUDA), scale.to(CUDA), k=k, seed=9)
+    z_ref = _ref(sample_perturb, monkeypatch, mean, mu, sigma, scale, k=k, seed=9)
+    assert_close(z.cpu(), z_ref, name="z")
+    idx = torch.stack([torch.randperm(k)[:t] for _ in range(b)])
+    for per_element in (True, False):
+        sig = sigma.float().reshape(b, *([1] * len(s))).expand(b, *s) if per_element else sigma
+        kw = dict(shape=(b, *s), k=k, seed=9, round=0, alpha=0.8, min_sigma=0.1,
+                  per_element=per_element)  # fmt: skip
+        got = cem_update(mu.to(CUDA), sig.to(CUDA), idx.int().to(CUDA), **kw)
+        ref = _ref(cem_update, monkeypatch, mu, sig, idx, **kw)
+        assert_close(got[0].cpu(), ref[0], atol=1e-5, rtol=1e-5, name="mu_new")
+        assert_close(got[1].cpu(), ref[1], atol=1e-5, rtol=1e-5, name="sigma_new")
+
+
+def test_cuda_cpp_bad_elite_gives_nan_row(cuda_cpp) -> None:
+    idx = torch.tensor([[0, 1], [0, 7]], device=CUDA)
+    for per_element in (True, False):
+        mu, sigma = cem_update(0.0, 1.0, idx, shape=(2, 3000), k=4, seed=0, round=0,
+                               per_element=per_element, validate=False)  # fmt: skip
+        assert torch.isfinite(mu[0]).all() and torch.isnan(mu[1]).all()
+        assert torch.isfinite(sigma[0]).all() and torch.isnan(sigma[1]).all()
+
+
+def test_cuda_cpp_graph_replay_draws_fresh_noise_from_device_round(cuda_cpp) -> None:
+    mean = torch.zeros(2, 4, 8, 8, device=CUDA)
+    seed = torch.tensor(3, device=CUDA)
+    rnd = torch.tensor(0, device=CUDA)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        sample_perturb(mean, 0.0, 1.0, 1.0, k=3, seed=seed, round=rnd, validate=False)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -1,12 +1,14 @@
 """Benchmarks of smartgrpo_fast, runnable from the command line (``smartgrpo-fast bench``).
 
-:mod:`smartgrpo_fast.bench.ops` times each fused op against the unfused PyTorch composition a
-user would write, and writes one row per measurement to CSV and JSON, a plot drawn from that
-CSV, and a table for the terminal. The pytest-benchmark suite in ``benchmarks/`` builds its
-cases with the same functions.
+:mod:`smartgrpo_fast.bench.ops` times each fused op on each backend (C++, PyTorch reference,
+Triton, CUDA C++) against the unfused PyTorch composition a user would write, and writes one
+row per measurement to CSV and JSON, a plot drawn from that CSV, and a table for the terminal.
+The pytest-benchmark suite in ``benchmarks/`` builds its cases with the same functions.
 """
 
 from smartgrpo_fast.bench.ops import (
+    CPU_PROVIDERS,
+    CUDA_PROVIDERS,
     OPS,
     PROVIDERS,
     CaseShape,
@@ -16,6 +18,7 @@ from smartgrpo_fast.bench.ops import (
     case_shape,
     format_table,
     plot_csv,
+    provider_problem,
     read_csv,
     run_ops_bench,
     write_csv,
@@ -23,6 +26,8 @@ from smartgrpo_fast.bench.ops import (
 )
 
 __all__ = [
+    "CPU_PROVIDERS",
+    "CUDA_PROVIDERS",
     "OPS",
     "PROVIDERS",
     "CaseShape",
@@ -32,6 +37,7 @@ __all__ = [
     "case_shape",
     "format_table",
     "plot_csv",
+    "provider_problem",
     "read_csv",
     "run_ops_bench",
     "write_csv",

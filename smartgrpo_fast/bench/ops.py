@@ -2,10 +2,14 @@
 
 Providers
 ---------
-* ``fused``: the public op (:func:`~smartgrpo_fast.ops.sample_perturb`, ...), which runs its
-  Triton kernel on CUDA and its PyTorch reference elsewhere. It is called with
-  ``validate=False`` unless :attr:`OpsBenchConfig.validate` is set, as in the search's hot loop
-  (value checks read the tensors and synchronise a CUDA stream).
+* ``cpp``, ``reference``, ``triton``, ``cuda``: the public op
+  (:func:`~smartgrpo_fast.ops.sample_perturb`, ...) with ``SMARTGRPO_BACKEND`` set to that
+  backend for the measurement: the compiled C++ ops (CPU), the PyTorch reference, the Triton
+  kernels (CUDA), the CUDA C++ ops. An op without a version for a backend runs what that backend
+  falls back to (topk_select: the reference under ``cpp``, Triton under ``cuda``; x0_estimate:
+  Triton under ``cuda``). The ops are called with ``validate=False`` unless
+  :attr:`OpsBenchConfig.validate` is set, as in the search's hot loop (value checks read the
+  tensors and synchronise a CUDA stream).
 * ``unfused``: the plain PyTorch a user would write without the library:
 
   - sample_perturb: ``n = torch.randn(B, K, *S)`` materialised, then
@@ -16,8 +20,10 @@ Providers
     (allocated once, outside the timed call), ``eps = mu + sigma * n_elite``, then the mean and
     the population std (``unbiased=False``) over the elites.
 
-On CPU the fused provider *is* the PyTorch reference, whose Philox4x32-10 runs in int64 tensor
-arithmetic: it is expected to lose to ``torch.randn`` there, and the table says so.
+Defaults: ``cpp``, ``reference`` and ``unfused`` on CPU (the reference's Philox4x32-10 runs in
+int64 tensor arithmetic and loses to ``torch.randn``; the C++ ops are the fast CPU path);
+``triton``, ``cuda`` and ``unfused`` on CUDA. A default provider that cannot run on the machine
+(e.g. no compiler for ``cpp``) is left out with a note; see :func:`provider_problem`.
 
 Shapes
 ------
@@ -36,11 +42,12 @@ Metrics
 -------
 Each (op, provider, size) gives a ``time`` row (ms: median, p20, p80 over the timed calls) and
 a ``bandwidth`` row (GB/s). Bandwidth is the *minimum* bytes the fused op must move divided by
-the time, for both providers, so the two are comparable: e.g. sample_perturb reads mean, mu and
+the time, for every provider, so they are comparable: e.g. sample_perturb reads mean, mu and
 sigma (D each) and writes the K·D candidates; the unfused composition moves more than that and
-its GB/s is an effective, not a physical, figure. Each (op, size) also gives a ``speedup`` row on
-the fused provider: unfused / fused median time, with p20 = unfused p20 / fused p80 and p80 =
-unfused p80 / fused p20 as conservative bounds.
+its GB/s is an effective, not a physical, figure. Each (op, size) also gives ``speedup`` rows,
+all from the one run: for every backend provider ``p``, ``unfused/p`` and (when ``reference``
+ran) ``reference/p``, median time ratios with p20 = baseline p20 / p's p80 and p80 = baseline
+p80 / p's p20 as conservative bounds.
 
 Timing: on CUDA, CUDA events around each call, after warm-up calls (which also compile the
 Triton kernels), with a 256 MiB buffer zeroed before each call to flush the L2 cache (what
@@ -49,9 +56,11 @@ Triton kernels), with a 256 MiB buffer zeroed before each call to flush the L2 c
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -66,11 +75,22 @@ from typing import Any, NamedTuple
 import torch
 
 from smartgrpo_fast import __version__
-from smartgrpo_fast.ops import cem_update, sample_perturb, topk_select, x0_estimate
+from smartgrpo_fast.ops import (
+    BACKEND_ENV,
+    cem_update,
+    resolve_backend,
+    sample_perturb,
+    topk_select,
+    x0_estimate,
+)
 
 __all__ = [
+    "BACKEND_PROVIDERS",
+    "BASELINES",
+    "CPU_PROVIDERS",
     "CPU_SIZES",
     "CSV_FIELDS",
+    "CUDA_PROVIDERS",
     "CUDA_SIZES",
     "DTYPES",
     "MIN_SIZE",
@@ -85,12 +105,14 @@ __all__ = [
     "case_shape",
     "collect_run_info",
     "device_name",
+    "forced_backend",
     "format_table",
     "git_commit",
     "measure",
     "measurement_rows",
     "parse_device",
     "plot_csv",
+    "provider_problem",
     "quantile",
     "read_csv",
     "run_ops_bench",
@@ -102,14 +124,21 @@ __all__ = [
 
 #: The benchmarked ops, in run order.
 OPS: tuple[str, ...] = ("sample_perturb", "x0_estimate", "topk_select", "cem_update")
-#: ``fused``: the public op; ``unfused``: the PyTorch composition a user would write.
-PROVIDERS: tuple[str, ...] = ("fused", "unfused")
+#: Providers that run the public op on one backend (``SMARTGRPO_BACKEND``).
+BACKEND_PROVIDERS: tuple[str, ...] = ("cpp", "reference", "triton", "cuda")
+#: Every provider: the backends, and ``unfused``, the PyTorch composition a user would write.
+PROVIDERS: tuple[str, ...] = (*BACKEND_PROVIDERS, "unfused")
+#: Default providers on CPU and on CUDA.
+CPU_PROVIDERS: tuple[str, ...] = ("cpp", "reference", "unfused")
+CUDA_PROVIDERS: tuple[str, ...] = ("triton", "cuda", "unfused")
+#: The providers that speedups are taken against (``<baseline>/<provider>``), when they ran.
+BASELINES: tuple[str, ...] = ("unfused", "reference")
 #: dtype names accepted for the latents.
 DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
     {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 )
-#: Default sizes K·D on CPU (the reference Philox is slow there) and on CUDA.
-CPU_SIZES: tuple[int, ...] = (2**16, 2**18, 2**20)
+#: Default sizes K·D on CPU and on CUDA.
+CPU_SIZES: tuple[int, ...] = (2**16, 2**18, 2**20, 2**22, 2**24)
 CUDA_SIZES: tuple[int, ...] = (2**20, 2**22, 2**24, 2**26)
 #: Smallest size: 16 candidates of a (16, 1, 1) latent.
 MIN_SIZE = 256
@@ -160,6 +189,7 @@ class OpsBenchConfig:
 
     Attributes:
         ops: op names from :data:`OPS`, in run order.
+        providers: names from :data:`PROVIDERS`, in run order (no repeats).
         sizes: element counts K·D, each >= 256; see :func:`case_shape`.
         dtype: storage dtype of the latents: ``float32``, ``bfloat16`` or ``float16``.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
@@ -171,6 +201,7 @@ class OpsBenchConfig:
     """
 
     ops: tuple[str, ...] = OPS
+    providers: tuple[str, ...] = CPU_PROVIDERS
     sizes: tuple[int, ...] = CPU_SIZES
     dtype: str = "float32"
     device: str = "cpu"
@@ -181,12 +212,22 @@ class OpsBenchConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ops", tuple(self.ops))
+        object.__setattr__(self, "providers", tuple(self.providers))
         object.__setattr__(self, "sizes", tuple(self.sizes))
         if not self.ops:
             raise ValueError("ops: expected at least one op")
         for op in self.ops:
             if op not in OPS:
                 raise ValueError(f"ops: expected names from {', '.join(OPS)}, got {op!r}")
+        if not self.providers:
+            raise ValueError("providers: expected at least one provider")
+        for provider in self.providers:
+            if provider not in PROVIDERS:
+                raise ValueError(
+                    f"providers: expected names from {', '.join(PROVIDERS)}, got {provider!r}"
+                )
+        if len(set(self.providers)) != len(self.providers):
+            raise ValueError(f"providers: expected no repeats, got {self.providers}")
         if not self.sizes:
             raise ValueError("sizes: expected at least one size")
         for size in self.sizes:
@@ -206,12 +247,14 @@ class OpsBenchConfig:
     def for_device(cls, device: str, **overrides: Any) -> OpsBenchConfig:
         """Defaults for ``device``, then ``overrides`` (fields set to None are ignored).
 
-        CPU: sizes 64K, 256K, 1M, 10 repeats, 2 warm-ups. CUDA: sizes 1M, 4M, 16M, 64M,
-        100 repeats, 10 warm-ups.
+        CPU: providers cpp, reference, unfused; sizes 64K to 16M; 10 repeats, 2 warm-ups.
+        CUDA: providers triton, cuda, unfused; sizes 1M, 4M, 16M, 64M; 100 repeats, 10
+        warm-ups. The default providers are not checked here: see :func:`provider_problem`.
         """
         on_cuda = parse_device(device).type == "cuda"
         defaults: dict[str, Any] = {
             "device": device,
+            "providers": CUDA_PROVIDERS if on_cuda else CPU_PROVIDERS,
             "sizes": CUDA_SIZES if on_cuda else CPU_SIZES,
             "repeats": 100 if on_cuda else 10,
             "warmup": 10 if on_cuda else 2,
@@ -234,6 +277,39 @@ def parse_device(device: str) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device: expected cpu, cuda or cuda:N, got {device!r}")
     return dev
+
+
+@contextlib.contextmanager
+def forced_backend(backend: str | None) -> Iterator[None]:
+    """Set ``SMARTGRPO_BACKEND`` to ``backend`` inside the block (nothing when None), then
+    restore it."""
+    if backend is None:
+        yield
+        return
+    previous = os.environ.get(BACKEND_ENV)
+    os.environ[BACKEND_ENV] = backend
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = previous
+
+
+def provider_problem(provider: str, device: torch.device | str) -> str | None:
+    """Why ``provider`` cannot run on ``device`` (e.g. the C++ extension failed to build), or
+    None when it can. Resolving ``cpp`` or ``cuda`` builds the extension on first use."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider: expected one of {', '.join(PROVIDERS)}, got {provider!r}")
+    if provider == "unfused":
+        return None
+    with forced_backend(provider):
+        try:
+            resolve_backend(torch.device(device))
+        except ValueError as err:
+            return str(err)
+    return None
 
 
 @dataclass(frozen=True)
@@ -287,7 +363,9 @@ class OpCase:
     """One callable to time: ``fn()`` runs op ``op`` of ``provider`` on prepared inputs.
 
     ``dtype`` is the storage dtype of the op's main tensors; ``min_bytes`` the bytes the fused
-    op must read and write at least (the numerator of every GB/s figure).
+    op must read and write at least (the numerator of every GB/s figure). ``fn`` must run with
+    ``SMARTGRPO_BACKEND`` set to :attr:`backend` (see :func:`forced_backend`); :meth:`run`
+    does that itself.
     """
 
     op: str
@@ -298,9 +376,16 @@ class OpCase:
     fn: Callable[[], object]
     min_bytes: int
 
+    @property
+    def backend(self) -> str | None:
+        """The ``SMARTGRPO_BACKEND`` the call needs: the provider, None for ``unfused``."""
+        return None if self.provider == "unfused" else self.provider
+
     def run(self) -> object:
-        """``fn()``, then wait for the device: one complete call, for wall-clock timers."""
-        out = self.fn()
+        """``fn()`` on :attr:`backend`, then wait for the device: one complete call, for
+        wall-clock timers."""
+        with forced_backend(self.backend):
+            out = self.fn()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return out
@@ -336,7 +421,7 @@ def _build_sample_perturb(
     mean = torch.randn((b, *s), generator=gen, device=device).to(dtype)
     mu, sigma = _cem_params(shape, device, gen)
     scale = torch.full((b,), 0.3, device=device)
-    if provider == "fused":
+    if provider != "unfused":
         return lambda: sample_perturb(
             mean, mu, sigma, scale, k=k, seed=seed, round=0, validate=validate
         )
@@ -364,7 +449,7 @@ def _build_x0_estimate(
     z = torch.randn(full, generator=gen, device=device).to(dtype)
     v = torch.randn(full, generator=gen, device=device).to(dtype)
     t, scaling, shift = 0.75, _SD3_SCALING, _SD3_SHIFT
-    if provider == "fused":
+    if provider != "unfused":
         return lambda: x0_estimate(z, v, t, scaling=scaling, shift=shift, validate=validate)
     return lambda: (z - t * v) / scaling + shift
 
@@ -381,7 +466,7 @@ def _build_topk_select(
     gen = _generator(device, seed)
     r = torch.randn((shape.batch, shape.k), generator=gen, device=device)
     t = shape.elites
-    if provider == "fused":
+    if provider != "unfused":
         return lambda: topk_select(r, t)
     return lambda: torch.topk(torch.nan_to_num(r, nan=float("-inf")), t).indices
 
@@ -401,7 +486,7 @@ def _build_cem_update(
     elite_idx = torch.stack(
         [torch.randperm(k, generator=gen, device=device)[: shape.elites] for _ in range(b)]
     )
-    if provider == "fused":
+    if provider != "unfused":
         return lambda: cem_update(
             mu, sigma, elite_idx, shape=(b, *s), k=k, seed=seed, round=0, validate=validate
         )
@@ -465,8 +550,9 @@ def build_case(
 ) -> OpCase:
     """Prepare the inputs of ``op`` at ``size`` elements (see :func:`case_shape`) on ``device``.
 
-    Inputs are drawn from a generator seeded with ``seed``, so both providers see the same
-    tensors; the fused ops draw their noise with ``seed`` and round 0.
+    Inputs are drawn from a generator seeded with ``seed``, so every provider sees the same
+    tensors; the ops draw their noise with ``seed`` and round 0. Whether the provider can run
+    on ``device`` is not checked (see :func:`provider_problem`).
     """
     if op not in _SPECS:
         raise ValueError(f"op: expected one of {', '.join(OPS)}, got {op!r}")
@@ -677,26 +763,30 @@ def _ordered(row: Mapping[str, Any]) -> dict:
 
 
 def speedup_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """One ``speedup`` row (provider ``fused``, unit ``unfused/fused``) per (op, x, dtype)
-    with both providers' ``time`` rows: median ratio, p20/p80 as conservative bounds."""
+    """``speedup`` rows from the ``time`` rows of one run: for each (op, x, dtype), each
+    baseline of :data:`BASELINES` that ran and each other backend provider ``p`` that ran, a row
+    on provider ``p`` with unit ``<baseline>/<p>``: the median time ratio (> 1: ``p`` is faster),
+    p20/p80 as conservative bounds. Rows follow the order of the time rows, baselines in
+    :data:`BASELINES` order."""
     times = {(r["op"], r["x"], r["dtype"], r["provider"]): r for r in rows if r["metric"] == "time"}
     out = []
-    for (op, x, dtype, provider), fused in times.items():
-        unfused = times.get((op, x, dtype, "unfused"))
-        if provider != "fused" or unfused is None:
-            continue
-        out.append(
-            _ordered(
-                {
-                    **fused,
-                    "metric": "speedup",
-                    "unit": "unfused/fused",
-                    "median": _ratio(unfused["median"], fused["median"]),
-                    "p20": _ratio(unfused["p20"], fused["p80"]),
-                    "p80": _ratio(unfused["p80"], fused["p20"]),
-                }
+    for baseline in BASELINES:
+        for (op, x, dtype, provider), row in times.items():
+            base = times.get((op, x, dtype, baseline))
+            if provider in ("unfused", baseline) or base is None:
+                continue
+            out.append(
+                _ordered(
+                    {
+                        **row,
+                        "metric": "speedup",
+                        "unit": f"{baseline}/{provider}",
+                        "median": _ratio(base["median"], row["median"]),
+                        "p20": _ratio(base["p20"], row["p80"]),
+                        "p80": _ratio(base["p80"], row["p20"]),
+                    }
+                )
             )
-        )
     return out
 
 
@@ -731,15 +821,23 @@ def _with_progress(jobs: Sequence[_Job], enabled: bool) -> Iterator[_Job]:
 def run_ops_bench(config: OpsBenchConfig, *, progress: bool = True) -> list[dict]:
     """Measure every (op, size, provider) of ``config``; return the rows (see CSV_FIELDS).
 
-    Rows come op by op, size by size: fused then unfused time and bandwidth rows, then the
-    speedup rows of all (op, size) at the end.
+    Rows come op by op, size by size, provider by provider (time and bandwidth rows), then the
+    speedup rows of all (op, size) at the end. Each backend provider is timed with
+    ``SMARTGRPO_BACKEND`` set to it; a provider that cannot run here is a ValueError (see
+    :func:`provider_problem`), raised before anything is timed.
     """
     device = parse_device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {config.device!r} requested but CUDA is not available")
+    for provider in config.providers:
+        problem = provider_problem(provider, device)
+        if problem is not None:
+            raise ValueError(f"providers: {provider} cannot run on {device}: {problem}")
     info = collect_run_info(device)
     dtype = DTYPES[config.dtype]
-    jobs = [_Job(op, size, p) for op in config.ops for size in config.sizes for p in PROVIDERS]
+    jobs = [
+        _Job(op, size, p) for op in config.ops for size in config.sizes for p in config.providers
+    ]
     rows: list[dict] = []
     for job in _with_progress(jobs, progress):
         case = build_case(
@@ -751,7 +849,8 @@ def run_ops_bench(config: OpsBenchConfig, *, progress: bool = True) -> list[dict
             seed=config.seed,
             validate=config.validate,
         )
-        timing = measure(case.fn, device, warmup=config.warmup, repeats=config.repeats)
+        with forced_backend(case.backend):
+            timing = measure(case.fn, device, warmup=config.warmup, repeats=config.repeats)
         rows += measurement_rows(case, timing, info, config.repeats)
     return rows + speedup_rows(rows)
 
@@ -806,43 +905,51 @@ def _fmt(value: float | None) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
+def _in_order(values: Iterator[str], order: Sequence[str]) -> list[str]:
+    """The distinct ``values``, known names in ``order`` first, then the others as they came."""
+    seen = list(dict.fromkeys(values))
+    return [v for v in order if v in seen] + [v for v in seen if v not in order]
+
+
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A text table: one line per (op, size, dtype) with both providers' median times, the
-    speedup (unfused / fused) and each provider's effective GB/s."""
+    """A text table: one line per (op, size, dtype) with each provider's median time, every
+    speedup of the run (``<baseline>/<provider>``) and each provider's effective GB/s."""
     index = {(r["op"], r["x"], r["dtype"], r["provider"], r["metric"]): r for r in rows}
     keys = list(dict.fromkeys((r["op"], r["x"], r["dtype"]) for r in rows))
+    providers = _in_order((r["provider"] for r in rows), PROVIDERS)
+    units = list(dict.fromkeys(r["unit"] for r in rows if r["metric"] == "speedup"))
     header = (
         "op",
         "K·D",
         "K×(C,H,W)",
         "dtype",
-        "fused ms",
-        "unfused ms",
-        "unfused/fused",
-        "fused GB/s",
-        "unfused GB/s",
+        *(f"{p} ms" for p in providers),
+        *units,
+        *(f"{p} GB/s" for p in providers),
     )
     lines = [header]
     for op, x, dtype in keys:
+        first = next(r for r in rows if (r["op"], r["x"], r["dtype"]) == (op, x, dtype))
+        latent = first["latent"].replace("x", ",")
         median = {
             (provider, metric): row["median"]
             for (o, xx, dt, provider, metric), row in index.items()
             if (o, xx, dt) == (op, x, dtype)
         }
-        first = next(r for r in rows if (r["op"], r["x"], r["dtype"]) == (op, x, dtype))
-        latent = first["latent"].replace("x", ",")
-        speedup = median.get(("fused", "speedup"))
+        speedups = {
+            r["unit"]: r["median"]
+            for r in rows
+            if r["metric"] == "speedup" and (r["op"], r["x"], r["dtype"]) == (op, x, dtype)
+        }
         lines.append(
             (
                 op,
                 f"{x:,}",
                 f"{first['k']}×({latent})",
                 dtype,
-                _fmt(median.get(("fused", "time"))),
-                _fmt(median.get(("unfused", "time"))),
-                "-" if speedup is None else f"{speedup:.3g}x",
-                _fmt(median.get(("fused", "bandwidth"))),
-                _fmt(median.get(("unfused", "bandwidth"))),
+                *(_fmt(median.get((p, "time"))) for p in providers),
+                *("-" if u not in speedups else f"{speedups[u]:.3g}x" for u in units),
+                *(_fmt(median.get((p, "bandwidth"))) for p in providers),
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -860,7 +967,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def plot_csv(csv_path: Path | str, png_path: Path | str | None = None) -> Path:
     """Plot median time (p20-p80 band) vs K·D from a CSV of :func:`write_csv`, one subplot per
-    op, fused vs unfused, log-log; write a PNG (default: the CSV's path with ``.png``).
+    op, one line per provider, log-log; write a PNG (default: the CSV's path with ``.png``).
 
     Needs matplotlib (``pip install smartgrpo-fast[bench]``); uses the Agg canvas, not pyplot,
     so no global backend is touched.
@@ -874,13 +981,14 @@ def plot_csv(csv_path: Path | str, png_path: Path | str | None = None) -> Path:
     if not rows:
         raise ValueError(f"{csv_path}: no 'time' rows to plot")
     ops = list(dict.fromkeys(r["op"] for r in rows))
+    providers = _in_order((r["provider"] for r in rows), PROVIDERS)
     ncols = min(2, len(ops))
     nrows = math.ceil(len(ops) / ncols)
     fig = Figure(figsize=(6.0 * ncols, 4.2 * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, op in zip(axes, ops, strict=False):
-        for provider in PROVIDERS:
+        for provider in providers:
             pts = sorted(
                 (r["x"], r["median"], r["p20"], r["p80"], r["dtype"])
                 for r in rows

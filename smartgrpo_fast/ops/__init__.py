@@ -1,9 +1,11 @@
 """The fused ops of Smart-GRPO's noise search.
 
-Each op validates its arguments, then runs a Triton kernel on CUDA tensors and its PyTorch
-reference elsewhere (``SMARTGRPO_BACKEND=reference|triton`` forces one; with
-``TRITON_INTERPRET=1`` the Triton kernels also run on CPU tensors). All noise comes from the
-one Philox stream defined in :mod:`smartgrpo_fast.ops.philox`.
+Each op validates its arguments, then runs a Triton kernel on CUDA tensors, the compiled C++
+ops (``smartgrpo_fast/csrc``, built on first use) on CPU tensors, and its PyTorch reference
+elsewhere or when the C++ build fails (``SMARTGRPO_BACKEND=reference|cpp|triton|cuda`` forces
+one, see :func:`resolve_backend`; with ``TRITON_INTERPRET=1`` the Triton kernels also run on
+CPU tensors). All noise comes from the one Philox stream defined in
+:mod:`smartgrpo_fast.ops.philox`.
 """
 
 from smartgrpo_fast.ops._common import BACKEND_ENV, resolve_backend

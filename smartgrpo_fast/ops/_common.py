@@ -40,6 +40,7 @@ __all__ = [
     "describe",
     "is_capturing",
     "normalize_param",
+    "op_backend",
     "resolve_backend",
     "rows_view",
 ]
@@ -47,10 +48,11 @@ __all__ = [
 #: dtypes the ops accept for floating-point tensors (storage dtype; math is float32).
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
-#: Environment variable that forces a backend: ``auto`` (default), ``reference`` or ``triton``.
+#: Environment variable that forces a backend: ``auto`` (default), ``reference``, ``cpp``,
+#: ``triton`` or ``cuda`` (see :func:`resolve_backend`).
 BACKEND_ENV = "SMARTGRPO_BACKEND"
 
-_BACKENDS = ("auto", "reference", "triton")
+_BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
 
 # Stream limits of the Philox keying (see smartgrpo_fast.ops.philox).
 MAX_ROWS = 2**32
@@ -314,19 +316,34 @@ def seed_words(seed: int | torch.Tensor) -> tuple[int, int]:
 
 
 def resolve_backend(device: torch.device) -> str:
-    """The backend an op runs on ``device``: ``reference`` or ``triton``.
+    """The backend an op runs on ``device``: ``reference``, ``cpp``, ``triton`` or ``cuda``.
 
-    ``SMARTGRPO_BACKEND`` selects it: ``auto`` (default) runs Triton on CUDA tensors and the
-    PyTorch reference elsewhere; ``triton`` forces the kernels (on CPU tensors only under
-    ``TRITON_INTERPRET=1``); ``reference`` forces the PyTorch reference everywhere.
+    ``SMARTGRPO_BACKEND`` selects it:
+
+    * ``auto`` (default): Triton on CUDA tensors; on CPU tensors the compiled C++ ops once they
+      are built (the first call builds them; if that fails, the PyTorch reference, with the
+      reason logged once); the reference on any other device.
+    * ``reference``: the PyTorch reference everywhere.
+    * ``cpp``: the C++ ops, CPU tensors only.
+    * ``triton``: the Triton kernels (on CPU tensors only under ``TRITON_INTERPRET=1``).
+    * ``cuda``: the CUDA C++ ops, CUDA tensors only (on a torch built with CUDA).
+
+    A value that is unknown, or cannot run here, raises a ValueError that names
+    ``SMARTGRPO_BACKEND``, the value and the reason. Ops without a version for a backend fall
+    back: see :func:`op_backend`.
     """
     name = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
     if name not in _BACKENDS:
         raise ValueError(f"{BACKEND_ENV}: expected one of {', '.join(_BACKENDS)}, got {name!r}")
+    from smartgrpo_fast.ops import _cpp
     from smartgrpo_fast.ops._triton import HAS_TRITON, interpreting
 
     if name == "auto":
-        return "triton" if device.type == "cuda" and HAS_TRITON else "reference"
+        if device.type == "cuda":
+            return "triton" if HAS_TRITON else "reference"
+        if device.type == "cpu" and _cpp.cpu_extension().ok:
+            return "cpp"
+        return "reference"
     if name == "triton":
         if not HAS_TRITON:
             raise ValueError(f"{BACKEND_ENV}=triton: triton is not importable on this machine")
@@ -337,4 +354,42 @@ def resolve_backend(device: torch.device) -> str:
             )
         if device.type not in ("cuda", "cpu"):
             raise ValueError(f"{BACKEND_ENV}=triton: unsupported device {device}")
+    elif name == "cpp":
+        if device.type != "cpu":
+            raise ValueError(
+                f"{BACKEND_ENV}=cpp: the C++ ops run on CPU tensors, got tensors on {device}"
+            )
+        ext = _cpp.cpu_extension()
+        if not ext.ok:
+            raise ValueError(f"{BACKEND_ENV}=cpp: the C++ extension failed to build: {ext.reason}")
+    elif name == "cuda":
+        if torch.version.cuda is None:
+            raise ValueError(
+                f"{BACKEND_ENV}=cuda: torch has no CUDA (torch {torch.__version__} is a CPU build)"
+            )
+        if device.type != "cuda":
+            raise ValueError(
+                f"{BACKEND_ENV}=cuda: the CUDA C++ ops run on CUDA tensors, got tensors on {device}"
+            )
+        ext = _cpp.cuda_extension()
+        if not ext.ok:
+            raise ValueError(
+                f"{BACKEND_ENV}=cuda: the CUDA C++ extension failed to build: {ext.reason}"
+            )
     return name
+
+
+def op_backend(device: torch.device, implemented: tuple[str, ...]) -> str:
+    """:func:`resolve_backend`, mapped onto the backends an op ``implemented``.
+
+    An op without a C++ version runs its reference under ``cpp`` (CPU tensors); one without a
+    CUDA C++ version runs its Triton kernel under ``cuda`` (the reference without triton).
+    """
+    backend = resolve_backend(device)
+    if backend in implemented:
+        return backend
+    if backend == "cuda":
+        from smartgrpo_fast.ops._triton import HAS_TRITON
+
+        return "triton" if HAS_TRITON and "triton" in implemented else "reference"
+    return "reference"

@@ -10,7 +10,8 @@ drew with the same seed and round), ``eps_j = mu + sigma * n[b, j]`` and
 
 Only the T elite noises are regenerated, in registers: no (B, K, *S) buffer is ever read or
 allocated. An elite index outside [0, K) (possible only with ``validate=False``) turns that
-row's outputs into NaN instead of reading noise that was never drawn.
+row's outputs into NaN instead of reading noise that was never drawn. The same op exists in
+C++ for CPU tensors and in CUDA C++ (``smartgrpo_fast/csrc``, backends ``cpp`` and ``cuda``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
+from smartgrpo_fast.ops import _cpp
 from smartgrpo_fast.ops._common import (
     Mode,
     Param,
@@ -270,7 +272,8 @@ def cem_update(
     rnd = check_round(round, device, validate=validate)
     alpha, min_sigma = float(alpha), float(min_sigma)
 
-    if resolve_backend(device) == "reference":
+    backend = resolve_backend(device)
+    if backend == "reference":
         s, r = seed_values(seed, rnd)
         mu_new, sigma_new = cem_update_reference(
             p_mu,
@@ -289,6 +292,24 @@ def cem_update(
         mu_out.copy_(mu_new.reshape(shape))
         sigma_out = alloc(shape if per_element else (batch,), torch.float32, device)
         sigma_out.copy_(sigma_new.reshape(sigma_out.shape))
+        return mu_out, sigma_out
+
+    if backend in ("cpp", "cuda"):
+        mu_out = alloc(shape, torch.float32, device)
+        sigma_out = alloc(shape if per_element else (batch,), torch.float32, device)
+        _cpp.cem_update_out(
+            mu_out,
+            sigma_out,
+            p_mu,
+            p_sigma,
+            elite_idx,
+            k=k,
+            seed=seed,
+            rnd=rnd,
+            alpha=alpha,
+            min_sigma=min_sigma,
+            per_element=per_element,
+        )
         return mu_out, sigma_out
 
     cap = 65536 if interpreting() else 1024

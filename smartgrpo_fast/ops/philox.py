@@ -1,6 +1,7 @@
 """The one noise stream of smartgrpo_fast: Philox4x32-10 keyed by (seed, round, row, candidate).
 
-Every backend (the PyTorch reference below, the Triton kernels, the C++ ops) draws the
+Every backend (the PyTorch reference below, the Triton kernels, the C++ and CUDA C++ ops of
+``smartgrpo_fast/csrc``, whose ``philox.h`` implements this contract) draws the
 standard normal ``n[b, j, e]`` of row ``b``, candidate ``j`` and flat element ``e`` (row-major
 over the trailing shape ``S``, ``D = prod(S)`` elements) like this:
 
@@ -34,6 +35,7 @@ from collections.abc import Sequence
 
 import torch
 
+from smartgrpo_fast.ops import _cpp
 from smartgrpo_fast.ops._common import (
     alloc,
     check_round,
@@ -318,6 +320,9 @@ def philox_normal(
         cands = torch.arange(k, device=device).view(1, k)
         return normals_reference(s, r, rows, cands, numel).reshape(shape)
     out = alloc(shape, torch.float32, device)
+    if backend in ("cpp", "cuda"):
+        _cpp.philox_normal_out(out, seed, rnd)
+        return out
     block = noise_block_size(numel)
     n_blocks = triton.cdiv(numel, block)
     _philox_normal_kernel[(n_blocks * batch * k,)](
@@ -333,13 +338,17 @@ def philox_bits(counters: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
     """
     if counters.dim() != 2 or counters.shape[1] != 4 or counters.dtype != torch.int64:
         raise ValueError(f"counters: expected an (N, 4) int64 tensor, got {describe(counters)}")
-    if resolve_backend(counters.device) == "reference":
+    backend = resolve_backend(counters.device)
+    if backend == "reference":
         c = counters & _MASK32
         return torch.stack(
             philox4x32_10_reference(c[:, 0], c[:, 1], c[:, 2], c[:, 3], k0, k1), dim=1
         )
     counters = counters.contiguous()
     out = alloc(tuple(counters.shape), torch.int64, counters.device)
+    if backend in ("cpp", "cuda"):
+        _cpp.philox_bits_out(out, counters, k0, k1)
+        return out
     n = counters.shape[0]
     block = 65536 if interpreting() else 256
     _philox_bits_kernel[(triton.cdiv(n, block),)](counters, out, k0, k1, n, BLOCK=block)

@@ -2,7 +2,9 @@
 
 ``z[b, j] = mean[b] + scale[b] * (mu[b] + sigma[b] * n[b, j])`` with ``n`` the Philox stream
 of :mod:`smartgrpo_fast.ops.philox`. The kernel reads ``mean``, ``mu`` and ``sigma`` once per
-block and writes the K candidates: the (B, K, *S) noise never exists in memory.
+block and writes the K candidates: the (B, K, *S) noise never exists in memory. The same op
+exists in C++ for CPU tensors and in CUDA C++ (``smartgrpo_fast/csrc``, backends ``cpp`` and
+``cuda``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import math
 
 import torch
 
+from smartgrpo_fast.ops import _cpp
 from smartgrpo_fast.ops._common import (
     Mode,
     Param,
@@ -211,7 +214,8 @@ def sample_perturb(
     rnd = check_round(round, device, validate=validate)
     mean2, stride_mean_b, stride_mean_e = rows_view("mean", mean, batch, numel)
 
-    if resolve_backend(device) == "reference":
+    backend = resolve_backend(device)
+    if backend == "reference":
         s, r = seed_values(seed, rnd)
         z = sample_perturb_reference(mean2, p_mu, p_sigma, p_scale, k=k, seed=s, rnd=r)
         out = alloc((batch, k, *inner), mean.dtype, device)
@@ -219,6 +223,9 @@ def sample_perturb(
         return out
 
     out = alloc((batch, k, *inner), mean.dtype, device)
+    if backend in ("cpp", "cuda"):
+        _cpp.sample_perturb_out(out, mean2, p_mu, p_sigma, p_scale, seed, rnd)
+        return out
     block = noise_block_size(numel)
     n_blocks = triton.cdiv(numel, block)
     cands = _candidates_per_program(n_blocks * batch, k)

@@ -7,6 +7,8 @@ rewards are ranked in float64 by the PyTorch path on every device).
 The kernel maps each reward to a 64-bit key that is unique and totally ordered: the high word
 is the float's bits made monotonic as a signed int (NaN -> INT32_MIN), the low word is
 ``2**32 - 1 - index``. T rounds of "take the row maximum, then knock it out" give the indices.
+There is no C++ version: under ``SMARTGRPO_BACKEND=cpp`` the reference runs, under ``cuda`` the
+Triton kernel (a (B, K) ranking is latency-bound; compiled code would not change the picture).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from smartgrpo_fast.ops._common import (
     alloc,
     check_float_tensor,
     describe,
-    resolve_backend,
+    op_backend,
 )
 from smartgrpo_fast.ops._triton import next_power_of_2, tl, triton
 
@@ -86,7 +88,8 @@ def topk_select(rewards: torch.Tensor, t: int) -> torch.Tensor:
     if k > _MAX_K:
         raise ValueError(f"rewards: expected K <= {_MAX_K} candidates per row, got {k}")
 
-    if resolve_backend(rewards.device) == "reference" or rewards.dtype == torch.float64:
+    backend = op_backend(rewards.device, ("reference", "triton"))
+    if backend == "reference" or rewards.dtype == torch.float64:
         out = alloc((batch, t), torch.int64, rewards.device)
         out.copy_(topk_select_reference(rewards, t))
         return out

@@ -2,7 +2,8 @@
 
 ``x0 = (z - t * v) / scaling + shift``: the flow-matching estimate ``z - t v`` fused with the
 VAE un-scaling that diffusers applies before decoding (SD3: ``latents / scaling_factor +
-shift_factor``). Differentiable in z, v and a tensor t.
+shift_factor``). Differentiable in z, v and a tensor t. The forward also exists in C++ for
+CPU tensors (backend ``cpp``); under ``cuda`` the Triton kernel runs (no CUDA C++ version).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 
 import torch
 
+from smartgrpo_fast.ops import _cpp
 from smartgrpo_fast.ops._common import (
     Mode,
     Param,
@@ -19,7 +21,7 @@ from smartgrpo_fast.ops._common import (
     check_float_tensor,
     describe,
     normalize_param,
-    resolve_backend,
+    op_backend,
     rows_view,
 )
 from smartgrpo_fast.ops._triton import interpreting, next_power_of_2, tl, triton
@@ -74,7 +76,7 @@ def x0_estimate_reference(
     return (z2.float() - tt * v2.float()) / scaling + shift
 
 
-def _launch(
+def _launch_triton(
     z2: torch.Tensor,
     v2: torch.Tensor,
     t: Param,
@@ -107,13 +109,30 @@ def _launch(
     )
 
 
+def _launch(
+    backend: str,
+    z2: torch.Tensor,
+    v2: torch.Tensor,
+    t: Param,
+    scaling: float,
+    shift: float,
+    out: torch.Tensor,
+) -> None:
+    """Fill ``out`` (N, D) from the (N, D) views z2, v2 on ``backend`` (``triton`` or ``cpp``)."""
+    if backend == "cpp":
+        _cpp.x0_estimate_out(out, z2, v2, t, scaling, shift)
+    else:
+        _launch_triton(z2, v2, t, scaling, shift, out)
+
+
 class _X0Estimate(torch.autograd.Function):
-    """Triton forward; the backward is elementwise: dz = g/s, dv = -t g/s, dt = -sum(v g)/s."""
+    """Triton or C++ forward; the backward is elementwise: dz = g/s, dv = -t g/s,
+    dt = -sum(v g)/s."""
 
     @staticmethod
-    def forward(ctx, z2, v2, t_tensor, t, scaling, shift, out_dtype):  # type: ignore[override]
+    def forward(ctx, z2, v2, t_tensor, t, scaling, shift, out_dtype, backend):  # type: ignore[override]
         out = alloc(tuple(z2.shape), out_dtype, z2.device)
-        _launch(z2, v2, t, scaling, shift, out)
+        _launch(backend, z2, v2, t, scaling, shift, out)
         ctx.save_for_backward(v2, t_tensor)
         ctx.t, ctx.scaling = t, scaling
         ctx.dtypes = (z2.dtype, v2.dtype)
@@ -135,7 +154,7 @@ class _X0Estimate(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             per_row = -(v2.float() * gf).sum(dim=1)
             grad_t = (per_row.sum() if t_tensor.dim() == 0 else per_row).to(t_tensor.dtype)
-        return grad_z, grad_v, grad_t, None, None, None, None
+        return grad_z, grad_v, grad_t, None, None, None, None, None
 
 
 def x0_estimate(
@@ -182,7 +201,8 @@ def x0_estimate(
     v2, _, _ = rows_view("v", v, rows, numel)
     out_dtype = torch.promote_types(z.dtype, v.dtype)
 
-    if resolve_backend(z.device) == "reference" or rows * numel == 0:
+    backend = op_backend(z.device, ("reference", "triton", "cpp"))
+    if backend == "reference" or rows * numel == 0:
         x0 = x0_estimate_reference(z2, v2, p_t, float(scaling), float(shift))
         return x0.to(out_dtype).reshape(z.shape)
 
@@ -193,8 +213,10 @@ def x0_estimate(
     if needs_grad:
         if p_t.tensor is not None and isinstance(t, torch.Tensor):
             t_tensor = t  # the user's tensor, so its grad has its shape
-        out = _X0Estimate.apply(z2, v2, t_tensor, p_t, float(scaling), float(shift), out_dtype)
+        out = _X0Estimate.apply(
+            z2, v2, t_tensor, p_t, float(scaling), float(shift), out_dtype, backend
+        )
     else:
         out = alloc((rows, numel), out_dtype, z.device)
-        _launch(z2, v2, p_t, float(scaling), float(shift), out)
+        _launch(backend, z2, v2, p_t, float(scaling), float(shift), out)
     return out.reshape(z.shape)
