@@ -118,12 +118,16 @@ class TinyClassifierReward:
         return cls(net.to(device), mode)
 
     @torch.no_grad()
-    def attribute_log_probs(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """(N, 3) log-probabilities of the prompts' (shape, colour, background)."""
+    def _heads(self, images: torch.Tensor, prompts: list[str]) -> tuple[tuple, torch.Tensor]:
+        """The classifier's three logit heads and the prompts' (N, 3) attribute indices."""
         check_images(images, prompts)
         dev = next(self.classifier.parameters()).device
         heads = self.classifier(_resize(images.to(dev, torch.float32)))
-        tgt = _targets(prompts, dev)
+        return heads, _targets(prompts, dev)
+
+    def attribute_log_probs(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """(N, 3) log-probabilities of the prompts' (shape, colour, background)."""
+        heads, tgt = self._heads(images, prompts)
         cols = [F.log_softmax(h, dim=1).gather(1, tgt[:, i : i + 1]) for i, h in enumerate(heads)]
         return torch.cat(cols, dim=1)
 
@@ -132,13 +136,9 @@ class TinyClassifierReward:
         out = lp.mean(dim=1) if self.mode == "logprob" else lp.exp().mean(dim=1)
         return out.float().to(images.device)
 
-    @torch.no_grad()
     def matches(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """(N, 3) bool: does the arg-max of each head equal the prompt's attribute."""
-        check_images(images, prompts)
-        dev = next(self.classifier.parameters()).device
-        heads = self.classifier(_resize(images.to(dev, torch.float32)))
-        tgt = _targets(prompts, dev)
+        heads, tgt = self._heads(images, prompts)
         return torch.stack([h.argmax(1) == tgt[:, i] for i, h in enumerate(heads)], dim=1)
 
 
