@@ -178,6 +178,12 @@ class Param:
             return t.reshape(batch, 1).expand(batch, numel)
         return t.reshape(batch, numel)
 
+    def values(self, batch: int, numel: int, device: torch.device) -> torch.Tensor:
+        """float32 values for the references: 0-d for SCALAR, else (batch, numel)."""
+        if self.mode == Mode.SCALAR:
+            return torch.tensor(self.value, dtype=torch.float32, device=device)
+        return self.rows(batch, numel)
+
 
 def rows_view(name: str, x: torch.Tensor, batch: int, numel: int) -> tuple[torch.Tensor, int, int]:
     """View ``x`` of shape (batch, *S) as (batch, numel) and return it with its two strides.

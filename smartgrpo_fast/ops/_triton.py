@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover
     tl = None  # type: ignore[assignment]
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "interpreting", "next_power_of_2", "tl", "triton"]
+__all__ = ["HAS_TRITON", "block_size", "interpreting", "next_power_of_2", "tl", "triton"]
 
 
 def interpreting() -> bool:
@@ -30,3 +30,10 @@ def interpreting() -> bool:
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= max(n, 1)."""
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def block_size(numel: int, gpu_cap: int) -> int:
+    """Elements per program: the power of two covering ``numel``, at least 16 and at most
+    ``gpu_cap`` — or 65536 under the interpreter, whose per-program overhead dominates."""
+    cap = 65536 if interpreting() else gpu_cap
+    return max(16, min(next_power_of_2(numel), cap))

@@ -29,7 +29,6 @@ from smartgrpo_fast.ops._common import (
     check_finite_values,
     check_no_grad,
     check_round,
-    check_same_device,
     check_seed,
     check_shape,
     check_stream_limits,
@@ -38,7 +37,7 @@ from smartgrpo_fast.ops._common import (
     normalize_param,
     resolve_backend,
 )
-from smartgrpo_fast.ops._triton import interpreting, next_power_of_2, tl, triton
+from smartgrpo_fast.ops._triton import block_size, tl, triton
 from smartgrpo_fast.ops.philox import normals_reference, seed_args, seed_values
 
 __all__ = ["cem_update", "cem_update_reference"]
@@ -123,12 +122,6 @@ if triton is not None:
             tl.store(var_part_ptr + i_b * n_blocks + i_blk, part)
 
 
-def _param_rows(p: Param, batch: int, numel: int, device: torch.device) -> torch.Tensor:
-    if p.mode == Mode.SCALAR:
-        return torch.tensor(p.value, dtype=torch.float32, device=device)
-    return p.rows(batch, numel)
-
-
 def _over_elites(x: torch.Tensor) -> torch.Tensor:
     """(B, D) -> (B, 1, D) so it broadcasts against the (B, T, D) elite noise; 0-d stays."""
     return x if x.dim() == 0 else x.unsqueeze(1)
@@ -153,8 +146,8 @@ def cem_update_reference(
     device = elite_idx.device
     rows = torch.arange(batch, device=device).view(batch, 1)
     n = normals_reference(seed, rnd, rows, elite_idx, numel)  # (B, T, D)
-    mu_r = _param_rows(mu, batch, numel, device)
-    sigma_r = _param_rows(sigma, batch, numel, device)
+    mu_r = mu.values(batch, numel, device)
+    sigma_r = sigma.values(batch, numel, device)
     eps = _over_elites(mu_r) + _over_elites(sigma_r) * n
     mean = eps.mean(dim=1)
     var = eps.var(dim=1, unbiased=False)
@@ -251,7 +244,6 @@ def cem_update(
     check_stream_limits(batch, k, numel)
     elite_idx = _check_elite_idx(elite_idx, batch, k, validate)
     device = elite_idx.device
-    check_same_device(device, mu=mu, sigma=sigma)
     check_no_grad("cem_update", mu=mu, sigma=sigma)
     for name, val in (("alpha", alpha), ("min_sigma", min_sigma)):
         if isinstance(val, bool) or not isinstance(val, (int, float)):
@@ -273,6 +265,8 @@ def cem_update(
     alpha, min_sigma = float(alpha), float(min_sigma)
 
     backend = resolve_backend(device)
+    mu_out = alloc(shape, torch.float32, device)
+    sigma_out = alloc(shape if per_element else (batch,), torch.float32, device)
     if backend == "reference":
         s, r = seed_values(seed, rnd)
         mu_new, sigma_new = cem_update_reference(
@@ -288,15 +282,11 @@ def cem_update(
             min_sigma=min_sigma,
             per_element=per_element,
         )
-        mu_out = alloc(shape, torch.float32, device)
         mu_out.copy_(mu_new.reshape(shape))
-        sigma_out = alloc(shape if per_element else (batch,), torch.float32, device)
         sigma_out.copy_(sigma_new.reshape(sigma_out.shape))
         return mu_out, sigma_out
 
     if backend in ("cpp", "cuda"):
-        mu_out = alloc(shape, torch.float32, device)
-        sigma_out = alloc(shape if per_element else (batch,), torch.float32, device)
         _cpp.cem_update_out(
             mu_out,
             sigma_out,
@@ -312,20 +302,14 @@ def cem_update(
         )
         return mu_out, sigma_out
 
-    cap = 65536 if interpreting() else 1024
-    block = max(16, min(next_power_of_2(numel), cap))
+    block = block_size(numel, 1024)
     n_blocks = triton.cdiv(numel, block)
-    mu_out = alloc(shape, torch.float32, device)
-    if per_element:
-        sigma_out = alloc(shape, torch.float32, device)
-        var_part = mu_out  # unused
-    else:
-        sigma_out = mu_out  # written below
-        var_part = alloc((batch, n_blocks), torch.float32, device)
+    # pooled: the kernel writes per-block variance partials, reduced to sigma_out below
+    var_part = mu_out if per_element else alloc((batch, n_blocks), torch.float32, device)
     dummy = mu_out
     _cem_update_kernel[(n_blocks * batch,)](
         mu_out,
-        sigma_out,
+        sigma_out if per_element else mu_out,
         var_part,
         p_mu.tensor if p_mu.tensor is not None else dummy,
         p_sigma.tensor if p_sigma.tensor is not None else dummy,
@@ -353,12 +337,7 @@ def cem_update(
     if per_element:
         return mu_out, sigma_out
     var_rows = var_part.sum(dim=1) / numel
-    if p_sigma.mode == Mode.SCALAR:
-        sigma_row = torch.full((batch,), p_sigma.value, dtype=torch.float32, device=device)
-    else:
-        sigma_row = p_sigma.rows(batch, 1)[:, 0]
+    sigma_row = p_sigma.values(batch, 1, device).reshape(-1).expand(batch)
     floor = torch.tensor(min_sigma, dtype=torch.float32, device=device)
-    sigma_new = torch.maximum((1.0 - alpha) * sigma_row + alpha * var_rows.sqrt(), floor)
-    sigma_out = alloc((batch,), torch.float32, device)
-    sigma_out.copy_(sigma_new)
+    sigma_out.copy_(torch.maximum((1.0 - alpha) * sigma_row + alpha * var_rows.sqrt(), floor))
     return mu_out, sigma_out

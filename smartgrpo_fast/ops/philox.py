@@ -46,7 +46,7 @@ from smartgrpo_fast.ops._common import (
     resolve_backend,
     seed_words,
 )
-from smartgrpo_fast.ops._triton import interpreting, next_power_of_2, tl, triton
+from smartgrpo_fast.ops._triton import block_size, interpreting, tl, triton
 
 __all__ = [
     "PHILOX_M0",
@@ -256,8 +256,7 @@ if triton is not None:
 
 def noise_block_size(numel: int) -> int:
     """Elements per program for noise kernels: a multiple of 4, large when interpreting."""
-    cap = 65536 if interpreting() else 1024
-    return max(16, min(next_power_of_2(numel), cap))
+    return block_size(numel, 1024)
 
 
 def seed_args(seed: int | torch.Tensor, rnd: int | torch.Tensor, device: torch.device) -> dict:

@@ -15,13 +15,11 @@ import torch
 
 from smartgrpo_fast.ops import _cpp
 from smartgrpo_fast.ops._common import (
-    Mode,
     Param,
     alloc,
     check_float_tensor,
     check_no_grad,
     check_round,
-    check_same_device,
     check_seed,
     check_stream_limits,
     normalize_param,
@@ -118,9 +116,8 @@ if triton is not None:
 
 def _param_rows(p: Param, batch: int, numel: int, device: torch.device) -> torch.Tensor:
     """A Param as float32 broadcastable to (batch, 1, numel) (reference path)."""
-    if p.mode == Mode.SCALAR:
-        return torch.tensor(p.value, dtype=torch.float32, device=device)
-    return p.rows(batch, numel).unsqueeze(1)
+    v = p.values(batch, numel, device)
+    return v if v.dim() == 0 else v.unsqueeze(1)
 
 
 def sample_perturb_reference(
@@ -205,7 +202,6 @@ def sample_perturb(
             f"mean: expected a non-empty (B, *S) tensor, got shape {tuple(mean.shape)}"
         )
     check_stream_limits(batch, k, numel)
-    check_same_device(device, mu=mu, sigma=sigma, scale=scale)
     kw = {"batch": batch, "inner": inner, "device": device, "validate": validate}
     p_mu = normalize_param("mu", mu, **kw)
     p_sigma = normalize_param("sigma", sigma, nonnegative=True, **kw)

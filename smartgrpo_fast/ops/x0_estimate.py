@@ -14,7 +14,6 @@ import torch
 
 from smartgrpo_fast.ops import _cpp
 from smartgrpo_fast.ops._common import (
-    Mode,
     Param,
     alloc,
     check_finite_values,
@@ -24,7 +23,7 @@ from smartgrpo_fast.ops._common import (
     op_backend,
     rows_view,
 )
-from smartgrpo_fast.ops._triton import interpreting, next_power_of_2, tl, triton
+from smartgrpo_fast.ops._triton import block_size, tl, triton
 
 __all__ = ["x0_estimate", "x0_estimate_reference"]
 
@@ -69,10 +68,7 @@ def x0_estimate_reference(
     z2: torch.Tensor, v2: torch.Tensor, t: Param, scaling: float, shift: float
 ) -> torch.Tensor:
     """Plain PyTorch x0 on (N, D) views; float32 (N, D). Differentiable."""
-    if t.mode == Mode.SCALAR:
-        tt = torch.tensor(t.value, dtype=torch.float32, device=z2.device)
-    else:
-        tt = t.rows(z2.shape[0], 1)
+    tt = t.values(z2.shape[0], 1, z2.device)
     return (z2.float() - tt * v2.float()) / scaling + shift
 
 
@@ -85,8 +81,7 @@ def _launch_triton(
     out: torch.Tensor,
 ) -> None:
     rows, numel = z2.shape
-    cap = 65536 if interpreting() else 2048
-    block = max(16, min(next_power_of_2(numel), cap))
+    block = block_size(numel, 2048)
     n_blocks = triton.cdiv(numel, block)
     _x0_estimate_kernel[(n_blocks * rows,)](
         out,
@@ -143,11 +138,7 @@ class _X0Estimate(torch.autograd.Function):
         v2, t_tensor = ctx.saved_tensors
         t, scaling = ctx.t, ctx.scaling
         gf = g.float() / scaling
-        tt = (
-            torch.tensor(t.value, device=g.device)
-            if t.mode == Mode.SCALAR
-            else t.rows(g.shape[0], 1)
-        )
+        tt = t.values(g.shape[0], 1, g.device)
         grad_z = gf.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
         grad_v = (-tt * gf).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
         grad_t = None
