@@ -65,7 +65,9 @@ def test_ops_match_reference(monkeypatch, dtype) -> None:
         assert_close(got[1].cpu(), ref[1], atol=1e-5, rtol=1e-5, name="sigma_new")
 
 
-def test_graph_replay_draws_fresh_noise_from_device_round() -> None:
+def _check_graph_replay_draws_fresh_noise() -> None:
+    """Capture sample_perturb once with a device round counter; each replay after an in-place
+    change of the counter must draw that round's noise."""
     mean = torch.zeros(2, 4, 8, 8, device=CUDA)
     seed = torch.tensor(3, device=CUDA)
     rnd = torch.tensor(0, device=CUDA)
@@ -86,6 +88,10 @@ def test_graph_replay_draws_fresh_noise_from_device_round() -> None:
     for r, out in enumerate(outs):
         assert torch.equal(out, philox_normal((2, 3, 4, 8, 8), seed=3, round=r, device=CUDA))
     assert not torch.equal(outs[0], outs[1])
+
+
+def test_graph_replay_draws_fresh_noise_from_device_round() -> None:
+    _check_graph_replay_draws_fresh_noise()
 
 
 # --------------------------------------------------------------------------------------
@@ -148,23 +154,4 @@ def test_cuda_cpp_bad_elite_gives_nan_row(cuda_cpp) -> None:
 
 
 def test_cuda_cpp_graph_replay_draws_fresh_noise_from_device_round(cuda_cpp) -> None:
-    mean = torch.zeros(2, 4, 8, 8, device=CUDA)
-    seed = torch.tensor(3, device=CUDA)
-    rnd = torch.tensor(0, device=CUDA)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        sample_perturb(mean, 0.0, 1.0, 1.0, k=3, seed=seed, round=rnd, validate=False)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        z = sample_perturb(mean, 0.0, 1.0, 1.0, k=3, seed=seed, round=rnd)
-    outs = []
-    for r in range(3):
-        rnd.fill_(r)
-        graph.replay()
-        outs.append(z.clone())
-    torch.cuda.synchronize()
-    for r, out in enumerate(outs):
-        assert torch.equal(out, philox_normal((2, 3, 4, 8, 8), seed=3, round=r, device=CUDA))
-    assert not torch.equal(outs[0], outs[1])
+    _check_graph_replay_draws_fresh_noise()
