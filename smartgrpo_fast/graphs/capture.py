@@ -10,6 +10,8 @@ one shared memory pool:
   initialisation must happen outside the capture);
 * a new dtype or trailing shape at a bucket re-captures that bucket (counted in
   :class:`GraphStats`);
+* a direct call of ``fn`` while an enclosing graph is being captured (the call becomes part
+  of that graph, e.g. a whole search round);
 * eager execution, with a single warning, when not on CUDA, when grad mode needs autograd
   through ``fn``, when N exceeds the largest bucket, or when capture fails.
 
@@ -30,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from smartgrpo_fast.ops._common import is_capturing
 
 __all__ = ["BACKENDS", "GraphConfig", "GraphStats", "GraphedCallable", "pick_bucket"]
 
@@ -192,6 +196,8 @@ class GraphedCallable:
                 )
         if self._broken is not None:
             return self._eager(self._broken, *args)
+        if is_capturing(args[0].device):
+            return self.fn(*args)  # inside an enclosing capture (a whole search round)
         if not _on_cuda(args):
             return self._eager("inputs are not CUDA tensors", *args)
         if torch.is_grad_enabled():

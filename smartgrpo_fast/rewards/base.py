@@ -19,7 +19,7 @@ class Reward(Protocol):
 
 def check_images(images: object, prompts: object) -> None:
     """Raise a clear error unless ``images`` is (N, 3, H, W) float in [0, 1] without NaN and
-    ``prompts`` is a list of N strings."""
+    ``prompts`` is a list of N strings. Values are not read while a CUDA graph is captured."""
     if not isinstance(images, torch.Tensor) or not images.dtype.is_floating_point:
         got = f"{type(images).__name__}" + (
             f" of dtype {images.dtype}" if isinstance(images, torch.Tensor) else ""
@@ -33,6 +33,8 @@ def check_images(images: object, prompts: object) -> None:
         raise ValueError(
             f"prompts: expected {images.shape[0]} prompts (one per image), got {len(prompts)}"
         )
+    if images.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # value checks read the tensor (a sync): not allowed while capturing a graph
     if images.numel():
         if bool(torch.isnan(images).any()):
             raise ValueError(f"images: {int(torch.isnan(images).sum())} NaN values")

@@ -3,7 +3,9 @@
 * :class:`TinyClassifierReward`: a small CNN trained on the procedural generator predicts the
   shape, the shape's colour and the background colour; the reward of an image for its prompt
   is the mean over the three attributes of the log-probability (``mode="logprob"``, in
-  (-inf, 0]) or of the probability (``mode="prob"``, in [0, 1]) of the prompt's value.
+  (-inf, 0]) or of the probability (``mode="prob"``, in [0, 1]) of the prompt's value, or the
+  log-probability of the least likely one (``mode="min"``: an image is only as good as its
+  worst attribute).
 * :class:`ColorFidelityReward`: no weights; how well the image is made of the prompt's two
   colours, in the right proportions: ``1 - mean_pixel min(|p - c_shape|, |p - c_bg|) / sqrt(3)``
   minus a penalty when the shape colour covers less than 2% or more than 60% of the image.
@@ -14,7 +16,7 @@ Both take images (N, 3, H, W) float in [0, 1] and N prompts, and return (N,) flo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +47,8 @@ CLASSIFIER_FILE = (
     Path(__file__).resolve().parents[1] / "models" / "tiny" / "weights" / "classifier.safetensors"
 )
 _PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32)
+_CACHE_SIZE = 64
+_MODES = ("logprob", "prob", "min")
 
 
 class TinyClassifier(nn.Module):
@@ -80,8 +84,16 @@ class TinyClassifier(nn.Module):
         return logits[:, :s], logits[:, s : s + c], logits[:, s + c :]
 
 
-def _targets(prompts: list[str], device: torch.device) -> torch.Tensor:
-    return torch.tensor([attributes_from_prompt(p) for p in prompts], device=device)
+def _targets(prompts: list[str], device: torch.device, cache: dict) -> torch.Tensor:
+    """(N, 3) attribute indices of the prompts on ``device``, kept in ``cache`` so that a
+    repeated call (a search round replayed as a CUDA graph) makes no host-to-device copy."""
+    key = (tuple(prompts), str(device))
+    hit = cache.get(key)
+    if hit is None:
+        if len(cache) >= _CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        hit = cache[key] = torch.tensor([attributes_from_prompt(p) for p in prompts], device=device)
+    return hit
 
 
 def _resize(images: torch.Tensor) -> torch.Tensor:
@@ -96,10 +108,11 @@ class TinyClassifierReward:
 
     classifier: TinyClassifier
     mode: str = "logprob"
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("logprob", "prob"):
-            raise ValueError(f"mode: expected 'logprob' or 'prob', got {self.mode!r}")
+        if self.mode not in _MODES:
+            raise ValueError(f"mode: expected one of {', '.join(_MODES)}, got {self.mode!r}")
         self.classifier.eval().requires_grad_(False)
 
     @classmethod
@@ -123,7 +136,7 @@ class TinyClassifierReward:
         check_images(images, prompts)
         dev = next(self.classifier.parameters()).device
         heads = self.classifier(_resize(images.to(dev, torch.float32)))
-        return heads, _targets(prompts, dev)
+        return heads, _targets(prompts, dev, self._cache)
 
     def attribute_log_probs(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """(N, 3) log-probabilities of the prompts' (shape, colour, background)."""
@@ -133,7 +146,12 @@ class TinyClassifierReward:
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         lp = self.attribute_log_probs(images, prompts)
-        out = lp.mean(dim=1) if self.mode == "logprob" else lp.exp().mean(dim=1)
+        if self.mode == "logprob":
+            out = lp.mean(dim=1)
+        elif self.mode == "prob":
+            out = lp.exp().mean(dim=1)
+        else:  # min: the least likely attribute decides
+            out = lp.min(dim=1).values
         return out.float().to(images.device)
 
     def matches(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -148,12 +166,15 @@ class ColorFidelityReward:
 
     min_cover: float = 0.02
     max_cover: float = 0.6
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_images(images, prompts)
         img = images.float()
-        attrs = _targets(prompts, img.device)
-        pal = _PALETTE.to(img.device)
+        attrs = _targets(prompts, img.device, self._cache)
+        pal = self._cache.get(img.device)
+        if pal is None:
+            pal = self._cache[img.device] = _PALETTE.to(img.device)
         fg = pal[attrs[:, 1]].view(-1, 3, 1, 1)
         bg = pal[attrs[:, 2]].view(-1, 3, 1, 1)
         d_fg = (img - fg).norm(dim=1)
