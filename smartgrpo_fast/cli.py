@@ -4,6 +4,11 @@ Commands:
 
 * ``smartgrpo-fast bench ops``: time the fused ops on each backend against unfused PyTorch
   (:mod:`smartgrpo_fast.bench.ops`); prints a table and writes CSV, JSON and a PNG plot.
+* ``smartgrpo-fast bench velocity``: the batched velocity, eager vs CUDA graph vs compile.
+* ``smartgrpo-fast grid``: an image grid of the embedded model.
+* ``smartgrpo-fast search``: searched vs random vs best-of-M noise on the same rollouts;
+  writes result.json, an image grid and the per-round reward curve
+  (:mod:`smartgrpo_fast.search`).
 * ``smartgrpo-fast --version``.
 
 ``python -m smartgrpo_fast`` runs the same :func:`main`.
@@ -179,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_ops(targets)
     _add_bench_velocity(targets)
     _add_grid(commands)
+    _add_search(commands)
     return parser
 
 
@@ -267,6 +273,177 @@ def _run_grid(args: argparse.Namespace) -> int:
         ["--prompts", str(args.prompts), "--prompt-seed", str(args.prompt_seed),
          "--seeds", str(args.seeds), "--steps", str(args.steps), "--out", str(args.out)]
     )  # fmt: skip
+
+
+DEMO_REWARD = "tiny"
+
+
+def _add_search(commands: argparse._SubParsersAction) -> None:
+    from smartgrpo_fast.search import RolloutConfig, SearchConfig
+    from smartgrpo_fast.search.config import USES
+
+    sd, rd = SearchConfig(), RolloutConfig()
+    p = commands.add_parser(
+        "search",
+        help="searched vs random vs best-of-M noise on the same rollouts",
+        description=(
+            "For each prompt: one rollout from seeded initial noise, ODE steps down to SDE "
+            "step --step, then three continuations of that step — plain random noise, the "
+            "best of M = K*N one-step-scored random draws, and the CEM-searched noise — each "
+            "finished by the ODE and scored by --reward. Writes DIR/result.json (config, "
+            "prompts, reward_searched, reward_random, reward_bestof: one final reward per "
+            "prompt in prompt order; summary with paired t statistics; rounds: per-round "
+            "statistics; throughput), DIR/grid.png (random | best-of-M | searched per prompt) "
+            "and DIR/rounds.png (the per-round reward curve)."
+        ),
+    )
+    p.add_argument("--model", default="tiny",
+                   help="tiny (embedded) or a StableDiffusion3Pipeline folder / cached repo id "
+                        "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--reward", default=DEMO_REWARD, metavar="NAME[:WEIGHT],...",
+                   help="reward, or a weighted sum of rewards by name (e.g. "
+                        "'imagereward:1,aesthetic:0.1'); names: see smartgrpo_fast.rewards.NAMES "
+                        "(default: %(default)s)")  # fmt: skip
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", metavar="TEXT",
+                     help="a prompt (repeatable)")  # fmt: skip
+    src.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="FILE",
+        help="a text file, one prompt per line (blank lines and #-comments skipped)",
+    )
+    src.add_argument("--num-prompts", type=_int_in(1), default=32, metavar="N",
+                     help="with --model tiny and no prompts given: N prompts sampled from the "
+                          "embedded world with --seed (default: %(default)s)")  # fmt: skip
+    p.add_argument("--k", type=_int_in(1), default=sd.k, help="candidates per round (K)")
+    p.add_argument("--rounds", type=_int_in(1), default=sd.rounds, help="CEM rounds (N)")
+    p.add_argument("--top", type=_int_in(1), default=sd.top, help="elites per round (T <= K)")
+    p.add_argument("--use", choices=USES, default=sd.use,
+                   help="noise the rollout takes: the final CEM mean, a draw from the final "
+                        "N(mu, sigma^2), or the best candidate of any round "
+                        "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--alpha", type=float, default=sd.alpha, help="CEM smoothing in (0, 1]")
+    p.add_argument("--min-sigma", type=float, default=sd.min_sigma, help="floor of the CEM std")
+    p.add_argument("--pooled-sigma", action="store_true",
+                   help="one CEM std per rollout instead of one per element")  # fmt: skip
+    p.add_argument("--rescale", action="store_true",
+                   help="rescale the chosen noise to norm sqrt(D)")  # fmt: skip
+    p.add_argument(
+        "--step",
+        type=_int_in(0),
+        default=rd.step,
+        metavar="S",
+        help="the searched SDE step, 0 <= S < --steps (default: %(default)s)",
+    )
+    p.add_argument(
+        "--steps",
+        type=_int_in(1),
+        default=rd.steps,
+        metavar="N",
+        help="sampling steps from t = 1 to 0 (default: %(default)s)",
+    )
+    p.add_argument("--shift", type=float, default=None,
+                   help="schedule time shift (default: 1 for tiny, 3 for SD3)")  # fmt: skip
+    p.add_argument("--noise-level", type=float, default=rd.noise_level,
+                   help="Flow-GRPO SDE noise level (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--batch",
+        type=_int_in(1),
+        default=rd.batch,
+        metavar="B",
+        help="rollouts searched together; a forward has B*K rows (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=_int_in(0, 2**62),
+        default=0,
+        help="keys the prompts (tiny), initial noise, random noise and the search",
+    )
+    p.add_argument("--device", type=_device, default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
+    p.add_argument("--no-graph", action="store_true",
+                   help="run rounds stage by stage even on CUDA")  # fmt: skip
+    p.add_argument("--out", type=Path, default=Path("search_out"), metavar="DIR")
+    p.set_defaults(handler=_run_search, parser=p)
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    parser: argparse.ArgumentParser = args.parser
+    if args.prompt:
+        return list(args.prompt)
+    if args.prompts is not None:
+        if not args.prompts.is_file():
+            parser.error(f"argument --prompts: {args.prompts} is not a file")
+        lines = [ln.strip() for ln in args.prompts.read_text().splitlines()]
+        prompts = [ln for ln in lines if ln and not ln.startswith("#")]
+        if not prompts:
+            parser.error(f"argument --prompts: {args.prompts} holds no prompts")
+        return prompts
+    if args.model != "tiny":
+        parser.error("give --prompt or --prompts for a model other than tiny")
+    from smartgrpo_fast.models.tiny import sample_prompts
+
+    return sample_prompts(args.num_prompts, args.seed)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from smartgrpo_fast import models
+    from smartgrpo_fast.rewards import reward_from_spec
+    from smartgrpo_fast.search import RolloutConfig, SearchConfig, compare_noise
+    from smartgrpo_fast.search.report import (
+        plot_rounds,
+        result_dict,
+        save_comparison_grid,
+        write_result,
+    )
+
+    parser: argparse.ArgumentParser = args.parser
+    device = args.device or _default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"argument --device: {device!r} requested but CUDA is not available")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    prompts = _read_prompts(args)
+    try:
+        search = SearchConfig(
+            k=args.k, rounds=args.rounds, top=args.top, use=args.use, alpha=args.alpha,
+            min_sigma=args.min_sigma, per_element=not args.pooled_sigma, rescale=args.rescale,
+            seed=args.seed, graph=not args.no_graph,
+        )  # fmt: skip
+        shift = args.shift if args.shift is not None else (1.0 if args.model == "tiny" else 3.0)
+        rollout = RolloutConfig(
+            steps=args.steps, step=args.step, shift=shift, noise_level=args.noise_level,
+            seed=args.seed, batch=args.batch,
+        )  # fmt: skip
+        reward = reward_from_spec(args.reward, device=device)
+    except ValueError as err:
+        parser.error(str(err))
+    model = models.load(args.model, device=device, dtype=dtype)
+    print(f"{len(prompts)} prompts, K={search.k} N={search.rounds} T={search.top} "
+          f"use={search.use}, SDE step {rollout.step}/{rollout.steps}, reward {args.reward}, "
+          f"{device}", file=sys.stderr)  # fmt: skip
+    comp = compare_noise(model, reward, prompts, search, rollout, progress=True)
+    result = result_dict(comp, search, rollout, model=args.model, reward=args.reward,
+                         device=device, extra={"version": __version__})  # fmt: skip
+    out: Path = args.out
+    json_path = write_result(result, out / "result.json")
+    grid = save_comparison_grid(comp, out / "grid.png")
+    curve = plot_rounds(comp, out / "rounds.png", reward=args.reward)
+    summ = result["summary"]
+    for key in ("random", "bestof", "searched"):
+        s = summ[key]
+        print(f"final reward {key:>8}: {s['mean']:.4f} ± {s['std']:.4f}")
+    for key in ("searched_vs_random", "searched_vs_bestof"):
+        s = summ[key]
+        t = "nan" if s["t"] is None else f"{s['t']:.2f}"
+        print(f"{key}: mean diff {s['mean_diff']:+.4f}, paired t = {t} (df {s['df']}), "
+              f"wins {s['win_rate']:.0%}")  # fmt: skip
+    cps = result["throughput"]["candidates_per_second"]
+    if cps:
+        print(f"search: {cps:.0f} candidates/s")
+    print(f"JSON: {json_path}\nPNG:  {grid}\nPNG:  {curve}")
+    return 0
 
 
 def _default_device() -> str:

@@ -1,8 +1,17 @@
-"""Reward models behind one protocol, and a loader.
+"""Reward models behind one protocol, a loader, and weighted sums.
 
-``load("tiny")`` is the embedded prompt-matching classifier reward (mean log-probability of
-the prompt's attributes); ``load("tiny-prob")`` its probability form; ``load("tiny-color")`` the
-analytic colour-fidelity reward.
+Names for :func:`load`:
+
+* ``tiny`` — the embedded prompt-matching classifier: mean log-probability of the prompt's
+  shape, colour and background; ``tiny-prob`` its probability form; ``tiny-min`` the
+  log-probability of the least likely attribute; ``tiny-color`` the analytic colour fidelity.
+* ``imagereward`` — ImageReward checkpoints on transformers' BLIP (:mod:`.imagereward`);
+* ``aesthetic`` — the LAION aesthetic predictor on CLIP ViT-L/14; ``pickscore``; ``clipscore``
+  (:mod:`.clip`).
+
+Real checkpoints load from paths given as keyword arguments or from the Hugging Face cache
+(never downloaded). :func:`reward_from_spec` turns the CLI's ``NAME[:WEIGHT],...`` into a
+reward (a :class:`~smartgrpo_fast.rewards.combine.WeightedSum` when there are several).
 """
 
 from __future__ import annotations
@@ -11,19 +20,45 @@ from typing import Any
 
 from smartgrpo_fast.rewards.base import Reward, check_images
 
-__all__ = ["NAMES", "Reward", "check_images", "load"]
+__all__ = ["NAMES", "Reward", "check_images", "load", "reward_from_spec"]
 
-NAMES = ("tiny", "tiny-prob", "tiny-color")
+NAMES = (
+    "tiny", "tiny-prob", "tiny-min", "tiny-color", "imagereward", "aesthetic", "pickscore",
+    "clipscore",
+)  # fmt: skip
+_TINY_MODES = {"tiny": "logprob", "tiny-prob": "prob", "tiny-min": "min"}
 
 
 def load(name_or_path: str, **kwargs: Any) -> Reward:
-    """A reward by name (see :data:`NAMES`); keyword arguments go to its loader."""
-    from smartgrpo_fast.rewards import tiny
+    """A reward by name (see :data:`NAMES`); keyword arguments go to its loader (paths of
+    real checkpoints, ``device``, ``dtype``)."""
+    if name_or_path in _TINY_MODES:
+        from smartgrpo_fast.rewards import tiny
 
-    if name_or_path == "tiny":
-        return tiny.TinyClassifierReward.load(mode="logprob", **kwargs)
-    if name_or_path == "tiny-prob":
-        return tiny.TinyClassifierReward.load(mode="prob", **kwargs)
+        return tiny.TinyClassifierReward.load(mode=_TINY_MODES[name_or_path], **kwargs)
     if name_or_path == "tiny-color":
+        from smartgrpo_fast.rewards import tiny
+
+        kwargs.pop("device", None)  # analytic: runs on the images' device
+        kwargs.pop("dtype", None)
         return tiny.ColorFidelityReward(**kwargs)
+    if name_or_path == "imagereward":
+        from smartgrpo_fast.rewards.imagereward import load_imagereward
+
+        return load_imagereward(**kwargs)
+    if name_or_path in ("aesthetic", "pickscore", "clipscore"):
+        from smartgrpo_fast.rewards import clip
+
+        return getattr(clip, f"load_{name_or_path}")(**kwargs)
     raise ValueError(f"name_or_path: expected one of {', '.join(NAMES)}, got {name_or_path!r}")
+
+
+def reward_from_spec(spec: str, **kwargs: Any) -> Reward:
+    """``"NAME"`` -> that reward; ``"NAME[:WEIGHT],..."`` -> a WeightedSum of them. Keyword
+    arguments go to every loader."""
+    from smartgrpo_fast.rewards.combine import WeightedSum, parse_reward_spec
+
+    weights = parse_reward_spec(spec)
+    if len(weights) == 1 and next(iter(weights.values())) == 1.0:
+        return load(next(iter(weights)), **kwargs)
+    return WeightedSum(weights, **kwargs)

@@ -1,0 +1,345 @@
+"""The Smart-GRPO noise search: N rounds of CEM over the noise of one SDE step.
+
+One round for B rollouts (DESIGN.md), all on the fused ops:
+
+1. ``z = sample_perturb(mean, mu, sigma, scale, k=K)``         (B, K, *S), noise from Philox
+2. ``v = model.velocity(z, t_next, cond, k=K)``                one batched forward of B*K rows
+3. ``x0 = x0_estimate(z, v, t_next, scaling, shift)``          the one-step clean estimate
+4. ``r = reward(model.decode(x0), prompts)``                   (B, K); NaN/inf rank last
+5. ``idx = topk_select(r, T)``; ``mu, sigma = cem_update(mu, sigma, idx)``
+
+The noise never exists as a (B, K, D) tensor outside ``z``: ``cem_update`` regenerates the
+elites' noise from (seed, round, row, candidate). Every piece of state the round reads or
+writes — mu, sigma, the round counter, the seed, the best candidate so far and the statistics
+— lives in a device tensor, so on CUDA one captured round replayed N times gives N distinct
+rounds (``SearchConfig.graph``); elsewhere, or when capture fails, the same round function
+runs stage by stage.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from smartgrpo_fast.models.base import Cond
+from smartgrpo_fast.ops import cem_update, sample_perturb, topk_select, x0_estimate
+from smartgrpo_fast.rewards.base import Reward
+from smartgrpo_fast.search.config import RoundStats, SearchConfig, SearchResult
+
+__all__ = ["NoiseSearch", "check_search_inputs", "finite_or_nan", "rescale_rows"]
+
+
+@dataclass
+class _State:
+    """Every tensor one round reads or writes (static buffers when graphed)."""
+
+    mean: torch.Tensor  # (B, *S) float32
+    scale: torch.Tensor  # (B,) float32
+    t: torch.Tensor  # (B*K,) float32, the flow time of z
+    seed: torch.Tensor  # 0-d int64
+    round: torch.Tensor  # 0-d int64
+    mu: torch.Tensor  # (B, *S) float32
+    sigma: torch.Tensor  # (B, *S) or (B,) float32
+    best_reward: torch.Tensor  # (B,) float32, -inf until a finite reward was seen
+    best_eps: torch.Tensor  # (B, *S) float32
+    stats: torch.Tensor  # (4, N, B) float32: best, elite mean, mean, non-finite count
+
+    def clone(self) -> _State:
+        return _State(**{f.name: getattr(self, f.name).clone() for f in fields(self)})
+
+    def load(self, other: _State) -> None:
+        for f in fields(self):
+            getattr(self, f.name).copy_(getattr(other, f.name))
+
+
+def finite_or_nan(r: torch.Tensor) -> torch.Tensor:
+    """``r`` with every inf turned into NaN, so that it ranks last and is counted."""
+    return torch.where(torch.isfinite(r), r, torch.full_like(r, float("nan")))
+
+
+def rescale_rows(eps: torch.Tensor) -> torch.Tensor:
+    """Each row of eps (B, *S) scaled to norm sqrt(D); an all-zero row stays zero."""
+    flat = eps.flatten(1)
+    norm = flat.norm(dim=1, keepdim=True)
+    factor = torch.where(norm > 0, math.sqrt(flat.shape[1]) / norm.clamp_min(1e-30), 0.0)
+    return (flat * factor).view_as(eps)
+
+
+def check_search_inputs(
+    model: Any, mean: object, scale: object, t_next: object, cond: object
+) -> tuple[torch.Tensor, torch.Tensor, float, list[str]]:
+    """Validate one search's inputs; return (mean float32, scale (B,) float32, t, prompts)."""
+    if not isinstance(mean, torch.Tensor) or not mean.dtype.is_floating_point:
+        raise TypeError(f"mean: expected a float tensor (B, C, H, W), got {type(mean).__name__}")
+    shape = tuple(getattr(model, "latent_shape", mean.shape[1:]))
+    if mean.dim() != 1 + len(shape) or tuple(mean.shape[1:]) != shape or mean.shape[0] < 1:
+        raise ValueError(
+            f"mean: expected (B, {', '.join(map(str, shape))}) with B >= 1, "
+            f"got shape {tuple(mean.shape)}"
+        )
+    b = mean.shape[0]
+    if not bool(torch.isfinite(mean).all()):
+        raise ValueError(f"mean: {int((~torch.isfinite(mean)).sum())} non-finite values")
+    if isinstance(scale, torch.Tensor):
+        if scale.dim() == 0:
+            scale = scale.reshape(1).expand(b)
+        if scale.shape != (b,):
+            raise ValueError(
+                f"scale: expected a float or a ({b},) tensor, got {tuple(scale.shape)}"
+            )
+        if scale.device != mean.device:
+            raise ValueError(f"scale: expected device {mean.device}, got {scale.device}")
+        scale_t = scale.float()
+    elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        scale_t = torch.full((b,), float(scale), device=mean.device)
+    else:
+        raise TypeError(f"scale: expected a float or a ({b},) tensor, got {type(scale).__name__}")
+    if not bool((torch.isfinite(scale_t) & (scale_t >= 0)).all()):
+        raise ValueError(f"scale: expected finite values >= 0, got {scale_t.tolist()}")
+    if isinstance(t_next, torch.Tensor):
+        if t_next.numel() != 1:
+            raise ValueError(
+                f"t_next: expected a float, got a tensor of shape {tuple(t_next.shape)}"
+            )
+        t_next = float(t_next)
+    if isinstance(t_next, bool) or not isinstance(t_next, (int, float)) or not 0 <= t_next <= 1:
+        raise ValueError(f"t_next: expected a flow time in [0, 1], got {t_next!r}")
+    if not isinstance(cond, Cond):
+        raise TypeError(f"cond: expected a Cond (model.encode_prompts), got {type(cond).__name__}")
+    if cond.batch != b:
+        raise ValueError(f"cond: expected B = {b} prompts (mean has {b} rows), got {cond.batch}")
+    if len(cond.prompts) != b:
+        raise ValueError("cond: the reward needs the prompt strings; encode with encode_prompts")
+    return mean.float(), scale_t, float(t_next), list(cond.prompts)
+
+
+def _graph_capable(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _capture_round(round_fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """Capture one call of ``round_fn`` as a CUDA graph; return its replay."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        round_fn()
+    return graph.replay
+
+
+def _warm_up(round_fn: Callable[[], None], device: torch.device) -> None:
+    """One eager round on a side stream: Triton JIT, cuBLAS handles and caches before capture."""
+    if device.type != "cuda":
+        round_fn()
+        return
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        round_fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
+class NoiseSearch:
+    """Search the noise of one Flow-GRPO SDE step for B rollouts at once (module docstring).
+
+    Args:
+        model: a FlowModel (``velocity``, ``decode``, ``latent_shape``; ``scaling_factor`` and
+            ``shift_factor`` when its latents are VAE-scaled, default 1 and 0).
+        reward: a Reward, called once per round on B*K images.
+        config: the search's constants (:class:`SearchConfig`).
+
+    Example::
+
+        step = sde_step(x, v, sigma, sigma_next, noise_level=0.7)
+        res = NoiseSearch(model, reward, SearchConfig(k=16, rounds=3, top=4)).run(
+            step.mean, step.std, sigma_next, cond, seed=step_seed)
+        x_next = step.mean + step.std * res.eps
+    """
+
+    def __init__(self, model: Any, reward: Reward, config: SearchConfig | None = None) -> None:
+        if not callable(getattr(model, "velocity", None)) or not callable(
+            getattr(model, "decode", None)
+        ):
+            raise TypeError(f"model: expected a FlowModel, got {type(model).__name__}")
+        if not callable(reward):
+            raise TypeError(f"reward: expected a callable Reward, got {type(reward).__name__}")
+        self.model = model
+        self.reward = reward
+        self.config = config or SearchConfig()
+        self._warmed: set[tuple] = set()
+        self._graph_failure: str | None = None
+
+    # ------------------------------------------------------------------ the round
+
+    def _round(self, st: _State, cond: Cond, prompts: list[str]) -> None:
+        """One CEM round on ``st``, in place; reads the round number from ``st.round``."""
+        cfg = self.config
+        b, k = st.mean.shape[0], cfg.k
+        s = tuple(st.mean.shape[1:])
+        z = sample_perturb(
+            st.mean, st.mu, st.sigma, st.scale, k=k, seed=st.seed, round=st.round, validate=False
+        ).view(b * k, *s)
+        v = self.model.velocity(z, st.t, cond, k=k)
+        x0 = x0_estimate(
+            z,
+            v,
+            st.t,
+            scaling=float(getattr(self.model, "scaling_factor", 1.0)),
+            shift=float(getattr(self.model, "shift_factor", 0.0)),
+            validate=False,
+        )
+        images = (
+            self.model.decode(x0)
+            if cfg.decode_size is None
+            else self.model.decode(x0, size=cfg.decode_size)
+        )
+        r = self.reward(images, prompts)
+        if not isinstance(r, torch.Tensor) or r.shape != (b * k,):
+            raise ValueError(
+                f"reward: expected a ({b * k},) tensor for {b * k} images, got "
+                f"{tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__}"
+            )
+        r = finite_or_nan(r.to(st.mean.device, torch.float32).view(b, k))
+        idx = topk_select(r, cfg.top)
+        common = {"shape": st.mean.shape, "k": k, "seed": st.seed, "round": st.round}
+        common |= {"per_element": cfg.per_element, "validate": False}
+        # The best candidate's noise: the mean of a single "elite" with alpha = 1 is that eps,
+        # regenerated from Philox like every elite (no (B, K, D) buffer).
+        eps1, _ = cem_update(st.mu, st.sigma, idx[:, :1], alpha=1.0, min_sigma=0.0, **common)
+        r1 = r.gather(1, idx[:, :1]).squeeze(1)
+        better = r1 > st.best_reward  # NaN compares False
+        st.best_reward.copy_(torch.where(better, r1, st.best_reward))
+        st.best_eps.copy_(torch.where(better.view(b, *([1] * len(s))), eps1, st.best_eps))
+        row = torch.stack(
+            [r1, r.gather(1, idx).mean(1), r.nanmean(1), torch.isnan(r).sum(1).float()]
+        )
+        st.stats.index_copy_(1, st.round.view(1), row.unsqueeze(1))
+        if cfg.strategy == "cem":
+            mu, sigma = cem_update(
+                st.mu, st.sigma, idx, alpha=cfg.alpha, min_sigma=cfg.min_sigma, **common
+            )
+            st.mu.copy_(mu)
+            st.sigma.copy_(sigma)
+        st.round.add_(1)
+
+    # ------------------------------------------------------------------ running
+
+    def _initial_state(
+        self, mean: torch.Tensor, scale: torch.Tensor, t_next: float, seed: int
+    ) -> _State:
+        cfg = self.config
+        b, dev = mean.shape[0], mean.device
+        sigma_shape = mean.shape if cfg.per_element else (b,)
+        return _State(
+            mean=mean.contiguous(),
+            scale=scale.contiguous(),
+            t=torch.full((b * cfg.k,), t_next, device=dev),
+            seed=torch.tensor(seed, dtype=torch.int64, device=dev),
+            round=torch.zeros((), dtype=torch.int64, device=dev),
+            mu=torch.full(mean.shape, cfg.mu0, device=dev),
+            sigma=torch.full(sigma_shape, cfg.sigma0, device=dev),
+            best_reward=torch.full((b,), float("-inf"), device=dev),
+            best_eps=torch.full(mean.shape, cfg.mu0, device=dev),
+            stats=torch.full((4, cfg.rounds, b), float("nan"), device=dev),
+        )
+
+    def _graphed(self, st: _State, round_fn: Callable[[], None]) -> Callable[[], None] | None:
+        """The replay of one captured round, or None (per-stage) with one warning on failure."""
+        dev = st.mean.device
+        if not (self.config.graph and _graph_capable(dev)) or self._graph_failure is not None:
+            return None
+        snapshot = st.clone()
+        key = (tuple(st.mean.shape), st.sigma.dim(), dev)
+        try:
+            if key not in self._warmed:
+                _warm_up(round_fn, dev)
+                st.load(snapshot)
+                self._warmed.add(key)
+            replay = _capture_round(round_fn, dev)
+        except Exception as exc:  # capture fails in many ways (syncs, CPU work): go per stage
+            self._graph_failure = f"{type(exc).__name__}: {exc}"
+            warnings.warn(
+                f"NoiseSearch: running rounds stage by stage, CUDA graph capture failed "
+                f"({self._graph_failure})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            st.load(snapshot)
+            return None
+        st.load(snapshot)
+        return replay
+
+    @torch.no_grad()
+    def run(
+        self,
+        mean: torch.Tensor,
+        scale: float | torch.Tensor,
+        t_next: float,
+        cond: Cond,
+        *,
+        seed: int | None = None,
+        progress: bool = False,
+    ) -> SearchResult:
+        """Search the noise of one SDE step for B rollouts.
+
+        Args:
+            mean: (B, C, H, W) float, the SDE step's mean (:func:`smartgrpo_fast.sde.sde_step`).
+            scale: the step's noise scale ``std_t * sqrt(-dt)``: a float or a (B,) tensor.
+            t_next: the flow time the step lands on (the candidates' ``z`` live there).
+            cond: the conditioning of the B rollouts' prompts (with their strings).
+            seed: overrides ``config.seed`` for this call (use one per searched step).
+            progress: show a progress bar over the rounds.
+
+        Returns:
+            :class:`SearchResult`; the rollout continues at ``mean + scale * result.eps``.
+        """
+        cfg = self.config
+        mean_f, scale_t, t, prompts = check_search_inputs(self.model, mean, scale, t_next, cond)
+        seed = cfg.seed if seed is None else seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
+        st = self._initial_state(mean_f, scale_t, t, seed)
+        prompts_k = [p for p in prompts for _ in range(cfg.k)]
+
+        def round_fn() -> None:
+            self._round(st, cond, prompts_k)
+
+        replay = self._graphed(st, round_fn)
+        rounds = range(cfg.rounds)
+        if progress:
+            from tqdm.auto import tqdm
+
+            rounds = tqdm(rounds, desc=f"search K={cfg.k}", unit="round", leave=False)
+        for _ in rounds:
+            (replay or round_fn)()
+        return self._result(st, replay is not None)
+
+    def _result(self, st: _State, graphed: bool) -> SearchResult:
+        cfg = self.config
+        found = torch.isfinite(st.best_reward)
+        if cfg.strategy == "best_of" or cfg.use == "best":
+            keep = found.view(-1, *([1] * (st.mean.dim() - 1)))
+            eps = torch.where(keep, st.best_eps, st.mu)  # no finite reward at all: the mean
+        elif cfg.use == "mean":
+            eps = st.mu.clone()
+        else:  # a draw from the final N(mu, sigma^2), on Philox round N
+            eps = sample_perturb(
+                torch.zeros_like(st.mean), st.mu, st.sigma, 1.0,
+                k=1, seed=st.seed, round=cfg.rounds, validate=False,
+            ).squeeze(1)  # fmt: skip
+        if cfg.rescale:
+            eps = rescale_rows(eps)
+        best = torch.where(found, st.best_reward, torch.full_like(st.best_reward, float("nan")))
+        stats = RoundStats(st.stats[0], st.stats[1], st.stats[2], st.stats[3].long())
+        return SearchResult(
+            eps=eps,
+            mu=st.mu,
+            sigma=st.sigma,
+            best_reward=best,
+            rounds=stats,
+            candidates=cfg.model_calls,
+            graphed=graphed,
+        )

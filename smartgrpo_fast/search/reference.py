@@ -1,0 +1,120 @@
+"""The noise search written plainly: materialised noise, an eager model, a Python loop.
+
+This is what :class:`~smartgrpo_fast.search.NoiseSearch` computes, without fused ops, device
+state or graphs. With ``noise="philox"`` it draws the very noise the fused ops draw (through
+:func:`~smartgrpo_fast.ops.philox_normal`), so tests use it as an oracle (same elites, same mu
+and sigma); with ``noise="torch"`` it draws ``torch.randn`` and is the naive baseline the
+benchmarks time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from smartgrpo_fast.models.base import Cond
+from smartgrpo_fast.ops import philox_normal
+from smartgrpo_fast.rewards.base import Reward
+from smartgrpo_fast.search.cem import check_search_inputs, finite_or_nan, rescale_rows
+from smartgrpo_fast.search.config import RoundStats, SearchConfig, SearchResult
+
+__all__ = ["search_reference"]
+
+
+def _rank(r: torch.Tensor) -> torch.Tensor:
+    """(B, K) -> (B, K) candidate indices, best first; NaN last; ties to the lower index."""
+    key = torch.where(torch.isnan(r), torch.full_like(r, float("-inf")), r)
+    # stable descending sort keeps equal keys (NaN included) in index order
+    return torch.sort(key, dim=1, descending=True, stable=True).indices
+
+
+@torch.no_grad()
+def search_reference(
+    model: Any,
+    reward: Reward,
+    mean: torch.Tensor,
+    scale: float | torch.Tensor,
+    t_next: float,
+    cond: Cond,
+    config: SearchConfig | None = None,
+    *,
+    seed: int | None = None,
+    noise: str = "philox",
+    generator: torch.Generator | None = None,
+) -> SearchResult:
+    """The search of :meth:`NoiseSearch.run`, plainly; same arguments and result.
+
+    ``noise="philox"`` reproduces NoiseSearch's noise exactly; ``noise="torch"`` draws
+    ``torch.randn`` from ``generator`` (the naive baseline; ``use="sample"`` then draws from
+    it too).
+    """
+    cfg = config or SearchConfig()
+    if noise not in ("philox", "torch"):
+        raise ValueError(f"noise: expected 'philox' or 'torch', got {noise!r}")
+    mean, scale_t, t, prompts = check_search_inputs(model, mean, scale, t_next, cond)
+    seed = cfg.seed if seed is None else seed
+    b, k, s = mean.shape[0], cfg.k, tuple(mean.shape[1:])
+    dev = mean.device
+    ones = [1] * len(s)
+
+    def draw(shape: tuple[int, ...], rnd: int) -> torch.Tensor:
+        if noise == "philox":
+            return philox_normal(shape, seed=seed, round=rnd, device=dev)
+        return torch.randn(shape, generator=generator).to(dev)
+
+    mu = torch.full(mean.shape, cfg.mu0, device=dev)
+    sigma = torch.full(mean.shape if cfg.per_element else (b,), cfg.sigma0, device=dev)
+    best_r = torch.full((b,), float("-inf"), device=dev)
+    best_eps = mu.clone()
+    stats = torch.full((4, cfg.rounds, b), float("nan"), device=dev)
+    prompts_k = [p for p in prompts for _ in range(k)]
+    scaling = float(getattr(model, "scaling_factor", 1.0))
+    shift = float(getattr(model, "shift_factor", 0.0))
+    for rnd in range(cfg.rounds):
+        sig = sigma.view(b, 1, *ones) if not cfg.per_element else sigma.unsqueeze(1)
+        eps = mu.unsqueeze(1) + sig * draw((b, k, *s), rnd)  # (B, K, *S)
+        z = mean.unsqueeze(1) + scale_t.view(b, 1, *ones) * eps
+        zf = z.reshape(b * k, *s)
+        v = model.velocity(zf, t, cond, k=k).float()
+        x0 = (zf - t * v) / scaling + shift
+        images = (
+            model.decode(x0) if cfg.decode_size is None else model.decode(x0, size=cfg.decode_size)
+        )
+        r = finite_or_nan(reward(images, prompts_k).float().to(dev).view(b, k))
+        order = _rank(r)
+        elite = order[:, : cfg.top]
+        r_elite = r.gather(1, elite)
+        stats[:, rnd] = torch.stack(
+            [r_elite[:, 0], r_elite.mean(1), r.nanmean(1), torch.isnan(r).sum(1).float()]
+        )
+        better = r_elite[:, 0] > best_r
+        best_r = torch.where(better, r_elite[:, 0], best_r)
+        eps_best = eps[torch.arange(b, device=dev), elite[:, 0]]
+        best_eps = torch.where(better.view(b, *ones), eps_best, best_eps)
+        if cfg.strategy == "cem":
+            eps_e = eps.gather(1, elite.view(b, cfg.top, *ones).expand(b, cfg.top, *s))
+            a = cfg.alpha
+            mu = (1 - a) * mu + a * eps_e.mean(1)
+            var = eps_e.var(1, unbiased=False)
+            spread = var.sqrt() if cfg.per_element else var.flatten(1).mean(1).sqrt()
+            sigma = ((1 - a) * sigma + a * spread).clamp_min(cfg.min_sigma)
+    found = torch.isfinite(best_r)
+    if cfg.strategy == "best_of" or cfg.use == "best":
+        out = torch.where(found.view(b, *ones), best_eps, mu)
+    elif cfg.use == "mean":
+        out = mu.clone()
+    else:
+        sig = sigma.view(b, *ones) if not cfg.per_element else sigma
+        out = mu + sig * draw((b, 1, *s), cfg.rounds).squeeze(1)
+    if cfg.rescale:
+        out = rescale_rows(out)
+    return SearchResult(
+        eps=out,
+        mu=mu,
+        sigma=sigma,
+        best_reward=torch.where(found, best_r, torch.full_like(best_r, float("nan"))),
+        rounds=RoundStats(stats[0], stats[1], stats[2], stats[3].long()),
+        candidates=cfg.model_calls,
+        graphed=False,
+    )

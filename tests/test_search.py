@@ -1,0 +1,329 @@
+"""NoiseSearch against search.reference, its edge cases, and the whole-round graph path.
+
+A small analytic flow model keeps these fast: ``v = 0.5 z + c_p`` (c_p a per-prompt constant
+image), ``decode`` a sigmoid, and a reward that is the negative distance of the decoded image
+to a per-prompt target — smooth, so that CEM has a direction to find, and cheap.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from smartgrpo_fast.models.base import Cond, repeat_rows
+from smartgrpo_fast.search import NoiseSearch, SearchConfig, search_reference
+from smartgrpo_fast.search import cem as cem_module
+
+SHAPE = (3, 8, 8)
+# Tolerances: both sides compute in float32; the fused path forms z = mean + scale*(mu +
+# sigma*n) in one expression, the reference materialises eps first (a few ulps apart).
+ATOL = 2e-5
+
+
+class AnalyticFlow:
+    """FlowModel stand-in: v = 0.5 z + c_p, decode = sigmoid, latents scaled by 2 and shifted."""
+
+    latent_shape = SHAPE
+    scaling_factor = 2.0
+    shift_factor = 0.1
+
+    def __init__(self, prompts: list[str]) -> None:
+        gen = torch.Generator().manual_seed(1)
+        self.offsets = {p: torch.randn(SHAPE, generator=gen) * 0.3 for p in prompts}
+        self.device = torch.device("cpu")
+        self.calls = 0
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        emb = torch.stack([self.offsets[p] for p in prompts]).flatten(1).unsqueeze(1)
+        return Cond(emb, emb[:, 0], prompts=tuple(prompts))
+
+    def velocity(self, z: torch.Tensor, t, cond: Cond, k: int = 1) -> torch.Tensor:
+        self.calls += 1
+        c = repeat_rows(cond.prompt_embeds[:, 0], k).view(-1, *SHAPE)
+        return (0.5 * z.float() + c).to(z.dtype)
+
+    def decode(self, x0: torch.Tensor, *, size: int | None = None) -> torch.Tensor:
+        img = torch.sigmoid(x0.float())
+        if size is not None:
+            img = torch.nn.functional.interpolate(img, size=(size, size), mode="bilinear")
+        return img
+
+
+class TargetReward:
+    """-mean |image - target_p|^2, optional NaN/inf injected at given flat indices."""
+
+    def __init__(self, prompts: list[str], bad: dict[int, float] | None = None) -> None:
+        gen = torch.Generator().manual_seed(2)
+        self.targets = {p: torch.rand(SHAPE, generator=gen) for p in prompts}
+        self.bad = bad or {}
+        self.calls = 0
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        self.calls += 1
+        tgt = torch.stack([self.targets[p] for p in prompts])
+        if tgt.shape != images.shape:
+            tgt = torch.nn.functional.interpolate(tgt, size=images.shape[-2:], mode="bilinear")
+        r = -((images - tgt) ** 2).flatten(1).mean(1)
+        for i, value in self.bad.items():
+            r[i] = value
+        return r
+
+
+PROMPTS = ["p0", "p1", "p2"]
+
+
+def setup(b: int = 2, bad: dict[int, float] | None = None, seed: int = 0):
+    model = AnalyticFlow(PROMPTS)
+    reward = TargetReward(PROMPTS, bad)
+    cond = model.encode_prompts(PROMPTS[:b])
+    mean = torch.randn((b, *SHAPE), generator=torch.Generator().manual_seed(seed))
+    return model, reward, cond, mean
+
+
+def assert_same(a, b, atol: float = ATOL) -> None:
+    torch.testing.assert_close(a.eps, b.eps, atol=atol, rtol=0)
+    torch.testing.assert_close(a.mu, b.mu, atol=atol, rtol=0)
+    torch.testing.assert_close(a.sigma, b.sigma, atol=atol, rtol=0)
+    torch.testing.assert_close(a.best_reward, b.best_reward, atol=atol, rtol=0, equal_nan=True)
+    for f in ("best", "elite_mean", "mean"):
+        torch.testing.assert_close(
+            getattr(a.rounds, f), getattr(b.rounds, f), atol=atol, rtol=0, equal_nan=True
+        )
+    assert torch.equal(a.rounds.nan_count, b.rounds.nan_count)
+
+
+CASES = [
+    dict(),
+    dict(use="mean"),
+    dict(use="sample"),
+    dict(use="best", per_element=False),
+    dict(use="mean", per_element=False, alpha=0.5, min_sigma=0.3),
+    dict(k=1, top=1, rounds=2, use="mean"),  # K = 1: the only candidate is the elite
+    dict(k=5, top=5, rounds=2),  # T = K
+    dict(k=6, top=1, rounds=3, use="mean"),  # T = 1: sigma collapses to min_sigma
+    dict(strategy="best_of", k=4, rounds=3, top=2),
+    dict(use="mean", rescale=True, mu0=0.2, sigma0=0.7),
+    dict(decode_size=4, k=4, rounds=2, top=2),
+]
+
+
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_matches_reference(kw: dict, b: int) -> None:
+    model, reward, cond, mean = setup(b)
+    cfg = SearchConfig(**{"k": 8, "rounds": 3, "top": 3, **kw})
+    scale = torch.linspace(0.3, 0.5, b)
+    got = NoiseSearch(model, reward, cfg).run(mean, scale, 0.6, cond, seed=11)
+    want = search_reference(model, reward, mean, scale, 0.6, cond, cfg, seed=11)
+    assert_same(got, want)
+    assert got.eps.shape == mean.shape and got.eps.dtype == torch.float32
+    assert got.rounds.best.shape == (cfg.rounds, b)
+    assert got.candidates == cfg.k * cfg.rounds
+
+
+@pytest.mark.slow
+def test_matches_reference_every_backend(backend: str) -> None:
+    model, reward, cond, mean = setup(2)
+    cfg = SearchConfig(k=6, rounds=2, top=2, use="mean", alpha=0.8, min_sigma=0.05)
+    got = NoiseSearch(model, reward, cfg).run(mean, 0.4, 0.5, cond, seed=3)
+    want = search_reference(model, reward, mean, 0.4, 0.5, cond, cfg, seed=3)
+    assert_same(got, want)
+
+
+def test_one_call_per_round() -> None:
+    """Each round is one batched velocity and one reward call, whatever B and K."""
+    model, reward, cond, mean = setup(3)
+    NoiseSearch(model, reward, SearchConfig(k=8, rounds=4, top=2)).run(mean, 0.4, 0.5, cond)
+    assert model.calls == 4 and reward.calls == 4
+
+
+def test_cem_climbs() -> None:
+    """On a smooth reward the elites' mean reward rises round over round, and the searched
+    noise beats the prior's average candidate."""
+    model, reward, cond, mean = setup(3)
+    cfg = SearchConfig(k=32, rounds=5, top=6, use="mean", alpha=0.7)
+    res = NoiseSearch(model, reward, cfg).run(mean, 1.0, 0.5, cond, seed=5)
+    elite = res.rounds.elite_mean.mean(1)
+    assert bool((elite[1:] > elite[:-1]).all()), elite
+    assert bool((res.rounds.mean[-1] > res.rounds.mean[0]).all())
+
+
+def one_step_reward(model, reward, cond, mean, scale, t, eps) -> torch.Tensor:
+    z = mean + scale * eps
+    x0 = (z - t * model.velocity(z, t, cond)) / model.scaling_factor + model.shift_factor
+    return reward(model.decode(x0), list(cond.prompts))
+
+
+@pytest.mark.parametrize("strategy", ["cem", "best_of"])
+def test_best_is_the_best_candidate(strategy: str) -> None:
+    """use='best' returns the noise whose one-step reward is best_reward, and best_reward is
+    the maximum of every round's best."""
+    model, reward, cond, mean = setup(3)
+    cfg = SearchConfig(k=8, rounds=3, top=2, use="best", strategy=strategy)
+    res = NoiseSearch(model, reward, cfg).run(mean, 0.5, 0.4, cond, seed=9)
+    torch.testing.assert_close(res.best_reward, res.rounds.best.max(0).values)
+    again = one_step_reward(model, reward, cond, mean, 0.5, 0.4, res.eps)
+    torch.testing.assert_close(again, res.best_reward, atol=1e-5, rtol=0)
+    if strategy == "best_of":  # no refinement: mu and sigma stay at the prior
+        assert bool((res.mu == 0).all()) and bool((res.sigma == 1).all())
+
+
+def test_nan_and_inf_rank_last_and_are_counted() -> None:
+    """Candidate rewards NaN or +-inf never become elites or the best; counted per round."""
+    k, b = 6, 2
+    bad = {0: float("nan"), 1: float("inf"), 2: float("-inf"), k + 3: float("nan")}
+    model, reward, cond, mean = setup(b, bad)
+    cfg = SearchConfig(k=k, rounds=2, top=3, use="best")
+    res = NoiseSearch(model, reward, cfg).run(mean, 0.5, 0.5, cond, seed=1)
+    assert res.rounds.nan_count.tolist() == [[3, 1], [3, 1]]
+    assert bool(torch.isfinite(res.rounds.elite_mean).all())
+    assert bool(torch.isfinite(res.best_reward).all())
+    assert_same(res, search_reference(model, reward, mean, 0.5, 0.5, cond, cfg, seed=1))
+
+
+def test_all_nan_row_falls_back_to_mean() -> None:
+    k = 4
+    model, reward, cond, mean = setup(2, {i: float("nan") for i in range(k)})  # row 0 all NaN
+    res = NoiseSearch(model, reward, SearchConfig(k=k, rounds=2, top=2)).run(mean, 0.5, 0.5, cond)
+    assert math.isnan(float(res.best_reward[0])) and math.isfinite(float(res.best_reward[1]))
+    assert torch.isnan(res.rounds.best[:, 0]).all() and res.rounds.nan_count[0, 0] == k
+    torch.testing.assert_close(res.eps[0], res.mu[0])
+    assert bool(torch.isfinite(res.eps).all())
+
+
+def test_seeds() -> None:
+    model, reward, cond, mean = setup(2)
+    search = NoiseSearch(model, reward, SearchConfig(k=4, rounds=2, top=2))
+    a, b = search.run(mean, 0.5, 0.5, cond, seed=1), search.run(mean, 0.5, 0.5, cond, seed=1)
+    c = search.run(mean, 0.5, 0.5, cond, seed=2)
+    assert torch.equal(a.eps, b.eps) and not torch.equal(a.eps, c.eps)
+
+
+def test_non_contiguous_mean() -> None:
+    model, reward, cond, mean = setup(2)
+    wide = torch.zeros((2, 3, 8, 16))
+    wide[..., ::2] = mean
+    strided = wide[..., ::2]
+    assert not strided.is_contiguous()
+    cfg = SearchConfig(k=4, rounds=2, top=2)
+    got = NoiseSearch(model, reward, cfg).run(strided, 0.5, 0.5, cond, seed=4)
+    assert_same(got, NoiseSearch(model, reward, cfg).run(mean, 0.5, 0.5, cond, seed=4))
+
+
+def test_rescale_norm() -> None:
+    model, reward, cond, mean = setup(3)
+    cfg = SearchConfig(k=8, rounds=2, top=4, use="mean", rescale=True)
+    res = NoiseSearch(model, reward, cfg).run(mean, 0.5, 0.5, cond)
+    d = math.prod(SHAPE)
+    torch.testing.assert_close(res.eps.flatten(1).norm(dim=1), torch.full((3,), math.sqrt(d)))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(k=0), "k: expected an int >= 1"),
+        (dict(top=5, k=4), "top: expected 1 <= top <= k = 4"),
+        (dict(rounds=True), "rounds"),
+        (dict(alpha=0.0), "alpha"),
+        (dict(sigma0=0.0), "sigma0"),
+        (dict(min_sigma=float("nan")), "min_sigma"),
+        (dict(use="median"), "use: expected one of mean, sample, best"),
+        (dict(strategy="random"), "strategy"),
+        (dict(seed=-1), "seed"),
+        (dict(decode_size=0), "decode_size"),
+    ],
+)
+def test_config_errors(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SearchConfig(**kw)
+
+
+def test_input_errors() -> None:
+    model, reward, cond, mean = setup(2)
+    search = NoiseSearch(model, reward, SearchConfig(k=4, rounds=1, top=2))
+    with pytest.raises(ValueError, match=r"mean: expected \(B, 3, 8, 8\)"):
+        search.run(mean[:, :2], 0.5, 0.5, cond)
+    bad = mean.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="mean: 1 non-finite"):
+        search.run(bad, 0.5, 0.5, cond)
+    with pytest.raises(ValueError, match="scale: expected finite values >= 0"):
+        search.run(mean, -1.0, 0.5, cond)
+    with pytest.raises(ValueError, match=r"scale: expected a float or a \(2,\) tensor"):
+        search.run(mean, torch.ones(3), 0.5, cond)
+    with pytest.raises(ValueError, match="t_next: expected a flow time"):
+        search.run(mean, 0.5, 1.5, cond)
+    with pytest.raises(ValueError, match="cond: expected B = 2 prompts"):
+        search.run(mean, 0.5, 0.5, model.encode_prompts(PROMPTS))
+    with pytest.raises(TypeError, match="cond: expected a Cond"):
+        search.run(mean, 0.5, 0.5, "p0")
+    with pytest.raises(ValueError, match="seed"):
+        search.run(mean, 0.5, 0.5, cond, seed=-3)
+    with pytest.raises(TypeError, match="model: expected a FlowModel"):
+        NoiseSearch(object(), reward)
+
+
+def test_reward_shape_error() -> None:
+    model, _, cond, mean = setup(2)
+    search = NoiseSearch(model, lambda images, prompts: torch.zeros(3), SearchConfig(k=4, top=2))
+    with pytest.raises(ValueError, match=r"reward: expected a \(8,\) tensor for 8 images"):
+        search.run(mean, 0.5, 0.5, cond)
+
+
+def test_graph_path_replays_one_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole-round graph path: a warm-up round whose effects are undone, one capture, then
+    N replays of the same callable give N distinct rounds (state lives in tensors)."""
+    calls = {"capture": 0}
+
+    def fake_capture(round_fn, device):  # a "graph" whose replay is the captured callable
+        calls["capture"] += 1
+        return round_fn
+
+    monkeypatch.setattr(cem_module, "_graph_capable", lambda device: True)
+    monkeypatch.setattr(cem_module, "_capture_round", fake_capture)
+    model, reward, cond, mean = setup(3)
+    cfg = SearchConfig(k=6, rounds=3, top=2, use="mean", alpha=0.8)
+    search = NoiseSearch(model, reward, cfg)
+    got = search.run(mean, 0.4, 0.5, cond, seed=8)
+    assert got.graphed and calls["capture"] == 1
+    assert reward.calls == 1 + cfg.rounds  # the warm-up round, then N replays
+    assert_same(got, search_reference(model, reward, mean, 0.4, 0.5, cond, cfg, seed=8))
+    before = reward.calls
+    search.run(mean, 0.4, 0.5, cond, seed=8)  # same shapes: captured again, no new warm-up
+    assert calls["capture"] == 2 and reward.calls == before + cfg.rounds
+    plain = NoiseSearch(model, reward, SearchConfig(**{**cfg.__dict__, "graph": False}))
+    assert not plain.run(mean, 0.4, 0.5, cond, seed=8).graphed
+
+
+def test_graph_capture_failure_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_capture(round_fn, device):
+        round_fn()  # half a capture that changed the state: must be undone
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cem_module, "_graph_capable", lambda device: True)
+    monkeypatch.setattr(cem_module, "_capture_round", failing_capture)
+    model, reward, cond, mean = setup(2)
+    cfg = SearchConfig(k=4, rounds=2, top=2)
+    search = NoiseSearch(model, reward, cfg)
+    with pytest.warns(RuntimeWarning, match="stage by stage.*not permitted"):
+        got = search.run(mean, 0.4, 0.5, cond, seed=2)
+    assert not got.graphed
+    assert_same(got, search_reference(model, reward, mean, 0.4, 0.5, cond, cfg, seed=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning only: later runs go per stage quietly
+        assert not search.run(mean, 0.4, 0.5, cond, seed=2).graphed
+
+
+def test_torch_noise_baseline() -> None:
+    """The naive baseline (torch.randn noise) runs the same algorithm on other noise."""
+    model, reward, cond, mean = setup(2)
+    cfg = SearchConfig(k=4, rounds=2, top=2, use="sample")
+    gen = torch.Generator().manual_seed(0)
+    a = search_reference(model, reward, mean, 0.5, 0.5, cond, cfg, noise="torch", generator=gen)
+    b = search_reference(model, reward, mean, 0.5, 0.5, cond, cfg)
+    assert a.eps.shape == b.eps.shape and not torch.allclose(a.eps, b.eps)
+    with pytest.raises(ValueError, match="noise: expected 'philox' or 'torch'"):
+        search_reference(model, reward, mean, 0.5, 0.5, cond, cfg, noise="numpy")

@@ -1,0 +1,136 @@
+"""compare_noise on the embedded model, and ``smartgrpo-fast search``."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from smartgrpo_fast import models, rewards
+from smartgrpo_fast.cli import main
+from smartgrpo_fast.models.tiny import sample_prompts
+from smartgrpo_fast.ops import philox_normal
+from smartgrpo_fast.sde import flow_sigmas, ode_step, sde_step
+from smartgrpo_fast.search import RolloutConfig, SearchConfig, compare_noise, paired_stats
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return models.load("tiny"), rewards.load("tiny")
+
+
+SMALL = SearchConfig(k=4, rounds=2, top=2)
+SHORT = RolloutConfig(steps=4, step=1, seed=3, batch=2)
+
+
+def test_compare_noise_contract(tiny) -> None:
+    """Three continuations of the same rollouts; random = plain Flow-GRPO from the same x_T,
+    recomputed here by hand; deterministic from the seeds; batches do not change results."""
+    model, reward = tiny
+    prompts = sample_prompts(3, 5)
+    comp = compare_noise(model, reward, prompts, SMALL, SHORT)
+    for key in ("searched", "random", "bestof"):
+        assert getattr(comp, f"reward_{key}").shape == (3,)
+        assert getattr(comp, f"images_{key}").shape == (3, 3, 32, 32)
+    assert comp.rounds.best.shape == (2, 3) and comp.candidates == 8
+
+    sig = flow_sigmas(4).tolist()
+    x = philox_normal((3, 1, 3, 32, 32), seed=3, round=0).squeeze(1)
+    eps = philox_normal((3, 1, 3, 32, 32), seed=3, round=1).squeeze(1)
+    cond = model.encode_prompts(prompts)
+    x = ode_step(x, model.velocity(x, sig[0], cond), sig[0], sig[1])
+    step = sde_step(x, model.velocity(x, sig[1], cond), sig[1], sig[2], sigma_max=sig[1])
+    x = step.mean + step.std * eps
+    for s, s_next in itertools.pairwise(sig[2:]):
+        x = ode_step(x, model.velocity(x, s, cond), s, s_next)
+    want = reward(model.decode(x), prompts)
+    torch.testing.assert_close(comp.reward_random, want, atol=1e-4, rtol=1e-4)
+
+    again = compare_noise(model, reward, prompts, SMALL, SHORT)
+    torch.testing.assert_close(again.reward_searched, comp.reward_searched)
+
+
+def test_paired_stats() -> None:
+    s = paired_stats(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 0.0, 0.0]))
+    assert s["mean_diff"] == pytest.approx(2.0) and s["std_diff"] == pytest.approx(1.0)
+    assert s["t"] == pytest.approx(2.0 / (1.0 / 3**0.5)) and s["df"] == 2
+    assert s["win_rate"] == 1.0
+    flat = paired_stats(torch.ones(3), torch.ones(3))
+    assert flat["t"] != flat["t"]  # no variation: NaN, not inf
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [(dict(step=4, steps=4), "step: expected 0 <= step < steps"), (dict(batch=0), "batch"),
+     (dict(noise_level=0.0), "noise_level")],
+)  # fmt: skip
+def test_rollout_config_errors(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RolloutConfig(**kw)
+
+
+def test_cli_search_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    argv = ["search", "--num-prompts", "3", "--k", "4", "--rounds", "2", "--top", "2",
+            "--steps", "4", "--step", "1", "--reward", "tiny:1,tiny-color:0.5",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    res = json.loads((out / "result.json").read_text())
+    for key in ("config", "prompts", "reward_searched", "reward_random", "reward_bestof",
+                "rounds", "summary", "throughput"):  # fmt: skip
+        assert key in res
+    assert len(res["prompts"]) == 3
+    assert all(len(res[k]) == 3 for k in ("reward_searched", "reward_random", "reward_bestof"))
+    assert res["config"]["search"]["k"] == 4 and res["config"]["reward"] == "tiny:1,tiny-color:0.5"
+    assert len(res["rounds"]["searched"]) == 2 and len(res["rounds"]["per_prompt"]) == 2
+    assert res["summary"]["searched_vs_random"]["n"] == 3
+    for png in ("grid.png", "rounds.png"):
+        with Image.open(out / png) as im:
+            assert im.width > 100 and im.height > 100
+    printed = capsys.readouterr().out
+    assert "paired t" in printed and "result.json" in printed
+
+
+def test_cli_search_prompt_file(tmp_path: Path) -> None:
+    f = tmp_path / "prompts.txt"
+    f.write_text(
+        "# a comment\na red circle on a blue background\n\na green cross on a white background\n"
+    )
+    assert main(["search", "--prompts", str(f), "--k", "2", "--rounds", "1", "--top", "1",
+                 "--steps", "2", "--step", "0", "--out", str(tmp_path / "o")]) == 0  # fmt: skip
+    res = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert res["prompts"] == ["a red circle on a blue background",
+                              "a green cross on a white background"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--k", "4", "--top", "5"], "top: expected 1 <= top <= k = 4"),
+        (["--reward", "nope"], "name_or_path: expected one of"),
+        (["--reward", "tiny:x"], "tiny:x"),
+        (["--step", "4", "--steps", "4"], "step: expected 0 <= step < steps"),
+        (["--prompts", "/nonexistent/prompts.txt"], "is not a file"),
+        (["--model", "/some/folder"], "give --prompt or --prompts"),
+        (["--k", "0"], "--k: expected an integer >= 1"),
+        (["--use", "median"], "invalid choice"),
+    ],
+)
+def test_cli_search_errors(extra: list[str], match: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["search", *extra])
+    assert exc.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_cli_search_help(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    text = capsys.readouterr().out
+    for opt in ("--model", "--reward", "--prompt", "--prompts", "--k", "--rounds", "--top",
+                "--use", "--step", "--out", "reward_bestof"):  # fmt: skip
+        assert opt in text
