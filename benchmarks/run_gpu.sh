@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, for a lent GPU machine (one lease, spent well):
-# the CUDA tests, the ops benchmark (Triton and CUDA C++ vs unfused PyTorch) and the velocity
+# the CUDA tests, the ops benchmark (Triton and CUDA C++ vs unfused PyTorch), the velocity
 # benchmark (eager vs CUDA graph vs torch.compile) on the tiny and the full-size random
-# SD3.5-medium transformer. Results land in $OUT (default bench_out/); copy the tables into
+# SD3.5-medium transformer, the whole-search benchmark (naive vs fused vs graphed round) and
+# the search demo. Results land in $OUT (default bench_out/); copy the tables into
 # benchmarks/RESULTS.md with the card's name.
 #
 #   bash benchmarks/run_gpu.sh
@@ -18,3 +19,10 @@ python3 -m smartgrpo_fast bench velocity --model tiny --backends eager graph \
 python3 -m smartgrpo_fast bench velocity --model sd35-medium --dtype bfloat16 \
     --backends eager graph compile-reduce-overhead --batches 1 8 16 --out "$OUT" 2>&1 \
     | tee "$OUT/velocity_sd35m.txt"
+# One whole noise search: naive reference vs fused stage by stage vs one captured round
+# replayed N times (candidates/s), on the embedded model and the full-size configuration.
+python3 -m smartgrpo_fast bench search --model tiny --batch 8 --out "$OUT" 2>&1 \
+    | tee "$OUT/search_tiny.txt"
+python3 -m smartgrpo_fast bench search --model sd35-medium --batch 2 --k 16 --rounds 3 \
+    --out "$OUT" 2>&1 | tee "$OUT/search_sd35m.txt"
+python3 -m smartgrpo_fast search --out "$OUT/search_demo" 2>&1 | tee "$OUT/search_demo.txt"

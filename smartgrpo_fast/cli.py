@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     targets = bench.add_subparsers(dest="target", metavar="TARGET", required=True)
     _add_bench_ops(targets)
     _add_bench_velocity(targets)
+    _add_bench_search(targets)
     _add_grid(commands)
     _add_search(commands)
     return parser
@@ -245,6 +246,69 @@ def _run_bench_velocity(args: argparse.Namespace) -> int:
     print(f"velocity of {args.model} on {first['device_name']} ({device}), {dtype}, "
           f"torch {first['torch_version']}, commit {first['git_commit']}")  # fmt: skip
     print(velocity.format_velocity_table(rows))
+    print(f"\nCSV:  {csv_path}\nJSON: {json_path}")
+    return 0
+
+
+def _add_bench_search(sub: argparse._SubParsersAction) -> None:
+    from smartgrpo_fast.bench.search import MODELS, PROVIDERS, SearchBenchConfig
+
+    d = SearchBenchConfig()
+    p = sub.add_parser(
+        "search",
+        help="time one whole noise search: naive reference vs fused vs whole-round CUDA graph",
+        description=(
+            "Time one search of B rollouts (K candidates, N rounds, T elites) per provider: "
+            "reference (naive: torch.randn noise, unfused, Python loop), fused (NoiseSearch "
+            "stage by stage), graph (one captured round replayed N times; CUDA). Models: tiny "
+            "(embedded), sd3-tiny (tiny random SD3 pipeline), sd35-medium (full-size random "
+            "SD3.5-medium at 512 px; GPU). Writes search_*.csv/json and prints candidates/s."
+        ),
+    )
+    p.add_argument("--model", choices=MODELS, default=d.model)
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
+                   help="default: reference fused (+ graph on CUDA)")  # fmt: skip
+    p.add_argument("--batch", type=_int_in(1), default=d.batch, metavar="B")
+    p.add_argument("--k", type=_int_in(1), default=d.k)
+    p.add_argument("--rounds", type=_int_in(1), default=d.rounds)
+    p.add_argument("--top", type=_int_in(1), default=d.top)
+    p.add_argument("--dtype", choices=tuple(bench_ops.DTYPES), default=None,
+                   help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
+    p.add_argument("--device", type=_device, default=None)
+    p.add_argument("--repeats", type=_int_in(1), default=d.repeats, metavar="N")
+    p.add_argument("--warmup", type=_int_in(0), default=d.warmup, metavar="N")
+    p.add_argument("--out", type=Path, default=Path("bench_out"), metavar="DIR")
+    p.set_defaults(handler=_run_bench_search, parser=p)
+
+
+def _run_bench_search(args: argparse.Namespace) -> int:
+    from smartgrpo_fast.bench import search
+
+    device = args.device or _default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        args.parser.error(f"argument --device: {device!r} requested but CUDA is not available")
+    cuda = device.startswith("cuda")
+    providers = args.providers or (
+        ("reference", "fused", "graph") if cuda else ("reference", "fused")
+    )
+    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    try:
+        cfg = search.SearchBenchConfig(
+            model=args.model, providers=tuple(dict.fromkeys(providers)), batch=args.batch,
+            k=args.k, rounds=args.rounds, top=args.top, dtype=dtype, device=device,
+            repeats=args.repeats, warmup=args.warmup,
+        )  # fmt: skip
+    except ValueError as err:
+        args.parser.error(str(err))
+    rows = search.run(cfg)
+    stem = args.out / f"search_{args.model}_{device.replace(':', '')}_{dtype}"
+    csv_path = bench_ops.write_csv(rows, stem.with_suffix(".csv"))
+    json_path = bench_ops.write_json(rows, stem.with_suffix(".json"))
+    first = rows[0]
+    print(f"search of {args.model} on {first['device_name']} ({device}), {dtype}, B={cfg.batch} "
+          f"K={cfg.k} N={cfg.rounds} T={cfg.top}, torch {first['torch_version']}, "
+          f"commit {first['git_commit']}")  # fmt: skip
+    print(search.format_search_table(rows))
     print(f"\nCSV:  {csv_path}\nJSON: {json_path}")
     return 0
 
