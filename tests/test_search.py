@@ -327,3 +327,22 @@ def test_torch_noise_baseline() -> None:
     assert a.eps.shape == b.eps.shape and not torch.allclose(a.eps, b.eps)
     with pytest.raises(ValueError, match="noise: expected 'philox' or 'torch'"):
         search_reference(model, reward, mean, 0.5, 0.5, cond, cfg, noise="numpy")
+
+
+@pytest.mark.cuda
+def test_cuda_graph_round_matches_per_stage() -> None:
+    """On a GPU: the embedded model's whole round captured once and replayed N times gives
+    the per-stage result, and a second run reuses the warm-up."""
+    from smartgrpo_fast import models, rewards
+
+    model = models.load("tiny", device="cuda")
+    reward = rewards.load("tiny", device="cuda")
+    prompts = ["a red circle on a blue background", "a white cross on a black background"]
+    cond = model.encode_prompts(prompts)
+    mean = torch.randn((2, *model.latent_shape), device="cuda")
+    cfg = SearchConfig(k=8, rounds=3, top=2, use="mean")
+    graphed = NoiseSearch(model, reward, cfg).run(mean, 0.3, 0.8, cond, seed=4)
+    staged = NoiseSearch(model, reward, SearchConfig(**{**cfg.__dict__, "graph": False}))
+    want = staged.run(mean, 0.3, 0.8, cond, seed=4)
+    assert graphed.graphed and not want.graphed
+    assert_same(graphed, want, atol=1e-4)

@@ -134,3 +134,21 @@ def test_cli_search_help(capsys: pytest.CaptureFixture) -> None:
     for opt in ("--model", "--reward", "--prompt", "--prompts", "--k", "--rounds", "--top",
                 "--use", "--step", "--out", "reward_bestof"):  # fmt: skip
         assert opt in text
+
+
+def test_cli_bench_search(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["bench", "search", "--batch", "1", "--k", "2", "--rounds", "1", "--top", "1",
+            "--repeats", "1", "--warmup", "0", "--device", "cpu",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "reference" in printed and "fused" in printed and "cand/s" in printed
+    rows = json.loads(next(tmp_path.glob("search_tiny_cpu_float32.json")).read_text())
+    metrics = {(r["provider"], r["metric"]) for r in rows}
+    assert {("reference", "time"), ("fused", "throughput"), ("fused", "speedup")} <= metrics
+
+
+def test_cli_bench_search_graph_needs_cuda(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "search", "--device", "cpu", "--providers", "graph"])
+    assert exc.value.code == 2 and "graph needs a CUDA device" in capsys.readouterr().err
