@@ -22,7 +22,7 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
 
 
-@pytest.mark.parametrize("marker", ["NoiseSearch(", "models.load(\"tiny\")  # the embedded"])
+@pytest.mark.parametrize("marker", ["NoiseSearch(", 'models.load("tiny")  # the embedded'])
 def test_python_example_runs(marker: str) -> None:
     block = next(b for b in _blocks("python") if marker in b)
     exec(compile(block, "README.md", "exec"), {})
