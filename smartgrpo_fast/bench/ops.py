@@ -114,6 +114,7 @@ __all__ = [
     "plot_csv",
     "provider_problem",
     "quantile",
+    "ratio_row",
     "read_csv",
     "run_ops_bench",
     "speedup_rows",
@@ -762,6 +763,17 @@ def _ordered(row: Mapping[str, Any]) -> dict:
     return {name: row[name] for name in CSV_FIELDS}
 
 
+def ratio_row(row: Mapping[str, Any], base: Mapping[str, Any], unit: str) -> dict:
+    """A ``speedup`` row: ``base``'s time over ``row``'s (> 1: ``row`` is faster); p20/p80 are
+    the conservative bounds (base p20 / row p80, base p80 / row p20)."""
+    ratios = {
+        "median": _ratio(base["median"], row["median"]),
+        "p20": _ratio(base["p20"], row["p80"]),
+        "p80": _ratio(base["p80"], row["p20"]),
+    }
+    return {**row, "metric": "speedup", "unit": unit, **ratios}
+
+
 def speedup_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
     """``speedup`` rows from the ``time`` rows of one run: for each (op, x, dtype), each
     baseline of :data:`BASELINES` that ran and each other backend provider ``p`` that ran, a row
@@ -775,18 +787,7 @@ def speedup_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
             base = times.get((op, x, dtype, baseline))
             if provider in ("unfused", baseline) or base is None:
                 continue
-            out.append(
-                _ordered(
-                    {
-                        **row,
-                        "metric": "speedup",
-                        "unit": f"{baseline}/{provider}",
-                        "median": _ratio(base["median"], row["median"]),
-                        "p20": _ratio(base["p20"], row["p80"]),
-                        "p80": _ratio(base["p80"], row["p20"]),
-                    }
-                )
-            )
+            out.append(_ordered(ratio_row(row, base, f"{baseline}/{provider}")))
     return out
 
 

@@ -33,6 +33,7 @@ from smartgrpo_fast.bench.ops import (
     measure,
     measurement_rows,
     parse_device,
+    ratio_row,
 )
 from smartgrpo_fast.search import NoiseSearch, SearchConfig, search_reference
 
@@ -145,11 +146,7 @@ def run(config: SearchBenchConfig) -> list[dict]:
     base = next((r for r in rows if r["provider"] == "reference" and r["metric"] == "time"), None)
     if base is not None:
         for r in [r for r in rows if r["metric"] == "time" and r["provider"] != "reference"]:
-            rows.append(
-                {**r, "metric": "speedup", "unit": "reference/provider",
-                 "median": base["median"] / r["median"],
-                 "p20": base["p20"] / r["p80"], "p80": base["p80"] / r["p20"]}
-            )  # fmt: skip
+            rows.append(ratio_row(r, base, "reference/provider"))
     return rows
 
 

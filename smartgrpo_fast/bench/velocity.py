@@ -29,6 +29,7 @@ from smartgrpo_fast.bench.ops import (
     measure,
     measurement_rows,
     parse_device,
+    ratio_row,
 )
 from smartgrpo_fast.graphs import BACKENDS, GraphConfig
 
@@ -139,11 +140,7 @@ def run(config: VelocityBenchConfig) -> list[dict]:
     for r in list(rows):
         base = eager.get(r["x"])
         if base is not None and r["provider"] != "eager":
-            rows.append(
-                {**r, "metric": "speedup", "unit": "eager/backend",
-                 "median": base["median"] / r["median"],
-                 "p20": base["p20"] / r["p80"], "p80": base["p80"] / r["p20"]}
-            )  # fmt: skip
+            rows.append(ratio_row(r, base, "eager/backend"))
     return rows
 
 
