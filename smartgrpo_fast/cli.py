@@ -493,7 +493,10 @@ def _run_search(args: argparse.Namespace) -> int:
     out: Path = args.out
     json_path = write_result(result, out / "result.json")
     grid = save_comparison_grid(comp, out / "grid.png")
-    curve = plot_rounds(comp, out / "rounds.png", reward=args.reward)
+    try:
+        curve = str(plot_rounds(comp, out / "rounds.png", reward=args.reward))
+    except ImportError:
+        curve = "rounds.png not drawn: matplotlib is missing (pip install 'smartgrpo-fast[bench]')"
     summ = result["summary"]
     for key in ("random", "bestof", "searched"):
         s = summ[key]
