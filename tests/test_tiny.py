@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -149,10 +150,10 @@ def _mismatch(attrs, which: str) -> list[str]:
     return [prompt_of(int(x), int(y), int(z)) for x, y, z in zip(s, c, b, strict=True)]
 
 
-@pytest.mark.parametrize("mode", ["logprob", "prob"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-prob", "tiny-min"])
 @pytest.mark.parametrize("which", ["shape", "color", "background"])
-def test_classifier_reward_ranks_matching_images_first(mode, which) -> None:
-    reward = rewards.load("tiny" if mode == "logprob" else "tiny-prob")
+def test_classifier_reward_ranks_matching_images_first(name, which) -> None:
+    reward = rewards.load(name)
     images, attrs, prompts = _real(128, seed=11)
     good = reward(images, prompts)
     bad = reward(images, _mismatch(attrs, which))
@@ -231,3 +232,14 @@ def test_training_runs_and_resumes_to_the_same_weights(tmp_path) -> None:
     assert all(torch.equal(once[k], chunks[k]) for k in once)
     model = TinyFlowModel.from_pretrained(tmp_path / "once", weights="flow_ema.safetensors")
     assert model.latent_shape == (3, 32, 32)
+
+
+def test_lr_schedule_is_constant_then_decays() -> None:
+    from smartgrpo_fast.models.tiny.train import FlowTrainConfig, _lr_factor
+
+    cfg = FlowTrainConfig(steps=1200, warmup=200, decay_fraction=0.25, final_lr_fraction=0.1)
+    f = [_lr_factor(s, cfg) for s in range(cfg.steps)]
+    assert f[0] == pytest.approx(1 / 200) and f[199] == pytest.approx(1.0)
+    assert all(v == 1.0 for v in f[200:950])  # constant until the last 25% of 1000 steps
+    assert all(a >= b for a, b in itertools.pairwise(f[950:]))
+    assert f[-1] == pytest.approx(0.1, abs=1e-4)
