@@ -73,7 +73,7 @@ def random_model_dir(tmp_path_factory):
     transformer, text_encoder = build_modules(arch, seed=0)
     folder = tmp_path_factory.mktemp("tiny_random")
     save_weights(
-        folder, transformer, text_encoder, arch, name="flow_ema.safetensors", dtype=torch.float32
+        folder, transformer, text_encoder, arch, name="flow.safetensors", dtype=torch.float32
     )
     return folder
 

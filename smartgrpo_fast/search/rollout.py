@@ -37,7 +37,9 @@ class RolloutConfig:
 
     Attributes:
         steps: sampling steps from t = 1 to 0 (Flow-GRPO trains with 10).
-        step: the searched SDE step, 0 <= step < steps (early steps decide composition).
+        step: the searched SDE step, 0 <= step < steps. 2 (t 0.8 -> 0.7 of 10 uniform steps):
+            early steps decide composition, and on the embedded model (64 prompts) CEM beat
+            best-of-48 there (paired t 2.05) while at step 1 the two tied (t -1.0).
         shift: the schedule's time shift (1 for the embedded model, 3 for SD3).
         noise_level: Flow-GRPO's SDE noise level (0.7).
         seed: keys the initial noise and the random eps (Philox, per prompt row).
@@ -45,7 +47,7 @@ class RolloutConfig:
     """
 
     steps: int = 10
-    step: int = 1
+    step: int = 2
     shift: float = 1.0
     noise_level: float = 0.7
     seed: int = 0
