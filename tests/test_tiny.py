@@ -243,3 +243,31 @@ def test_lr_schedule_is_constant_then_decays() -> None:
     assert all(v == 1.0 for v in f[200:950])  # constant until the last 25% of 1000 steps
     assert all(a >= b for a, b in itertools.pairwise(f[950:]))
     assert f[-1] == pytest.approx(0.1, abs=1e-4)
+
+
+def test_guidance_against_the_null_prompt(random_model_dir) -> None:
+    """guidance_scale g > 1: v = v(null) + g (v(prompt) - v(null)), null = all <pad>, in one
+    batch; the scale can come from config.json."""
+    import json
+
+    plain = TinyFlowModel.from_pretrained(random_model_dir)
+    guided = TinyFlowModel.from_pretrained(random_model_dir, guidance_scale=2.5)
+    prompts = sample_prompts(2, seed=1)
+    cond = guided.encode_prompts(prompts)
+    assert cond.has_negative and not plain.encode_prompts(prompts).has_negative
+    z = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    v_c = plain.velocity(z, 0.6, plain.encode_prompts(prompts), k=2)
+    null_h, null_p = plain.text_encoder(torch.zeros(2, 7, dtype=torch.int64))
+    from smartgrpo_fast.models import Cond
+
+    v_u = plain.velocity(z, 0.6, Cond(null_h.detach(), null_p.detach()), k=2)
+    torch.testing.assert_close(guided.velocity(z, 0.6, cond, k=2), v_u + 2.5 * (v_c - v_u),
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    meta = json.loads((random_model_dir / "config.json").read_text())
+    folder = random_model_dir.parent / "guided"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({**meta, "guidance_scale": 3.0}))
+    (folder / "flow.safetensors").write_bytes((random_model_dir / "flow.safetensors").read_bytes())
+    assert TinyFlowModel.from_pretrained(folder).guidance_scale == 3.0
+    with pytest.raises(ValueError, match="guidance_scale: expected a finite value >= 1"):
+        TinyFlowModel.from_pretrained(random_model_dir, guidance_scale=0.5)

@@ -16,6 +16,7 @@ Weights ship in the package (``weights/``) as safetensors with a JSON config.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,10 @@ class TinyFlowModel(DiTFlowModel):
         *,
         graph: GraphConfig | None = None,
         arch: TinyArch | None = None,
+        guidance_scale: float = 1.0,
     ) -> None:
+        if not (math.isfinite(guidance_scale) and guidance_scale >= 1.0):
+            raise ValueError(f"guidance_scale: expected a finite value >= 1, got {guidance_scale}")
         self.transformer = transformer.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.arch = arch or TinyArch()
@@ -137,7 +141,7 @@ class TinyFlowModel(DiTFlowModel):
         self.dtype = next(transformer.parameters()).dtype
         self.latent_shape: tuple[int, int, int] = (3, IMAGE_SIZE, IMAGE_SIZE)
         self.image_size = IMAGE_SIZE
-        self.guidance_scale = 1.0
+        self.guidance_scale = float(guidance_scale)
         self._forward = GraphedCallable(
             self._transformer_forward, graph or GraphConfig(backend="eager")
         )
@@ -151,13 +155,16 @@ class TinyFlowModel(DiTFlowModel):
         dtype: torch.dtype = torch.float32,
         graph: GraphConfig | None = None,
         weights: str = "flow.safetensors",
+        guidance_scale: float | None = None,
     ) -> TinyFlowModel:
         """Load the shipped weights (``path=None``) or a folder written by the trainer.
 
         ``weights`` picks the file: ``flow.safetensors`` (default; the raw weights at the end
         of the lr decay, the ones that ship: they matched their prompts more often than the
         EMA copy, 51% vs 45% of shapes) or ``flow_ema.safetensors``, which the trainer also
-        writes.
+        writes. ``guidance_scale`` > 1 samples with classifier-free guidance against the null
+        prompt (all ``<pad>``; models trained with ``--uncond-prob``); default: the folder's
+        ``config.json`` ``"guidance_scale"``, else 1 (off).
         """
         from safetensors.torch import load_file
 
@@ -169,7 +176,10 @@ class TinyFlowModel(DiTFlowModel):
                     f"{f}: not found; expected the embedded model's config.json and {weights} "
                     f"(python -m smartgrpo_fast.models.tiny.train writes them)"
                 )
-        arch = TinyArch(**json.loads(cfg_file.read_text())["arch"])
+        meta = json.loads(cfg_file.read_text())
+        arch = TinyArch(**meta["arch"])
+        if guidance_scale is None:
+            guidance_scale = float(meta.get("guidance_scale", 1.0))
         transformer, text_encoder = build_modules(arch)
         state = load_file(w_file)
         transformer.load_state_dict(_strip(state, "transformer."))
@@ -178,16 +188,22 @@ class TinyFlowModel(DiTFlowModel):
         if dtype != torch.float32:
             transformer.to(dtype)
         text_encoder.to(device)
-        return cls(transformer, text_encoder, graph=graph, arch=arch)
+        return cls(transformer, text_encoder, graph=graph, arch=arch, guidance_scale=guidance_scale)
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
-        """Conditioning of B prompts: (B, 7, 64) token states and (B, 64) pooled."""
+        """Conditioning of B prompts: (B, 7, 64) token states and (B, 64) pooled; with
+        guidance on, also the null prompt's as the negative embeddings."""
         if isinstance(prompts, str) or not prompts:
             raise TypeError("prompts: expected a non-empty list of strings")
         ids = tokenize(list(prompts)).to(self.device)
         with torch.no_grad():
             h, pooled = self.text_encoder(ids)
-        return Cond(h.to(self.dtype), pooled.to(self.dtype), prompts=tuple(prompts))
+            neg_h = neg_pooled = None
+            if self.guidance_scale > 1.0:
+                neg_h, neg_pooled = self.text_encoder(torch.zeros_like(ids))  # <pad> = id 0
+                neg_h, neg_pooled = neg_h.to(self.dtype), neg_pooled.to(self.dtype)
+        return Cond(h.to(self.dtype), pooled.to(self.dtype), neg_h, neg_pooled,
+                    prompts=tuple(prompts))  # fmt: skip
 
     def decode(
         self, x0_latent: torch.Tensor, *, size: int | tuple[int, int] | None = None

@@ -53,6 +53,9 @@ class FlowTrainConfig:
     #: cosine over the whole run (decay_fraction=1) stalled at 42% shape accuracy.
     decay_fraction: float = 0.15
     final_lr_fraction: float = 0.05
+    #: Probability of training a sample on the null prompt (all ``<pad>``), which gives the
+    #: model the unconditional velocity that classifier-free guidance needs. 0 = no guidance.
+    uncond_prob: float = 0.0
     ema: float = 0.998
     grad_clip: float = 1.0
     seed: int = 0
@@ -114,7 +117,11 @@ def train_flow(
         t = torch.sigmoid(torch.randn(cfg.batch, generator=gen))  # logit-normal(0, 1)
         tt = t.view(-1, 1, 1, 1)
         x_t = (1.0 - tt) * x0 + tt * eps
-        h, pooled = text_encoder(tokenize(prompts))
+        ids = tokenize(prompts)
+        if cfg.uncond_prob > 0:
+            drop = torch.rand(cfg.batch, generator=gen) < cfg.uncond_prob
+            ids = torch.where(drop[:, None], torch.zeros_like(ids), ids)  # <pad> = id 0
+        h, pooled = text_encoder(ids)
         pred = transformer(x_t, h, pooled, t * 1000.0, return_dict=False)[0]
         loss = F.mse_loss(pred, eps - x0)
         opt.zero_grad(set_to_none=True)
@@ -158,12 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=defaults.batch)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--uncond-prob", type=float, default=defaults.uncond_prob,
+                        help="null-prompt probability (classifier-free guidance)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     parser.add_argument(
         "--stop-after", type=int, default=None, help="end this run after N steps (resumable)"
     )
     args = parser.parse_args(argv)
-    cfg = FlowTrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    cfg = FlowTrainConfig(
+        steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+        uncond_prob=args.uncond_prob,
+    )  # fmt: skip
     _, _, summary = train_flow(cfg, out=args.out, stop_after=args.stop_after)
     print(f"done in {summary['seconds'] / 60:.1f} min, final loss {summary['final_loss']:.4f}")
     return 0
