@@ -380,15 +380,20 @@ def _add_search(commands: argparse._SubParsersAction) -> None:
     src.add_argument("--num-prompts", type=_int_in(1), default=32, metavar="N",
                      help="with --model tiny and no prompts given: N prompts sampled from the "
                           "embedded world with --seed (default: %(default)s)")  # fmt: skip
-    p.add_argument("--k", type=_int_in(1), default=sd.k, help="candidates per round (K)")
-    p.add_argument("--rounds", type=_int_in(1), default=sd.rounds, help="CEM rounds (N)")
-    p.add_argument("--top", type=_int_in(1), default=sd.top, help="elites per round (T <= K)")
+    p.add_argument("--k", type=_int_in(1), default=sd.k,
+                   help="candidates per round (K; default: %(default)s)")  # fmt: skip
+    p.add_argument("--rounds", type=_int_in(1), default=sd.rounds,
+                   help="CEM rounds (N; default: %(default)s)")  # fmt: skip
+    p.add_argument("--top", type=_int_in(1), default=sd.top,
+                   help="elites per round (T <= K; default: %(default)s)")  # fmt: skip
     p.add_argument("--use", choices=USES, default=sd.use,
                    help="noise the rollout takes: the final CEM mean, a draw from the final "
                         "N(mu, sigma^2), or the best candidate of any round "
                         "(default: %(default)s)")  # fmt: skip
-    p.add_argument("--alpha", type=float, default=sd.alpha, help="CEM smoothing in (0, 1]")
-    p.add_argument("--min-sigma", type=float, default=sd.min_sigma, help="floor of the CEM std")
+    p.add_argument("--alpha", type=float, default=sd.alpha,
+                   help="CEM smoothing in (0, 1], 1 = textbook (default: %(default)s)")  # fmt: skip
+    p.add_argument("--min-sigma", type=float, default=sd.min_sigma,
+                   help="floor of the CEM std (default: %(default)s)")  # fmt: skip
     p.add_argument("--pooled-sigma", action="store_true",
                    help="one CEM std per rollout instead of one per element")  # fmt: skip
     p.add_argument("--rescale", action="store_true",
@@ -424,12 +429,15 @@ def _add_search(commands: argparse._SubParsersAction) -> None:
         default=0,
         help="keys the prompts (tiny), initial noise, random noise and the search",
     )
-    p.add_argument("--device", type=_device, default=None)
+    p.add_argument("--device", type=_device, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")  # fmt: skip
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
     p.add_argument("--no-graph", action="store_true",
                    help="run rounds stage by stage even on CUDA")  # fmt: skip
-    p.add_argument("--out", type=Path, default=Path("search_out"), metavar="DIR")
+    p.add_argument("--out", type=Path, default=Path("search_out"), metavar="DIR",
+                   help="folder for result.json, grid.png, rounds.png "
+                        "(default: %(default)s)")  # fmt: skip
     p.set_defaults(handler=_run_search, parser=p)
 
 
