@@ -55,7 +55,7 @@ class FlowTrainConfig:
     final_lr_fraction: float = 0.05
     #: Probability of training a sample on the null prompt (all ``<pad>``), which gives the
     #: model the unconditional velocity that classifier-free guidance needs. 0 = no guidance.
-    uncond_prob: float = 0.0
+    uncond_prob: float = 0.1
     ema: float = 0.998
     grad_clip: float = 1.0
     seed: int = 0
