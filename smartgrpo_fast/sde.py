@@ -13,6 +13,7 @@ A step goes from ``sigma`` to ``sigma_next < sigma`` (``dt = sigma_next - sigma 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import torch
 __all__ = [
     "SDEStep",
     "flow_sigmas",
+    "integrate_ode",
     "ode_step",
     "sample_ode",
     "sde_log_prob",
@@ -109,13 +111,20 @@ def sample_ode(
         sigmas = sigmas[sigmas <= t_start + 1e-6]
         if sigmas[0] < t_start - 1e-6:
             sigmas = torch.cat([torch.tensor([t_start]), sigmas])
-    x = z
-    pairs = list(zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True))
+    return integrate_ode(model, cond, z, sigmas.tolist(), k=k, progress=progress)
+
+
+@torch.no_grad()
+def integrate_ode(
+    model, cond, x: torch.Tensor, sigmas: list[float], *, k: int = 1, progress: bool = False
+) -> torch.Tensor:
+    """Euler steps of the ODE along ``sigmas`` (flow times, decreasing; fewer than two: no
+    step) from ``x`` (B*k, C, H, W) at ``sigmas[0]``; returns x at ``sigmas[-1]``, x's dtype."""
+    pairs = list(itertools.pairwise(sigmas))
     if progress:
         from tqdm.auto import tqdm
 
         pairs = tqdm(pairs, desc="ODE", leave=False)
     for s, s_next in pairs:
-        v = model.velocity(x, s, cond, k=k)
-        x = ode_step(x, v, s, s_next)
+        x = ode_step(x, model.velocity(x, s, cond, k=k), s, s_next)
     return x

@@ -14,7 +14,6 @@ Everything is keyed by seeds: the same prompts and seed give the same numbers.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -24,7 +23,7 @@ import torch
 
 from smartgrpo_fast.ops import philox_normal
 from smartgrpo_fast.rewards.base import Reward
-from smartgrpo_fast.sde import flow_sigmas, ode_step, sde_step
+from smartgrpo_fast.sde import flow_sigmas, integrate_ode, sde_step
 from smartgrpo_fast.search.cem import NoiseSearch
 from smartgrpo_fast.search.config import RoundStats, SearchConfig, SearchResult
 
@@ -101,12 +100,6 @@ def _cat_stats(parts: list[RoundStats]) -> RoundStats:
                         for f in ("best", "elite_mean", "mean", "nan_count")))  # fmt: skip
 
 
-def _finish(model: Any, cond: Any, x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
-    for s, s_next in itertools.pairwise(sigmas):
-        x = ode_step(x, model.velocity(x, s, cond), s, s_next)
-    return x
-
-
 @torch.no_grad()
 def compare_noise(
     model: Any,
@@ -144,7 +137,7 @@ def compare_noise(
         sl = slice(start, min(n, start + rollout.batch))
         chunk = prompts[sl]
         cond = model.encode_prompts(chunk)
-        x = _finish(model, cond, x_t[sl], sigmas[: s_idx + 1])
+        x = integrate_ode(model, cond, x_t[sl], sigmas[: s_idx + 1])
         step = sde_step(x, model.velocity(x, sigma, cond), sigma, sigma_next,
                         noise_level=rollout.noise_level, sigma_max=sigmas[1])  # fmt: skip
         seed = search.seed + 7919 * (start + 1)  # a Philox key per batch of rollouts
@@ -160,7 +153,7 @@ def compare_noise(
             stats[key].append(res.rounds)
         for key in out:
             x_next = (step.mean + step.std * eps[key].float()).to(x.dtype)
-            img = model.decode(_finish(model, cond, x_next, sigmas[s_idx + 1 :]))
+            img = model.decode(integrate_ode(model, cond, x_next, sigmas[s_idx + 1 :]))
             images[key].append(img.cpu())
             out[key].append(reward(img, chunk).float().cpu())
     return Comparison(
