@@ -14,19 +14,12 @@ from typing import Any
 import torch
 
 from smartgrpo_fast.models.base import Cond
-from smartgrpo_fast.ops import philox_normal
+from smartgrpo_fast.ops import philox_normal, topk_select_reference
 from smartgrpo_fast.rewards.base import Reward
 from smartgrpo_fast.search.cem import check_search_inputs, finite_or_nan, rescale_rows
 from smartgrpo_fast.search.config import RoundStats, SearchConfig, SearchResult
 
 __all__ = ["search_reference"]
-
-
-def _rank(r: torch.Tensor) -> torch.Tensor:
-    """(B, K) -> (B, K) candidate indices, best first; NaN last; ties to the lower index."""
-    key = torch.where(torch.isnan(r), torch.full_like(r, float("-inf")), r)
-    # stable descending sort keeps equal keys (NaN included) in index order
-    return torch.sort(key, dim=1, descending=True, stable=True).indices
 
 
 @torch.no_grad()
@@ -82,8 +75,7 @@ def search_reference(
             model.decode(x0) if cfg.decode_size is None else model.decode(x0, size=cfg.decode_size)
         )
         r = finite_or_nan(reward(images, prompts_k).float().to(dev).view(b, k))
-        order = _rank(r)
-        elite = order[:, : cfg.top]
+        elite = topk_select_reference(r, cfg.top)  # NaN last, ties to the lower index
         r_elite = r.gather(1, elite)
         stats[:, rnd] = torch.stack(
             [r_elite[:, 0], r_elite.mean(1), r.nanmean(1), torch.isnan(r).sum(1).float()]
