@@ -5,7 +5,17 @@ from smartgrpo_fast.graphs.capture import (
     GraphConfig,
     GraphedCallable,
     GraphStats,
+    capture_graph,
     pick_bucket,
+    warm_up,
 )
 
-__all__ = ["BACKENDS", "GraphConfig", "GraphStats", "GraphedCallable", "pick_bucket"]
+__all__ = [
+    "BACKENDS",
+    "GraphConfig",
+    "GraphStats",
+    "GraphedCallable",
+    "capture_graph",
+    "pick_bucket",
+    "warm_up",
+]

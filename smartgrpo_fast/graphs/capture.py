@@ -30,12 +30,21 @@ import bisect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from smartgrpo_fast.ops._common import is_capturing
 
-__all__ = ["BACKENDS", "GraphConfig", "GraphStats", "GraphedCallable", "pick_bucket"]
+__all__ = [
+    "BACKENDS",
+    "GraphConfig",
+    "GraphStats",
+    "GraphedCallable",
+    "capture_graph",
+    "pick_bucket",
+    "warm_up",
+]
 
 BACKENDS = ("eager", "graph", "compile-reduce-overhead", "compile-max-autotune")
 
@@ -103,21 +112,38 @@ def _on_cuda(args: tuple[torch.Tensor, ...]) -> bool:
     return all(a.is_cuda for a in args)
 
 
+def warm_up(fn: Callable[[], object], device: torch.device, times: int = 1) -> None:
+    """Call ``fn`` ``times`` times before a capture: on CUDA on a side stream (lazy
+    initialisation, cuBLAS workspaces and Triton compilation must happen outside a capture),
+    elsewhere directly."""
+    if device.type != "cuda":
+        for _ in range(times):
+            fn()
+        return
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
+def capture_graph(
+    fn: Callable[[], object], pool: tuple | None = None
+) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Capture one call of ``fn`` into a new CUDA graph (in ``pool``); (graph, fn's output)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = fn()
+    return graph, output
+
+
 def _record(
     fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], pool: tuple, warmup: int
 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Warm ``fn`` up on a side stream, then capture one call into a graph in ``pool``."""
-    device = inputs[0].device
-    side = torch.cuda.Stream(device=device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn(*inputs)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        output = fn(*inputs)
-    return graph, output
+    warm_up(lambda: fn(*inputs), inputs[0].device, warmup)
+    return capture_graph(lambda: fn(*inputs), pool)
 
 
 def _pool_handle() -> tuple:

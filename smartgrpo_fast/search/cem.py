@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from smartgrpo_fast.graphs import capture_graph, warm_up
 from smartgrpo_fast.models.base import Cond
 from smartgrpo_fast.ops import cem_update, sample_perturb, topk_select, x0_estimate
 from smartgrpo_fast.rewards.base import Reward
@@ -124,22 +125,8 @@ def _graph_capable(device: torch.device) -> bool:
 
 def _capture_round(round_fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
     """Capture one call of ``round_fn`` as a CUDA graph; return its replay."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        round_fn()
+    graph, _ = capture_graph(round_fn)
     return graph.replay
-
-
-def _warm_up(round_fn: Callable[[], None], device: torch.device) -> None:
-    """One eager round on a side stream: Triton JIT, cuBLAS handles and caches before capture."""
-    if device.type != "cuda":
-        round_fn()
-        return
-    side = torch.cuda.Stream(device=device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        round_fn()
-    torch.cuda.current_stream(device).wait_stream(side)
 
 
 class NoiseSearch:
@@ -255,7 +242,7 @@ class NoiseSearch:
         key = (tuple(st.mean.shape), st.sigma.dim(), dev)
         try:
             if key not in self._warmed:
-                _warm_up(round_fn, dev)
+                warm_up(round_fn, dev)  # Triton JIT, cuBLAS handles, reward caches
                 st.load(snapshot)
                 self._warmed.add(key)
             replay = _capture_round(round_fn, dev)
