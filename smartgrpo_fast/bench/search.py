@@ -88,25 +88,19 @@ class SearchBenchConfig:
 def _model_and_cond(config: SearchBenchConfig) -> tuple[Any, Any, Any]:
     """(model, reward, cond) for ``config.model``."""
     from smartgrpo_fast import models, rewards
-    from smartgrpo_fast.models import Cond
 
     dtype, device = DTYPES[config.dtype], parse_device(config.device)
     prompts = [_PROMPT] * config.batch
     if config.model == "tiny":
         model = models.load("tiny", device=device, dtype=dtype)
         return model, rewards.load("tiny", device=device), model.encode_prompts(prompts)
-    from smartgrpo_fast.bench.velocity import VelocityBenchConfig, build_velocity_model
+    from smartgrpo_fast.bench.velocity import VelocityBenchConfig, build_velocity_model, random_cond
 
     name = "tiny" if config.model == "sd3-tiny" else "sd35-medium"
     vcfg = VelocityBenchConfig(model=name, dtype=config.dtype, device=config.device)
     model = build_velocity_model(vcfg, "eager")
-    tcfg = model.transformer.config
-    gen = torch.Generator(device=device).manual_seed(0)
-    embeds = torch.randn((config.batch, 77 + 128, tcfg.joint_attention_dim), generator=gen,
-                         device=device).to(model.dtype)  # fmt: skip
-    pooled = torch.randn((config.batch, tcfg.pooled_projection_dim), generator=gen,
-                         device=device).to(model.dtype)  # fmt: skip
-    return model, rewards.load("tiny-color"), Cond(embeds, pooled, prompts=tuple(prompts))
+    cond = random_cond(model, config.batch, prompts=tuple(prompts))
+    return model, rewards.load("tiny-color"), cond
 
 
 def run(config: SearchBenchConfig) -> list[dict]:

@@ -33,7 +33,13 @@ from smartgrpo_fast.bench.ops import (
 )
 from smartgrpo_fast.graphs import BACKENDS, GraphConfig
 
-__all__ = ["VelocityBenchConfig", "build_velocity_model", "format_velocity_table", "run"]
+__all__ = [
+    "VelocityBenchConfig",
+    "build_velocity_model",
+    "format_velocity_table",
+    "random_cond",
+    "run",
+]
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,11 @@ class _BarePipe:
     vae: Any
 
 
-def _random_cond(model: Any, batch: int, text_tokens: int) -> Any:
+def random_cond(
+    model: Any, batch: int, text_tokens: int = 128, prompts: tuple[str, ...] = ()
+) -> Any:
+    """A Cond of ``batch`` random embeddings of the model's text width (77 CLIP + ``text_tokens``
+    T5 tokens; seed 0) for timing without text encoders; ``prompts`` label it for a reward."""
     from smartgrpo_fast.models import Cond
 
     cfg = model.transformer.config
@@ -110,7 +120,7 @@ def _random_cond(model: Any, batch: int, text_tokens: int) -> Any:
     pooled = torch.randn((batch, cfg.pooled_projection_dim), generator=gen, device=model.device).to(
         model.dtype
     )
-    return Cond(embeds, pooled)
+    return Cond(embeds, pooled, prompts=prompts)
 
 
 def run(config: VelocityBenchConfig) -> list[dict]:
@@ -122,7 +132,7 @@ def run(config: VelocityBenchConfig) -> list[dict]:
     for backend in config.backends:
         model = build_velocity_model(config, backend)
         for n in config.batches:
-            cond = _random_cond(model, 1, config.text_tokens)
+            cond = random_cond(model, 1, config.text_tokens)
             gen = torch.Generator(device=device).manual_seed(1)
             z = torch.randn((n, *model.latent_shape), generator=gen, device=device)
             z = z.to(model.dtype)
