@@ -413,7 +413,7 @@ def _add_search(commands: argparse._SubParsersAction) -> None:
         help="sampling steps from t = 1 to 0 (default: %(default)s)",
     )
     p.add_argument("--shift", type=float, default=None,
-                   help="schedule time shift (default: 1 for tiny, 3 for SD3)")  # fmt: skip
+                   help="schedule time shift (default: the model's; 3 for tiny, SD3)")  # fmt: skip
     p.add_argument("--noise-level", type=float, default=rd.noise_level,
                    help="Flow-GRPO SDE noise level (default: %(default)s)")  # fmt: skip
     p.add_argument(
@@ -483,9 +483,8 @@ def _run_search(args: argparse.Namespace) -> int:
             min_sigma=args.min_sigma, per_element=not args.pooled_sigma, rescale=args.rescale,
             seed=args.seed, graph=not args.no_graph,
         )  # fmt: skip
-        shift = args.shift if args.shift is not None else (1.0 if args.model == "tiny" else 3.0)
         rollout = RolloutConfig(
-            steps=args.steps, step=args.step, shift=shift, noise_level=args.noise_level,
+            steps=args.steps, step=args.step, shift=args.shift, noise_level=args.noise_level,
             seed=args.seed, batch=args.batch,
         )  # fmt: skip
         reward = reward_from_spec(args.reward, device=device)

@@ -90,6 +90,15 @@ def sde_log_prob(x_next: torch.Tensor, step: SDEStep) -> torch.Tensor:
     return lp.flatten(1).mean(dim=1)
 
 
+def schedule_shift(model) -> float:
+    """The time shift a model samples with: its ``time_shift`` attribute (SD3: the scheduler's
+    ``shift``, 3.0; the embedded model: ``config.json``), else 1.0 (uniform steps)."""
+    shift = float(getattr(model, "time_shift", 1.0))
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"model.time_shift: expected a finite value > 0, got {shift}")
+    return shift
+
+
 @torch.no_grad()
 def sample_ode(
     model,
@@ -97,16 +106,17 @@ def sample_ode(
     z: torch.Tensor,
     *,
     steps: int = 40,
-    shift: float = 1.0,
+    shift: float | None = None,
     k: int = 1,
     t_start: float | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Integrate the ODE from ``z`` (B*k, C, H, W) at t = 1 (or ``t_start``) to t = 0.
 
-    Returns the final latents (the model's x0 space), in z's dtype.
+    ``shift`` defaults to the model's (:func:`schedule_shift`). Returns the final latents (the
+    model's x0 space), in z's dtype.
     """
-    sigmas = flow_sigmas(steps, shift)
+    sigmas = flow_sigmas(steps, schedule_shift(model) if shift is None else shift)
     if t_start is not None:
         sigmas = sigmas[sigmas <= t_start + 1e-6]
         if sigmas[0] < t_start - 1e-6:

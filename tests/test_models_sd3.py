@@ -47,6 +47,7 @@ def test_load_through_registry(tiny_dir) -> None:
     assert isinstance(m, SD3FlowModel) and isinstance(m, FlowModel)
     assert m.latent_shape == (16, 32, 32) and m.image_size == 64
     assert (m.scaling_factor, m.shift_factor) == (1.5305, 0.0609)
+    assert m.time_shift == m.pipe.scheduler.config.shift == 3.0  # the schedule sde uses
     assert m.vae.dtype == torch.float32
 
 

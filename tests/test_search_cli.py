@@ -14,7 +14,7 @@ from smartgrpo_fast import models, rewards
 from smartgrpo_fast.cli import main
 from smartgrpo_fast.models.tiny import sample_prompts
 from smartgrpo_fast.ops import philox_normal
-from smartgrpo_fast.sde import flow_sigmas, ode_step, sde_step
+from smartgrpo_fast.sde import flow_sigmas, ode_step, schedule_shift, sde_step
 from smartgrpo_fast.search import RolloutConfig, SearchConfig, compare_noise, paired_stats
 
 
@@ -38,7 +38,8 @@ def test_compare_noise_contract(tiny) -> None:
         assert getattr(comp, f"images_{key}").shape == (3, 3, 32, 32)
     assert comp.rounds.best.shape == (2, 3) and comp.candidates == 8
 
-    sig = flow_sigmas(4).tolist()
+    assert comp.shift == schedule_shift(model)  # shift=None: the model's schedule
+    sig = flow_sigmas(4, comp.shift).tolist()
     x = philox_normal((3, 1, 3, 32, 32), seed=3, round=0).squeeze(1)
     eps = philox_normal((3, 1, 3, 32, 32), seed=3, round=1).squeeze(1)
     cond = model.encode_prompts(prompts)
@@ -66,7 +67,8 @@ def test_paired_stats() -> None:
 @pytest.mark.parametrize(
     "kw, match",
     [(dict(step=4, steps=4), "step: expected 0 <= step < steps"), (dict(batch=0), "batch"),
-     (dict(noise_level=0.0), "noise_level")],
+     (dict(noise_level=0.0), "noise_level"), (dict(shift=0.0), "shift: expected a finite"),
+     (dict(shift=float("nan")), "shift: expected a finite")],
 )  # fmt: skip
 def test_rollout_config_errors(kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -232,6 +232,50 @@ def test_training_runs_and_resumes_to_the_same_weights(tmp_path) -> None:
     assert all(torch.equal(once[k], chunks[k]) for k in once)
     model = TinyFlowModel.from_pretrained(tmp_path / "once", weights="flow_ema.safetensors")
     assert model.latent_shape == (3, 32, 32)
+    assert model.time_shift == cfg.time_shift  # config.json: sample on the trained schedule
+
+
+def test_training_times_are_shifted_toward_noise(monkeypatch) -> None:
+    """The trainer's t: logit-normal(0, 1) shifted by s t / (1 + (s - 1) t) (SD3's schedule)."""
+    from smartgrpo_fast.models.tiny import train
+
+    seen: list[torch.Tensor] = []
+    real = train.build_modules
+
+    def spy_modules(arch, seed=0):
+        transformer, text_encoder = real(arch, seed)
+        forward = transformer.forward
+
+        def spy(x_t, h, pooled, timestep, **kw):
+            seen.append(timestep / 1000.0)
+            return forward(x_t, h, pooled, timestep, **kw)
+
+        transformer.forward = spy
+        return transformer, text_encoder
+
+    monkeypatch.setattr(train, "build_modules", spy_modules)
+    arch = TinyArch(layers=1, heads=2, head_dim=8)
+    for shift in (1.0, 3.0):
+        seen.clear()
+        train.train_flow(train.FlowTrainConfig(steps=1, batch=512, warmup=1, time_shift=shift),
+                         arch, log=lambda _: None)  # fmt: skip
+        t = seen[0]
+        u = t / (shift - (shift - 1.0) * t)  # undo the shift: logit-normal(0, 1) again
+        z = torch.logit(u.double())
+        assert abs(float(z.mean())) < 0.15 and abs(float(z.std()) - 1.0) < 0.1
+    assert float((t > 0.8).float().mean()) > 0.25  # shifted: high noise drawn often
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [(dict(time_shift=0.0), "time_shift"), (dict(uncond_prob=1.0), "uncond_prob"),
+     (dict(steps=0), "steps"), (dict(decay_fraction=1.5), "decay_fraction")],
+)  # fmt: skip
+def test_train_config_errors(kw: dict, match: str) -> None:
+    from smartgrpo_fast.models.tiny.train import FlowTrainConfig
+
+    with pytest.raises(ValueError, match=match):
+        FlowTrainConfig(**kw)
 
 
 def test_lr_schedule_is_constant_then_decays() -> None:
@@ -271,3 +315,26 @@ def test_guidance_against_the_null_prompt(random_model_dir) -> None:
     assert TinyFlowModel.from_pretrained(folder).guidance_scale == 3.0
     with pytest.raises(ValueError, match="guidance_scale: expected a finite value >= 1"):
         TinyFlowModel.from_pretrained(random_model_dir, guidance_scale=0.5)
+
+
+def test_time_shift_from_config_drives_sampling(random_model_dir, tmp_path) -> None:
+    """config.json "time_shift" is the model's schedule: sample_ode and compare_noise use it
+    unless given a shift."""
+    import json
+
+    from smartgrpo_fast.sde import schedule_shift
+
+    assert TinyFlowModel.from_pretrained(random_model_dir).time_shift == 1.0  # absent: uniform
+    meta = json.loads((random_model_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**meta, "time_shift": 3.0}))
+    weights = (random_model_dir / "flow.safetensors").read_bytes()
+    (tmp_path / "flow.safetensors").write_bytes(weights)
+    shifted = TinyFlowModel.from_pretrained(tmp_path)
+    assert schedule_shift(shifted) == 3.0
+    cond = shifted.encode_prompts(sample_prompts(2, seed=3))
+    z = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    default = sample_ode(shifted, cond, z, steps=3)
+    torch.testing.assert_close(default, sample_ode(shifted, cond, z, steps=3, shift=3.0))
+    assert not torch.allclose(default, sample_ode(shifted, cond, z, steps=3, shift=1.0))
+    with pytest.raises(ValueError, match="time_shift: expected a finite value > 0"):
+        TinyFlowModel.from_pretrained(tmp_path, time_shift=-1.0)

@@ -216,6 +216,12 @@ class SD3FlowModel(DiTFlowModel):
         return float(self.vae.config.scaling_factor)
 
     @property
+    def time_shift(self) -> float:
+        """The scheduler's time shift (3.0 for SD3 / SD3.5): ``sde.schedule_shift``."""
+        scheduler = getattr(self.pipe, "scheduler", None)
+        return float(getattr(getattr(scheduler, "config", None), "shift", 3.0) or 3.0)
+
+    @property
     def shift_factor(self) -> float:
         """The VAE's shift factor (``x0_estimate``'s ``shift``)."""
         return float(getattr(self.vae.config, "shift_factor", 0.0) or 0.0)

@@ -57,8 +57,8 @@ def result_dict(
     n = len(comp.prompts)
     calls = n * comp.candidates
     return _finite({
-        "config": {"search": asdict(search), "rollout": asdict(rollout), "model": model,
-                   "reward": reward, "device": device},
+        "config": {"search": asdict(search), "rollout": {**asdict(rollout), "shift": comp.shift},
+                   "model": model, "reward": reward, "device": device},
         "prompts": comp.prompts,
         "reward_searched": comp.reward_searched.tolist(),
         "reward_random": comp.reward_random.tolist(),

@@ -23,7 +23,7 @@ import torch
 
 from smartgrpo_fast.ops import philox_normal
 from smartgrpo_fast.rewards.base import Reward
-from smartgrpo_fast.sde import flow_sigmas, integrate_ode, sde_step
+from smartgrpo_fast.sde import flow_sigmas, integrate_ode, schedule_shift, sde_step
 from smartgrpo_fast.search.cem import NoiseSearch
 from smartgrpo_fast.search.config import RoundStats, SearchConfig, SearchResult
 
@@ -39,7 +39,8 @@ class RolloutConfig:
         step: the searched SDE step, 0 <= step < steps. 2 (t 0.8 -> 0.7 of 10 uniform steps):
             early steps decide composition, and on the embedded model (64 prompts) CEM beat
             best-of-48 there (paired t 2.05) while at step 1 the two tied (t -1.0).
-        shift: the schedule's time shift (1 for the embedded model, 3 for SD3).
+        shift: the schedule's time shift; None = the model's (``sde.schedule_shift``: 3 for
+            SD3 and for the embedded model, both from their configs).
         noise_level: Flow-GRPO's SDE noise level (0.7).
         seed: keys the initial noise and the random eps (Philox, per prompt row).
         batch: prompts searched together (B; the search runs B*K rows per forward).
@@ -47,7 +48,7 @@ class RolloutConfig:
 
     steps: int = 10
     step: int = 2
-    shift: float = 1.0
+    shift: float | None = None
     noise_level: float = 0.7
     seed: int = 0
     batch: int = 32
@@ -57,6 +58,8 @@ class RolloutConfig:
             raise ValueError(f"steps: expected >= 1, got {self.steps}")
         if not 0 <= self.step < self.steps:
             raise ValueError(f"step: expected 0 <= step < steps = {self.steps}, got {self.step}")
+        if self.shift is not None and not (math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"shift: expected a finite value > 0 or None, got {self.shift}")
         if not self.noise_level > 0:
             raise ValueError(f"noise_level: expected > 0, got {self.noise_level}")
         if self.batch < 1:
@@ -68,7 +71,8 @@ class RolloutConfig:
 @dataclass
 class Comparison:
     """Final rewards (B,) float32 and images (B, 3, H, W) of the three continuations, the two
-    searches' per-round statistics (rounds x B), and the seconds spent in each search."""
+    searches' per-round statistics (rounds x B), the seconds spent in each search and the
+    schedule's time shift used."""
 
     prompts: list[str]
     reward_searched: torch.Tensor
@@ -81,6 +85,7 @@ class Comparison:
     rounds_bestof: RoundStats
     seconds: dict[str, float] = field(default_factory=dict)
     candidates: int = 0
+    shift: float = 1.0
 
 
 def paired_stats(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -115,7 +120,8 @@ def compare_noise(
     rollout = rollout or RolloutConfig()
     if isinstance(prompts, str) or not prompts:
         raise TypeError("prompts: expected a non-empty list of strings")
-    sigmas = flow_sigmas(rollout.steps, rollout.shift).tolist()
+    shift = schedule_shift(model) if rollout.shift is None else rollout.shift
+    sigmas = flow_sigmas(rollout.steps, shift).tolist()
     s_idx = rollout.step
     sigma, sigma_next = sigmas[s_idx], sigmas[s_idx + 1]
     n, shape = len(prompts), tuple(model.latent_shape)
@@ -157,6 +163,7 @@ def compare_noise(
             images[key].append(img.cpu())
             out[key].append(reward(img, chunk).float().cpu())
     return Comparison(
+        shift=shift,
         prompts=list(prompts),
         reward_searched=torch.cat(out["searched"]),
         reward_random=torch.cat(out["random"]),
