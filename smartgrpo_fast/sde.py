@@ -21,24 +21,39 @@ import torch
 
 __all__ = [
     "SDEStep",
+    "check_time_shift",
     "flow_sigmas",
     "integrate_ode",
     "ode_step",
     "sample_ode",
+    "schedule_shift",
     "sde_log_prob",
     "sde_step",
+    "shift_times",
 ]
 
 
+def check_time_shift(shift: float, name: str = "shift") -> float:
+    """``shift`` as a float; a ValueError naming ``name`` unless it is finite and > 0."""
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"{name}: expected a finite value > 0, got {shift}")
+    return float(shift)
+
+
+def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's time shift of flow times t in [0, 1]: ``s t / (1 + (s - 1) t)`` (s > 1 moves
+    them toward noise; 1 = identity). Shapes the sampling schedule and the trainer's times."""
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
 def flow_sigmas(steps: int, shift: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(steps + 1,) float32 flow times from 1 to 0, time-shifted like SD3's scheduler:
-    ``s t / (1 + (s - 1) t)`` (shift 3.0 for SD3; 1.0 = uniform)."""
+    """(steps + 1,) float32 flow times from 1 to 0, time-shifted like SD3's scheduler
+    (:func:`shift_times`; shift 3.0 for SD3; 1.0 = uniform)."""
     if steps < 1:
         raise ValueError(f"steps: expected >= 1, got {steps}")
-    if not (math.isfinite(shift) and shift > 0):
-        raise ValueError(f"shift: expected a finite value > 0, got {shift}")
+    check_time_shift(shift)
     t = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float32)
-    return shift * t / (1.0 + (shift - 1.0) * t)
+    return shift_times(t, shift)
 
 
 def ode_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
@@ -93,10 +108,7 @@ def sde_log_prob(x_next: torch.Tensor, step: SDEStep) -> torch.Tensor:
 def schedule_shift(model) -> float:
     """The time shift a model samples with: its ``time_shift`` attribute (SD3: the scheduler's
     ``shift``, 3.0; the embedded model: ``config.json``), else 1.0 (uniform steps)."""
-    shift = float(getattr(model, "time_shift", 1.0))
-    if not (math.isfinite(shift) and shift > 0):
-        raise ValueError(f"model.time_shift: expected a finite value > 0, got {shift}")
-    return shift
+    return check_time_shift(float(getattr(model, "time_shift", 1.0)), "model.time_shift")
 
 
 @torch.no_grad()

@@ -23,7 +23,13 @@ import torch
 
 from smartgrpo_fast.ops import philox_normal
 from smartgrpo_fast.rewards.base import Reward
-from smartgrpo_fast.sde import flow_sigmas, integrate_ode, schedule_shift, sde_step
+from smartgrpo_fast.sde import (
+    check_time_shift,
+    flow_sigmas,
+    integrate_ode,
+    schedule_shift,
+    sde_step,
+)
 from smartgrpo_fast.search.cem import NoiseSearch
 from smartgrpo_fast.search.config import RoundStats, SearchConfig, SearchResult
 
@@ -60,8 +66,8 @@ class RolloutConfig:
             raise ValueError(f"steps: expected >= 1, got {self.steps}")
         if not 0 <= self.step < self.steps:
             raise ValueError(f"step: expected 0 <= step < steps = {self.steps}, got {self.step}")
-        if self.shift is not None and not (math.isfinite(self.shift) and self.shift > 0):
-            raise ValueError(f"shift: expected a finite value > 0 or None, got {self.shift}")
+        if self.shift is not None:
+            check_time_shift(self.shift)
         if not self.noise_level > 0:
             raise ValueError(f"noise_level: expected > 0, got {self.noise_level}")
         if self.batch < 1:

@@ -31,6 +31,7 @@ from torch import nn
 from smartgrpo_fast.graphs import GraphConfig, GraphedCallable
 from smartgrpo_fast.models.base import Cond, DiTFlowModel
 from smartgrpo_fast.models.tiny.data import COLORS, IMAGE_SIZE, SHAPES
+from smartgrpo_fast.sde import check_time_shift
 
 __all__ = [
     "VOCAB",
@@ -138,8 +139,6 @@ class TinyFlowModel(DiTFlowModel):
     ) -> None:
         if not (math.isfinite(guidance_scale) and guidance_scale >= 1.0):
             raise ValueError(f"guidance_scale: expected a finite value >= 1, got {guidance_scale}")
-        if not (math.isfinite(time_shift) and time_shift > 0):
-            raise ValueError(f"time_shift: expected a finite value > 0, got {time_shift}")
         self.transformer = transformer.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.arch = arch or TinyArch()
@@ -149,7 +148,7 @@ class TinyFlowModel(DiTFlowModel):
         self.image_size = IMAGE_SIZE
         self.guidance_scale = float(guidance_scale)
         #: The sampling schedule's time shift (``sde.schedule_shift``), that of training.
-        self.time_shift = float(time_shift)
+        self.time_shift = check_time_shift(time_shift, "time_shift")
         self._forward = GraphedCallable(
             self._transformer_forward, graph or GraphConfig(backend="eager")
         )

@@ -36,6 +36,7 @@ from smartgrpo_fast.models.tiny.model import (
     save_weights,
     tokenize,
 )
+from smartgrpo_fast.sde import check_time_shift, shift_times
 
 __all__ = ["FlowTrainConfig", "main", "train_flow"]
 
@@ -72,8 +73,7 @@ class FlowTrainConfig:
         for name in ("steps", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.time_shift) and self.time_shift > 0):
-            raise ValueError(f"time_shift: expected a finite value > 0, got {self.time_shift}")
+        check_time_shift(self.time_shift, "time_shift")
         if not 0.0 <= self.uncond_prob < 1.0:
             raise ValueError(f"uncond_prob: expected 0 <= p < 1, got {self.uncond_prob}")
         if not 0.0 <= self.decay_fraction <= 1.0:
@@ -133,8 +133,7 @@ def train_flow(
         ]
         x0 = images * 2.0 - 1.0
         eps = torch.randn(x0.shape, generator=gen)
-        t = torch.sigmoid(torch.randn(cfg.batch, generator=gen))  # logit-normal(0, 1)
-        t = cfg.time_shift * t / (1.0 + (cfg.time_shift - 1.0) * t)
+        t = shift_times(torch.sigmoid(torch.randn(cfg.batch, generator=gen)), cfg.time_shift)
         tt = t.view(-1, 1, 1, 1)
         x_t = (1.0 - tt) * x0 + tt * eps
         ids = tokenize(prompts)
