@@ -4,11 +4,18 @@ Flow matching, SD3 convention: ``x_t = (1 - t) x0 + t eps``, velocity ``v = eps 
 A step goes from ``sigma`` to ``sigma_next < sigma`` (``dt = sigma_next - sigma < 0``):
 
 * ODE (Euler): ``x_next = x + dt v``.
-* SDE (Flow-GRPO): ``std_t = noise_level * sqrt(sigma / (1 - sigma))`` (``sigma == 1`` uses
-  ``sigma_max``, the next value of the schedule), ``mean = x (1 + std_t^2 / (2 sigma) dt) +
+* SDE (Flow-GRPO's ``"sde"``): ``std_t = noise_level * sqrt(sigma / (1 - sigma'))`` where
+  ``sigma' = sigma_max`` (the schedule's next value) when ``sigma == 1``, else ``sigma``: the
+  substitution is in the denominator only. ``mean = x (1 + std_t^2 / (2 sigma) dt) +
   v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt``, ``x_next = mean + std_t sqrt(-dt) eps``; the
   log-probability of ``x_next`` is that of N(mean, (std_t sqrt(-dt))^2), averaged over the
-  non-batch dimensions. Computed in float32.
+  non-batch dimensions.
+* CPS (Flow-GRPO's ``"cps"``, used by Flow-GRPO-Fast): ``std = sigma_next sin(noise_level pi/2)``,
+  ``x0 = x - sigma v``, ``x1 = x + (1 - sigma) v``, ``mean = (1 - sigma_next) x0 +
+  sqrt(sigma_next^2 - std^2) x1``, ``x_next = mean + std eps``; its log-probability is
+  ``-(x_next - mean)^2`` averaged over the non-batch dimensions (constants dropped, as there).
+
+Both are computed in float32 (bf16 overflows) and differentiable in ``x`` and ``v``.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "SDE_TYPES",
     "SDEStep",
     "check_time_shift",
     "flow_sigmas",
@@ -61,12 +69,22 @@ def ode_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) 
     return (x.float() + (sigma_next - sigma) * v.float()).to(x.dtype)
 
 
+SDE_TYPES = ("sde", "cps")
+
+
 @dataclass(frozen=True)
 class SDEStep:
-    """Mean and std of one Flow-GRPO SDE step: x_next ~ N(mean, std^2); float32."""
+    """One Flow-GRPO stochastic step: ``x_next = mean + std * eps``, eps ~ N(0, I).
+
+    Attributes:
+        mean: (N, *S) float32, the step's mean (carries gradient when x or v does).
+        std: the scale that multiplies eps (``sample_perturb``'s ``scale``).
+        kind: ``"sde"`` or ``"cps"``; decides :func:`sde_log_prob`'s form.
+    """
 
     mean: torch.Tensor
     std: float
+    kind: str = "sde"
 
 
 def sde_step(
@@ -77,31 +95,55 @@ def sde_step(
     *,
     noise_level: float = 0.7,
     sigma_max: float | None = None,
+    sde_type: str = "sde",
 ) -> SDEStep:
-    """The Flow-GRPO SDE step's Gaussian; ``std`` is the scale that multiplies eps
-    (``std_t * sqrt(-dt)``), i.e. ``sample_perturb``'s ``scale``."""
+    """The Gaussian of one Flow-GRPO stochastic step from ``sigma`` to ``sigma_next``.
+
+    Args:
+        x, v: (N, *S) latents at ``sigma`` and the model's velocity there (any float dtype).
+        sigma, sigma_next: flow times, ``sigma_next < sigma``.
+        noise_level: Flow-GRPO's noise level (0.7 for ``"sde"``, 0.8 for Fast's ``"cps"``).
+        sigma_max: the schedule's value after 1.0; needed by ``"sde"`` when ``sigma == 1``.
+        sde_type: ``"sde"`` or ``"cps"`` (module docstring).
+
+    Returns:
+        :class:`SDEStep`; ``std`` is ``sample_perturb``'s ``scale``.
+    """
+    if sde_type not in SDE_TYPES:
+        raise ValueError(f"sde_type: expected one of {', '.join(SDE_TYPES)}, got {sde_type!r}")
     dt = sigma_next - sigma
     if not dt < 0:
         raise ValueError(f"sigma_next: expected < sigma = {sigma}, got {sigma_next}")
-    s = sigma
-    if s >= 1.0:
+    if not (math.isfinite(noise_level) and noise_level > 0):
+        raise ValueError(f"noise_level: expected a finite value > 0, got {noise_level}")
+    xf, vf = x.float(), v.float()
+    if sde_type == "cps":
+        std = sigma_next * math.sin(noise_level * math.pi / 2)
+        x0 = xf - sigma * vf
+        x1 = xf + (1.0 - sigma) * vf
+        mean = (1.0 - sigma_next) * x0 + math.sqrt(max(sigma_next**2 - std**2, 0.0)) * x1
+        return SDEStep(mean, std, "cps")
+    denom = sigma
+    if sigma >= 1.0:
         if sigma_max is None or not 0 < sigma_max < 1:
             raise ValueError("sigma_max: at sigma == 1 give the schedule's next value in (0, 1)")
-        s = sigma_max
-    std_t = noise_level * math.sqrt(s / (1.0 - s))
-    xf, vf = x.float(), v.float()
+        denom = sigma_max
+    std_t = noise_level * math.sqrt(sigma / (1.0 - denom))
     mean = (
         xf * (1.0 + std_t**2 / (2.0 * sigma) * dt)
         + vf * (1.0 + std_t**2 * (1.0 - sigma) / (2.0 * sigma)) * dt
     )
-    return SDEStep(mean, std_t * math.sqrt(-dt))
+    return SDEStep(mean, std_t * math.sqrt(-dt), "sde")
 
 
 def sde_log_prob(x_next: torch.Tensor, step: SDEStep) -> torch.Tensor:
-    """(N,) log N(x_next; mean, std^2), averaged over the non-batch dimensions (Flow-GRPO)."""
-    var = step.std**2
-    lp = -((x_next.float() - step.mean) ** 2) / (2 * var) - math.log(step.std)
-    lp = lp - 0.5 * math.log(2 * math.pi)
+    """(N,) float32 log-probability of ``x_next`` under the step, averaged over the non-batch
+    dimensions (Flow-GRPO): the Gaussian N(mean, std^2) for ``"sde"``, ``-(x_next - mean)^2``
+    for ``"cps"``."""
+    diff = x_next.float() - step.mean
+    if step.kind == "cps":
+        return (-(diff**2)).flatten(1).mean(dim=1)
+    lp = -(diff**2) / (2 * step.std**2) - math.log(step.std) - 0.5 * math.log(2 * math.pi)
     return lp.flatten(1).mean(dim=1)
 
 
