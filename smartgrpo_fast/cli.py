@@ -262,7 +262,11 @@ def _add_bench_search(sub: argparse._SubParsersAction) -> None:
             "reference (naive: torch.randn noise, unfused, Python loop), fused (NoiseSearch "
             "stage by stage), graph (one captured round replayed N times; CUDA). Models: tiny "
             "(embedded), sd3-tiny (tiny random SD3 pipeline), sd35-medium (full-size random "
-            "SD3.5-medium at 512 px; GPU). Writes search_*.csv/json and prints candidates/s."
+            "SD3.5-medium at 512 px; GPU). Also splits a round of reference and fused into its "
+            "stages (sample, forward, x0, decode, reward, select/update; a device synchronize "
+            "and a timer around each) and measures each provider's peak memory (CUDA: "
+            "max_memory_allocated; CPU: the process's peak RSS). Writes search_*.csv/json, "
+            "a stacked-bar plot search_*_stages.png, and prints candidates/s and the split."
         ),
     )
     p.add_argument("--model", choices=MODELS, default=d.model)
@@ -278,6 +282,8 @@ def _add_bench_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=_int_in(1), default=d.repeats, metavar="N")
     p.add_argument("--warmup", type=_int_in(0), default=d.warmup, metavar="N")
     p.add_argument("--out", type=Path, default=Path("bench_out"), metavar="DIR")
+    p.add_argument("--no-plot", action="store_true",
+                   help="do not draw the stage split's PNG (default: drawn)")  # fmt: skip
     p.set_defaults(handler=_run_bench_search, parser=p)
 
 
@@ -310,6 +316,13 @@ def _run_bench_search(args: argparse.Namespace) -> int:
           f"commit {first['git_commit']}")  # fmt: skip
     print(search.format_search_table(rows))
     print(f"\nCSV:  {csv_path}\nJSON: {json_path}")
+    if not args.no_plot and any(r["metric"] == "stage_time" for r in rows):
+        try:
+            png_path = search.plot_stage_split(csv_path, stem.with_name(stem.name + "_stages.png"))
+        except ImportError as err:
+            print(f"plot skipped: {err} (pip install 'smartgrpo-fast[bench]')", file=sys.stderr)
+        else:
+            print(f"PNG:  {png_path}")
     return 0
 
 

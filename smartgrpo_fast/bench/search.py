@@ -1,10 +1,11 @@
-"""Benchmark of one whole noise search: candidates per second, fused vs naive.
+"""Benchmark of one whole noise search: candidates per second, fused vs naive, split by stage.
 
 One call = one search of B rollouts (K candidates, N rounds, T elites) at one SDE step, the
 unit of work Smart-GRPO adds per searched step. Providers:
 
 * ``reference``: :func:`smartgrpo_fast.search.search_reference` with ``noise="torch"`` — the
-  naive implementation (materialised ``torch.randn`` noise, unfused arithmetic, a Python loop);
+  naive implementation (materialised ``torch.randn`` noise drawn on the model's device from a
+  device generator, as ``bench ops`` draws it; unfused arithmetic, a Python loop);
 * ``fused``: :class:`smartgrpo_fast.search.NoiseSearch` stage by stage (fused ops: Triton on
   CUDA, the C++ ops on CPU);
 * ``graph``: NoiseSearch with one captured round replayed N times (CUDA only).
@@ -14,13 +15,48 @@ Models: ``tiny`` (the embedded pixel-space model, prompt-matching reward ``tiny`
 ``sd35-medium`` (SD3.5-medium's transformer and the SD3 VAE with random weights at 512 px;
 build on a GPU). The SD3 models use random conditioning and the analytic ``tiny-color``
 reward on the decoded images, so the timing is the search's own, not a reward model's.
-Rows use the ops benchmark's CSV schema (op ``search``, x = B*K*N candidates per call),
-plus ``throughput`` rows (candidates/s) and ``speedup`` rows (reference / provider).
+
+Rows use the ops benchmark's CSV schema (:data:`smartgrpo_fast.bench.ops.CSV_FIELDS`):
+
+* op ``search``, x = B*K*N candidates per call: ``time`` (ms per search), ``throughput``
+  (candidates/s) and ``speedup`` (reference / provider) rows;
+* op ``search``, peak memory of one whole search, unit ``bytes`` (median = p20 = p80):
+  on CUDA ``peak_cuda_bytes`` (``torch.cuda.max_memory_allocated`` after
+  ``reset_peak_memory_stats``: everything allocated, model weights included) and
+  ``peak_cuda_over_start_bytes`` (that peak less what was allocated when the search began);
+  on CPU ``peak_rss_bytes`` (the process's peak resident set, VmHWM, reset through
+  ``/proc/self/clear_refs`` before the search: Python, torch and the model included) and
+  ``peak_rss_over_start_bytes`` (that peak less the resident set when the search began).
+  Where VmHWM cannot be reset (not Linux) the CPU rows are ``max_rss_bytes`` and
+  ``max_rss_over_start_bytes``: the process's lifetime peak (``getrusage``), which an earlier,
+  larger call can hide;
+* the stage split of one round (reference and fused; ``graph`` replays a round whole): op
+  ``round:<stage>`` for each stage of :data:`STAGES`, x = B*K candidates per round, a
+  ``stage_time`` row (unit ``s``, median/p20/p80 over the N rounds of each of the timed
+  searches) and a ``stage_fraction`` row (unit ``of round``: median = the stage's median over
+  the sum of the six medians, so the medians of a provider sum to 1; p20/p80 = quantiles of
+  the per-round fractions).
+
+The split runs the stages of a round one at a time, a device synchronize and a
+``time.perf_counter`` timer around each: ``sample`` (fused: ``sample_perturb``; reference:
+``torch.randn`` then ``mean + scale * (mu + sigma * n)``), ``forward`` (``model.velocity``),
+``x0`` (``x0_estimate``; reference: ``(z - t v) / scaling + shift``), ``decode``
+(``model.decode``), ``reward`` (the reward, NaN/inf made NaN) and ``select/update`` (fused:
+``topk_select``, ``cem_update`` and the round's statistics; reference:
+``topk_select_reference`` and the elites' mean and std over the materialised noise). The
+stages are those of ``NoiseSearch._round`` and of ``search_reference``'s loop, on the same
+state, so the split says where a round's time goes (the synchronizes make the split's sum
+a little larger than a round of the whole-search timing on CUDA). :func:`plot_stage_split`
+draws it as stacked bars from the CSV.
 """
 
 from __future__ import annotations
 
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,19 +65,41 @@ from smartgrpo_fast.bench.ops import (
     DTYPES,
     CaseShape,
     OpCase,
+    RunInfo,
     collect_run_info,
     measure,
     measurement_rows,
     parse_device,
+    quantile,
     ratio_row,
+    read_csv,
+    summarize,
 )
+from smartgrpo_fast.ops import cem_update, sample_perturb, topk_select, topk_select_reference
+from smartgrpo_fast.ops import x0_estimate as x0_estimate_op
 from smartgrpo_fast.search import NoiseSearch, SearchConfig, search_reference
+from smartgrpo_fast.search.cem import finite_or_nan
 
-__all__ = ["MODELS", "PROVIDERS", "SearchBenchConfig", "format_search_table", "run"]
+__all__ = [
+    "MODELS",
+    "PROVIDERS",
+    "SPLIT_PROVIDERS",
+    "STAGES",
+    "SearchBenchConfig",
+    "format_search_table",
+    "peak_memory",
+    "plot_stage_split",
+    "run",
+]
 
 MODELS = ("tiny", "sd3-tiny", "sd35-medium")
 PROVIDERS = ("reference", "fused", "graph")
+#: The stages of one round, in order (see the module docstring).
+STAGES: tuple[str, ...] = ("sample", "forward", "x0", "decode", "reward", "select/update")
+#: The providers whose round is split into :data:`STAGES` (``graph`` replays a round whole).
+SPLIT_PROVIDERS: tuple[str, ...] = ("reference", "fused")
 _PROMPT = "a red circle on a blue background"
+_STAGE_OP = "round:"
 
 
 @dataclass(frozen=True)
@@ -54,7 +112,8 @@ class SearchBenchConfig:
         batch: rollouts per search (B).
         k, rounds, top: the search's K, N and T.
         dtype: model dtype; device: ``cpu`` or ``cuda[:N]``.
-        repeats, warmup: timed and untimed searches.
+        repeats, warmup: timed and untimed searches, for the whole-search timing and again
+            for the stage split (``repeats * rounds`` timed rounds per stage).
     """
 
     model: str = "tiny"
@@ -103,8 +162,281 @@ def _model_and_cond(config: SearchBenchConfig) -> tuple[Any, Any, Any]:
     return model, rewards.load("tiny-color"), cond
 
 
+# --------------------------------------------------------------------------------------
+# Peak memory
+# --------------------------------------------------------------------------------------
+
+
+def _proc_status_bytes(field: str) -> int:
+    """``field`` (VmRSS, VmHWM) of /proc/self/status in bytes; OSError when unreadable."""
+    text = Path("/proc/self/status").read_text()
+    found = re.search(rf"^{field}:\s*(\d+) kB", text, re.MULTILINE)
+    if found is None:
+        raise OSError(f"/proc/self/status has no {field}")
+    return int(found.group(1)) * 1024
+
+
+def _max_rss_bytes() -> int:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # KiB on Linux, bytes on macOS
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[str, int, int]:
+    """Run ``fn()`` once; return (metric, peak bytes, peak less the bytes at the start).
+
+    The metric names what was measured (module docstring): ``peak_cuda_bytes`` on CUDA,
+    ``peak_rss_bytes`` on Linux CPUs (VmHWM reset before the call), else ``max_rss_bytes``
+    (the process's lifetime peak resident set).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        with torch.no_grad():
+            fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return "peak_cuda_bytes", peak, peak - start
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        start = _proc_status_bytes("VmRSS")
+        with torch.no_grad():
+            fn()
+        peak = _proc_status_bytes("VmHWM")
+        return "peak_rss_bytes", peak, max(peak - start, 0)
+    except OSError:
+        start = _max_rss_bytes()
+        with torch.no_grad():
+            fn()
+        peak = _max_rss_bytes()
+        return "max_rss_bytes", peak, peak - start
+
+
+# --------------------------------------------------------------------------------------
+# One round, stage by stage
+# --------------------------------------------------------------------------------------
+
+
+class _StagedRound:
+    """One provider's round split into :data:`STAGES`: :meth:`reset` starts a search, then
+    :meth:`stages` run in order once per round; tensors pass from stage to stage through
+    ``self``. ``mean`` (B, *S) float32 and ``scale`` (B,) float32 as the search validated."""
+
+    def __init__(
+        self,
+        model: Any,
+        reward: Any,
+        cfg: SearchConfig,
+        mean: torch.Tensor,
+        scale: torch.Tensor,
+        t_next: float,
+        cond: Any,
+    ) -> None:
+        self.model, self.reward_fn, self.cfg, self.cond = model, reward, cfg, cond
+        self.mean, self.scale, self.t_next = mean, scale, t_next
+        self.b, self.k, self.s = mean.shape[0], cfg.k, tuple(mean.shape[1:])
+        self.dev = mean.device
+        self.prompts = [p for p in cond.prompts for _ in range(cfg.k)]
+        self.scaling = float(getattr(model, "scaling_factor", 1.0))
+        self.shift = float(getattr(model, "shift_factor", 0.0))
+
+    def stages(self) -> tuple[Callable[[], None], ...]:
+        return (self.sample, self.forward, self.x0, self.decode, self.reward, self.select_update)
+
+    def _decode_images(self, x0: torch.Tensor) -> torch.Tensor:
+        size = self.cfg.decode_size
+        return self.model.decode(x0) if size is None else self.model.decode(x0, size=size)
+
+    def decode(self) -> None:
+        self.images = self._decode_images(self.x0_latent)
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def forward(self) -> None:
+        raise NotImplementedError
+
+    def x0(self) -> None:
+        raise NotImplementedError
+
+    def reward(self) -> None:
+        raise NotImplementedError
+
+    def select_update(self) -> None:
+        raise NotImplementedError
+
+
+class _FusedRound(_StagedRound):
+    """``NoiseSearch._round``, stage by stage, on the state ``NoiseSearch`` starts from."""
+
+    def __init__(self, search: NoiseSearch, *args: Any) -> None:
+        super().__init__(search.model, search.reward, search.config, *args)
+        self.search = search
+
+    def reset(self) -> None:
+        self.st = self.search._initial_state(self.mean, self.scale, self.t_next, self.cfg.seed)
+
+    def sample(self) -> None:
+        st, b, k = self.st, self.b, self.k
+        self.z = sample_perturb(
+            st.mean, st.mu, st.sigma, st.scale, k=k, seed=st.seed, round=st.round, validate=False
+        ).view(b * k, *self.s)
+
+    def forward(self) -> None:
+        self.v = self.model.velocity(self.z, self.st.t, self.cond, k=self.k)
+
+    def x0(self) -> None:
+        self.x0_latent = x0_estimate_op(
+            self.z, self.v, self.st.t, scaling=self.scaling, shift=self.shift, validate=False
+        )
+
+    def reward(self) -> None:
+        r = self.reward_fn(self.images, self.prompts)
+        self.r = finite_or_nan(r.to(self.dev, torch.float32).view(self.b, self.k))
+
+    def select_update(self) -> None:
+        st, cfg, r, b = self.st, self.cfg, self.r, self.b
+        idx = topk_select(r, cfg.top)
+        common = {"shape": st.mean.shape, "k": self.k, "seed": st.seed, "round": st.round}
+        common |= {"per_element": cfg.per_element, "validate": False}
+        eps1, _ = cem_update(st.mu, st.sigma, idx[:, :1], alpha=1.0, min_sigma=0.0, **common)
+        r1 = r.gather(1, idx[:, :1]).squeeze(1)
+        better = r1 > st.best_reward
+        st.best_reward.copy_(torch.where(better, r1, st.best_reward))
+        st.best_eps.copy_(torch.where(better.view(b, *([1] * len(self.s))), eps1, st.best_eps))
+        row = torch.stack(
+            [r1, r.gather(1, idx).mean(1), r.nanmean(1), torch.isnan(r).sum(1).float()]
+        )
+        st.stats.index_copy_(1, st.round.view(1), row.unsqueeze(1))
+        if cfg.strategy == "cem":
+            mu, sigma = cem_update(
+                st.mu, st.sigma, idx, alpha=cfg.alpha, min_sigma=cfg.min_sigma, **common
+            )
+            st.mu.copy_(mu)
+            st.sigma.copy_(sigma)
+        st.round.add_(1)
+
+
+class _ReferenceRound(_StagedRound):
+    """``search_reference``'s loop body with ``noise="torch"``, stage by stage; the noise is
+    drawn on the device from ``generator`` (a generator on that device)."""
+
+    def __init__(self, *args: Any, generator: torch.Generator) -> None:
+        super().__init__(*args)
+        self.gen = generator
+        self.ones = [1] * len(self.s)
+
+    def reset(self) -> None:
+        cfg, b, dev = self.cfg, self.b, self.dev
+        self.mu = torch.full(self.mean.shape, cfg.mu0, device=dev)
+        self.sigma = torch.full(self.mean.shape if cfg.per_element else (b,), cfg.sigma0,
+                                device=dev)  # fmt: skip
+        self.best_r = torch.full((b,), float("-inf"), device=dev)
+        self.best_eps = self.mu.clone()
+        self.stats = torch.full((4, cfg.rounds, b), float("nan"), device=dev)
+        self.rnd = 0
+
+    def sample(self) -> None:
+        b, k, s, ones = self.b, self.k, self.s, self.ones
+        sig = self.sigma.unsqueeze(1) if self.cfg.per_element else self.sigma.view(b, 1, *ones)
+        noise = torch.randn((b, k, *s), generator=self.gen, device=self.dev)
+        self.eps = self.mu.unsqueeze(1) + sig * noise  # (B, K, *S)
+        z = self.mean.unsqueeze(1) + self.scale.view(b, 1, *ones) * self.eps
+        self.z = z.reshape(b * k, *s)
+
+    def forward(self) -> None:
+        self.v = self.model.velocity(self.z, self.t_next, self.cond, k=self.k).float()
+
+    def x0(self) -> None:
+        self.x0_latent = (self.z - self.t_next * self.v) / self.scaling + self.shift
+
+    def reward(self) -> None:
+        r = self.reward_fn(self.images, self.prompts).float().to(self.dev)
+        self.r = finite_or_nan(r.view(self.b, self.k))
+
+    def select_update(self) -> None:
+        cfg, r, b, s, ones = self.cfg, self.r, self.b, self.s, self.ones
+        elite = topk_select_reference(r, cfg.top)
+        r_elite = r.gather(1, elite)
+        self.stats[:, self.rnd] = torch.stack(
+            [r_elite[:, 0], r_elite.mean(1), r.nanmean(1), torch.isnan(r).sum(1).float()]
+        )
+        better = r_elite[:, 0] > self.best_r
+        self.best_r = torch.where(better, r_elite[:, 0], self.best_r)
+        eps_best = self.eps[torch.arange(b, device=self.dev), elite[:, 0]]
+        self.best_eps = torch.where(better.view(b, *ones), eps_best, self.best_eps)
+        if cfg.strategy == "cem":
+            eps_e = self.eps.gather(1, elite.view(b, cfg.top, *ones).expand(b, cfg.top, *s))
+            a = cfg.alpha
+            self.mu = (1 - a) * self.mu + a * eps_e.mean(1)
+            var = eps_e.var(1, unbiased=False)
+            spread = var.sqrt() if cfg.per_element else var.flatten(1).mean(1).sqrt()
+            self.sigma = ((1 - a) * self.sigma + a * spread).clamp_min(cfg.min_sigma)
+        self.rnd += 1
+
+
+def _time_stages(
+    staged: _StagedRound, rounds: int, device: torch.device, *, warmup: int, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds per stage of each of the ``repeats * rounds`` timed rounds (after ``warmup``
+    untimed searches), a device synchronize and a timer around each stage."""
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    stages = staged.stages()
+    samples: dict[str, list[float]] = {name: [] for name in STAGES}
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            staged.reset()
+            for _ in range(rounds):
+                for name, stage in zip(STAGES, stages, strict=True):
+                    sync()
+                    start = time.perf_counter()
+                    stage()
+                    sync()
+                    if i >= warmup:
+                        samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def _stage_rows(base: Mapping[str, Any], samples: Mapping[str, list[float]]) -> list[dict]:
+    """``stage_time`` (s) and ``stage_fraction`` rows of one provider (module docstring)."""
+    times = {name: summarize(samples[name]) for name in STAGES}
+    total = sum(t.median for t in times.values())
+    n = len(samples[STAGES[0]])
+    per_round = [sum(samples[name][i] for name in STAGES) for i in range(n)]
+    rows = []
+    for name in STAGES:
+        t = times[name]
+        fractions = [samples[name][i] / per_round[i] if per_round[i] > 0 else 0.0
+                     for i in range(n)]  # fmt: skip
+        op = {**base, "op": _STAGE_OP + name, "repeats": n}
+        rows.append({**op, "metric": "stage_time", "unit": "s",
+                     "median": t.median, "p20": t.p20, "p80": t.p80})  # fmt: skip
+        rows.append({**op, "metric": "stage_fraction", "unit": "of round",
+                     "median": t.median / total if total > 0 else 0.0,
+                     "p20": quantile(fractions, 0.2), "p80": quantile(fractions, 0.8)})  # fmt: skip
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------
+
+
 def run(config: SearchBenchConfig) -> list[dict]:
-    """Time one search per provider; rows as described in the module docstring."""
+    """Time one search per provider and split a round into stages; rows as described in
+    the module docstring (time, throughput, peak memory per provider; the stage rows of the
+    split providers; the speedup rows last)."""
     device = parse_device(config.device)
     info = collect_run_info(device)
     model, reward, cond = _model_and_cond(config)
@@ -114,29 +446,31 @@ def run(config: SearchBenchConfig) -> list[dict]:
     scale, t_next = 0.3, 0.8
     fused = NoiseSearch(model, reward, search)
     graphed = NoiseSearch(model, reward, replace(search, graph=True))
-    torch_gen = torch.Generator().manual_seed(2)
+    torch_gen = torch.Generator(device=device).manual_seed(2)  # on the device: a fair baseline
     calls = {
         "reference": lambda: search_reference(model, reward, mean, scale, t_next, cond, search,
                                               noise="torch", generator=torch_gen),
         "fused": lambda: fused.run(mean, scale, t_next, cond),
         "graph": lambda: graphed.run(mean, scale, t_next, cond),
     }  # fmt: skip
-    candidates = config.batch * config.k * config.rounds
+    scale_t = torch.full((config.batch,), scale, device=device)
+    staged: dict[str, _StagedRound] = {
+        "reference": _ReferenceRound(model, reward, search, mean, scale_t, t_next, cond,
+                                     generator=torch.Generator(device=device).manual_seed(3)),
+        "fused": _FusedRound(fused, mean, scale_t, t_next, cond),
+    }  # fmt: skip
     shape = CaseShape(batch=config.batch, k=config.k, latent=tuple(model.latent_shape),
                       elites=config.top)  # fmt: skip
     rows: list[dict] = []
     for provider in config.providers:
-        case = OpCase("search", provider, shape, model.dtype, device, calls[provider], 0)
-        timing = measure(calls[provider], device, warmup=config.warmup, repeats=config.repeats)
-        time_row = next(r for r in measurement_rows(case, timing, info, config.repeats)
-                        if r["metric"] == "time")  # fmt: skip
-        time_row |= {"x_name": "candidates", "x": candidates}
-        rows.append(time_row)
-        rows.append(
-            {**time_row, "metric": "throughput", "unit": "candidates/s",
-             "median": candidates / (timing.median * 1e-3),
-             "p20": candidates / (timing.p80 * 1e-3), "p80": candidates / (timing.p20 * 1e-3)}
-        )  # fmt: skip
+        provider_rows = _provider_rows(config, provider, calls[provider], shape, model.dtype,
+                                       device, info)  # fmt: skip
+        rows += provider_rows
+        if provider in staged:
+            samples = _time_stages(staged[provider], config.rounds, device,
+                                   warmup=config.warmup, repeats=config.repeats)  # fmt: skip
+            base = {**provider_rows[0], "x_name": "candidates/round", "x": shape.batch * shape.k}
+            rows += _stage_rows(base, samples)
     base = next((r for r in rows if r["provider"] == "reference" and r["metric"] == "time"), None)
     if base is not None:
         for r in [r for r in rows if r["metric"] == "time" and r["provider"] != "reference"]:
@@ -144,16 +478,153 @@ def run(config: SearchBenchConfig) -> list[dict]:
     return rows
 
 
-def format_search_table(rows: list[dict]) -> str:
-    """One line per provider: ms per search, candidates/s, speed-up over the reference."""
+def _provider_rows(
+    config: SearchBenchConfig,
+    provider: str,
+    call: Callable[[], object],
+    shape: CaseShape,
+    dtype: torch.dtype,
+    device: torch.device,
+    info: RunInfo,
+) -> list[dict]:
+    """The ``time`` (first), ``throughput`` and two peak-memory rows of one provider."""
+    candidates = shape.batch * shape.k * config.rounds
+    case = OpCase("search", provider, shape, dtype, device, call, 0)
+    timing = measure(call, device, warmup=config.warmup, repeats=config.repeats)
+    time_row = next(r for r in measurement_rows(case, timing, info, config.repeats)
+                    if r["metric"] == "time")  # fmt: skip
+    time_row |= {"x_name": "candidates", "x": candidates}
+    throughput = {**time_row, "metric": "throughput", "unit": "candidates/s",
+                  "median": candidates / (timing.median * 1e-3),
+                  "p20": candidates / (timing.p80 * 1e-3),
+                  "p80": candidates / (timing.p20 * 1e-3)}  # fmt: skip
+    metric, peak, over = peak_memory(call, device)
+    mem = {**time_row, "unit": "bytes", "repeats": 1}
+    return [
+        time_row,
+        throughput,
+        {**mem, "metric": metric, "median": peak, "p20": peak, "p80": peak},
+        {**mem, "metric": metric.removesuffix("_bytes") + "_over_start_bytes",
+         "median": over, "p20": over, "p80": over},
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Table and plot
+# --------------------------------------------------------------------------------------
+
+_MEMORY_LABELS = {"peak_cuda_bytes": "peak CUDA", "peak_rss_bytes": "peak RSS",
+                  "max_rss_bytes": "max RSS"}  # fmt: skip
+
+
+def _stage(row: Mapping[str, Any]) -> str | None:
+    """The stage of a stage row, None for other rows."""
+    op = str(row["op"])
+    return op.removeprefix(_STAGE_OP) if op.startswith(_STAGE_OP) else None
+
+
+def format_search_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One line per provider (ms per search, candidates/s, speed-up over the reference, peak
+    memory in MiB and its rise over the start); then, when the rows have a stage split, one
+    line per stage: each split provider's median ms per round and share of the round."""
     speed = {r["provider"]: r["median"] for r in rows if r["metric"] == "speedup"}
-    lines = [f"{'provider':<10} {'candidates':>10} {'ms/search':>10} {'cand/s':>10} {'vs ref':>8}"]
+    memory = {(r["provider"], r["metric"]): r["median"] for r in rows if r["unit"] == "bytes"}
+    mem_metric = next((m for _, m in memory if m in _MEMORY_LABELS), None)
+    mem_head = (
+        "" if mem_metric is None else f" {_MEMORY_LABELS[mem_metric] + ' MiB':>14} {'+MiB':>8}"
+    )
+    lines = [f"{'provider':<10} {'candidates':>10} {'ms/search':>10} {'cand/s':>10} {'vs ref':>8}"
+             + mem_head]  # fmt: skip
     for r in rows:
-        if r["metric"] != "time":
+        if r["metric"] != "time" or _stage(r) is not None:
             continue
-        s = speed.get(r["provider"])
-        lines.append(
-            f"{r['provider']:<10} {r['x']:>10} {r['median']:>10.1f} "
+        s, p = speed.get(r["provider"]), r["provider"]
+        line = (
+            f"{p:<10} {r['x']:>10} {r['median']:>10.1f} "
             f"{1e3 * r['x'] / r['median']:>10.1f} {'-' if s is None else f'{s:.2f}x':>8}"
         )
+        if mem_metric is not None and (p, mem_metric) in memory:
+            over = memory.get((p, mem_metric.removesuffix("_bytes") + "_over_start_bytes"), 0)
+            line += f" {memory[(p, mem_metric)] / 2**20:>14.1f} {over / 2**20:>8.1f}"
+        lines.append(line)
+    split = [r for r in rows if _stage(r) is not None]
+    if not split:
+        return "\n".join(lines)
+    providers = list(dict.fromkeys(r["provider"] for r in split))
+    stages = [s for s in STAGES if any(_stage(r) == s for r in split)]
+    value = {(r["provider"], _stage(r), r["metric"]): r["median"] for r in split}
+    n = next(r["repeats"] for r in split)
+    lines += [
+        "",
+        f"stage split of a round: median ms over {n} rounds (share of the stages' sum)",
+        f"{'stage':<14}" + "".join(f" {p:>18}" for p in providers),
+    ]
+    for stage in [*stages, "sum"]:
+        cells = []
+        for p in providers:
+            if stage == "sum":
+                ms = 1e3 * sum(value.get((p, s, "stage_time"), 0.0) for s in stages)
+                cells.append(f" {ms:>10.3f} (100.0%)")
+                continue
+            sec = value.get((p, stage, "stage_time"))
+            frac = value.get((p, stage, "stage_fraction"), 0.0)
+            cells.append(
+                f" {'-':>18}" if sec is None else f" {1e3 * sec:>10.3f} ({100 * frac:>5.1f}%)"
+            )
+        lines.append(f"{stage:<14}" + "".join(cells))
     return "\n".join(lines)
+
+
+def plot_stage_split(csv_path: Path | str, png_path: Path | str | None = None) -> Path:
+    """Draw the stage split of a CSV written from :func:`run`'s rows as stacked bars: one bar
+    per provider, one segment per stage (median ms per round); write a PNG (default: the CSV's
+    path with ``_stages.png``). ValueError when the CSV has no ``stage_time`` rows.
+
+    Needs matplotlib (``pip install smartgrpo-fast[bench]``); uses the Agg canvas, not pyplot.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    csv_path = Path(csv_path)
+    png_path = (
+        Path(png_path)
+        if png_path is not None
+        else csv_path.with_name(csv_path.stem + "_stages.png")
+    )
+    rows = [r for r in read_csv(csv_path) if r["metric"] == "stage_time" and _stage(r)]
+    if not rows:
+        raise ValueError(f"{csv_path}: no 'stage_time' rows to plot")
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    found = list(dict.fromkeys(_stage(r) for r in rows))
+    stages = [s for s in STAGES if s in found] + [s for s in found if s not in STAGES]
+    ms = {(r["provider"], _stage(r)): 1e3 * r["median"] for r in rows}
+    fig = Figure(figsize=(3.0 + 1.4 * len(providers), 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    bottom = [0.0] * len(providers)
+    for stage in stages:
+        heights = [ms.get((p, stage), 0.0) for p in providers]
+        ax.bar(providers, heights, bottom=bottom, label=stage, width=0.6)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    for i, total in enumerate(bottom):
+        ax.annotate(f"{total:.3g} ms", (i, total), ha="center", va="bottom", fontsize=8)
+    first = rows[0]
+    ax.set_ylabel("ms per round (median of each stage)")
+    ax.set_title(
+        f"one search round by stage: B*K = {first['x']} candidates of "
+        f"({first['latent'].replace('x', ',')}), {first['dtype']}",
+        fontsize=9,
+    )
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], labels[::-1], title="stage", loc="upper left",
+              bbox_to_anchor=(1.0, 1.0), fontsize=8)  # fmt: skip
+    ax.margins(y=0.1)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(
+        f"smartgrpo_fast {first['smartgrpo_fast_version']} search on {first['device_name']} "
+        f"(torch {first['torch_version']}, {first['git_commit']}, {first['date']})",
+        fontsize=8,
+    )
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    return png_path

@@ -54,7 +54,9 @@ def search_reference(
     def draw(shape: tuple[int, ...], rnd: int) -> torch.Tensor:
         if noise == "philox":
             return philox_normal(shape, seed=seed, round=rnd, device=dev)
-        return torch.randn(shape, generator=generator).to(dev)
+        # Drawn on mean's device (a fair baseline: no host draw and copy per round); a
+        # generator must live on that device too.
+        return torch.randn(shape, generator=generator, device=dev)
 
     mu = torch.full(mean.shape, cfg.mu0, device=dev)
     sigma = torch.full(mean.shape if cfg.per_element else (b,), cfg.sigma0, device=dev)
