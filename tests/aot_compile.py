@@ -31,7 +31,7 @@ from smartgrpo_fast.ops.topk_select import _topk_select_kernel
 from smartgrpo_fast.ops.x0_estimate import _x0_estimate_kernel
 
 FLOAT_ARGS = {"mu_val", "sigma_val", "scale_val", "t_val", "scaling", "shift", "alpha", "min_sigma"}
-INT64_PTRS = {"seed_ptr", "round_ptr", "idx_ptr", "ctr_ptr"}
+INT64_PTRS = {"seed_ptr", "round_ptr", "row_offset_ptr", "idx_ptr", "ctr_ptr"}
 DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -61,7 +61,7 @@ def signature(v: Variant) -> dict[str, str]:
 
 
 def variants() -> Iterator[Variant]:
-    seeds = {"SEED_FROM_PTR": True, "ROUND_FROM_PTR": False}
+    seeds = {"SEED_FROM_PTR": True, "ROUND_FROM_PTR": False, "ROW_OFFSET_FROM_PTR": True}
     yield Variant("philox_normal", _philox_normal_kernel, {**seeds, "BLOCK": 1024})
     yield Variant("philox_bits", _philox_bits_kernel, {"BLOCK": 256}, {"out_ptr": "i64"})
     for dt in DTYPES:
@@ -86,6 +86,7 @@ def variants() -> Iterator[Variant]:
             "SCALE_MODE": 1,
             "SEED_FROM_PTR": False,
             "ROUND_FROM_PTR": True,
+            "ROW_OFFSET_FROM_PTR": False,
             "BLOCK": 1024,
         },
         {"z_ptr": "bf16", "mean_ptr": "bf16", "sigma_ptr": "bf16"},

@@ -128,3 +128,37 @@ def test_tensor_seed_and_round(backend) -> None:
     a = cem_update(0.0, 1.0, idx, shape=(1, 9), k=3, seed=5, round=2)
     b = cem_update(0.0, 1.0, idx, shape=(1, 9), k=3, seed=torch.tensor(5), round=torch.tensor(2))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize(
+    "b,k,t,s,offset", [(1, 4, 2, (5,), 2), (2, 6, 3, (3, 13), 3), (3, 5, 5, (1027,), 1)]
+)
+@pytest.mark.parametrize("per_element", [True, False])
+def test_row_offset_equals_rows_of_the_larger_call(backend, b, k, t, s, offset, per_element):
+    """Rows [o, o + B) of a batch updated with row_offset=o give those rows of the whole call."""
+    gen = torch.Generator().manual_seed(5)
+    n_rows = offset + b
+    mu = 0.2 * torch.randn(n_rows, *s, generator=gen)
+    sigma = torch.rand(n_rows, *(s if per_element else ()), generator=gen) + 0.5
+    idx = torch.stack([torch.randperm(k, generator=gen)[:t] for _ in range(n_rows)])
+    kw = dict(k=k, seed=77, round=3, alpha=0.8, min_sigma=0.01, per_element=per_element)
+    big = cem_update(mu, sigma, idx, shape=(n_rows, *s), **kw)
+    rows = slice(offset, n_rows)
+    part = cem_update(mu[rows], sigma[rows], idx[rows], shape=(b, *s), row_offset=offset, **kw)
+    part_t = cem_update(
+        mu[rows], sigma[rows], idx[rows], shape=(b, *s), row_offset=torch.tensor(offset), **kw
+    )
+    for got, got_t, whole, name in zip(part, part_t, big, ("mu_new", "sigma_new"), strict=True):
+        assert torch.equal(got, whole[rows]), name  # bit-exact on the same backend
+        assert torch.equal(got_t, got), name
+
+
+def test_row_offset_matches_the_noise_sample_perturb_drew(backend) -> None:
+    """cem_update(row_offset=o) regenerates the eps that sample_perturb(row_offset=o) drew."""
+    mean = torch.zeros(2, 9)
+    z = sample_perturb(mean, 0.5, 2.0, 1.0, k=5, seed=12, round=1, row_offset=7)
+    idx = torch.tensor([[4, 1, 2], [0, 3, 2]])
+    elite = torch.stack([z[i, idx[i]] for i in range(2)])
+    mu_new, sigma_new = cem_update(0.5, 2.0, idx, shape=(2, 9), k=5, seed=12, round=1, row_offset=7)
+    assert_close(mu_new, elite.mean(1), atol=1e-5, rtol=1e-5, name="mu_new")
+    assert_close(sigma_new, elite.std(1, unbiased=False), atol=1e-5, rtol=1e-5, name="sigma_new")

@@ -155,3 +155,35 @@ def test_cuda_cpp_bad_elite_gives_nan_row(cuda_cpp) -> None:
 
 def test_cuda_cpp_graph_replay_draws_fresh_noise_from_device_round(cuda_cpp) -> None:
     _check_graph_replay_draws_fresh_noise()
+
+
+@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+def test_row_offset_gives_the_rows_of_the_larger_call(monkeypatch, gpu_backend) -> None:
+    """row_offset on the GPU backends: rows [o, o + B) of a batch, bit for bit, and the same
+    values as the reference (int and device-tensor offsets)."""
+    if gpu_backend == "cuda":
+        from smartgrpo_fast.ops import _cpp
+
+        if not (ext := _cpp.cuda_extension()).ok:
+            pytest.skip(f"the CUDA C++ extension could not be built: {ext.reason}")
+    monkeypatch.setenv("SMARTGRPO_BACKEND", gpu_backend)
+    b, k, t, s, o = 2, 6, 3, (3, 1111), 3
+    mean = torch.randn(o + b, *s, device=CUDA)
+    mu = 0.1 * torch.randn(o + b, *s, device=CUDA)
+    idx = torch.stack([torch.randperm(k)[:t] for _ in range(o + b)]).to(CUDA)
+    offset = torch.tensor(o, device=CUDA)
+    for row_offset in (o, offset):
+        n = philox_normal((b, k, *s), seed=4, round=2, device=CUDA, row_offset=row_offset)
+        assert torch.equal(n, philox_normal((o + b, k, *s), seed=4, round=2, device=CUDA)[o:])
+        z_big = sample_perturb(mean, mu, 0.8, 0.5, k=k, seed=4, round=2)
+        z = sample_perturb(mean[o:], mu[o:], 0.8, 0.5, k=k, seed=4, round=2, row_offset=row_offset)
+        assert torch.equal(z, z_big[o:])
+        for per_element in (True, False):
+            kw = dict(k=k, seed=4, round=2, alpha=0.7, per_element=per_element)
+            big = cem_update(mu, 0.8, idx, shape=(o + b, *s), **kw)
+            part = cem_update(mu[o:], 0.8, idx[o:], shape=(b, *s), row_offset=row_offset, **kw)
+            ref = _ref(cem_update, monkeypatch, mu[o:].cpu(), 0.8, idx[o:].cpu(),
+                       shape=(b, *s), row_offset=o, **kw)  # fmt: skip
+            for got, whole, want in zip(part, big, ref, strict=True):
+                assert torch.equal(got, whole[o:])
+                assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)

@@ -193,3 +193,57 @@ def test_largest_element_count_is_accepted_by_validation() -> None:
 def test_seed_and_round_validation(kwargs, exc, match) -> None:
     with pytest.raises(exc, match=match):
         philox_normal((1, 1, 4), **kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# row_offset: row b of a call draws the stream's row b + row_offset
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "b,k,s,offset", [(1, 1, (5,), 1), (2, 3, (37,), 3), (3, 2, (4, 7, 9), 2), (2, 2, (4099,), 1)]
+)
+def test_row_offset_equals_rows_of_the_larger_call(backend: str, b, k, s, offset) -> None:
+    big = philox_normal((offset + b, k, *s), seed=31, round=6)
+    part = philox_normal((b, k, *s), seed=31, round=6, row_offset=offset)
+    assert torch.equal(part, big[offset:])  # bit-exact on the same backend
+    as_tensor = philox_normal((b, k, *s), seed=31, round=6, row_offset=torch.tensor(offset))
+    assert torch.equal(as_tensor, part)
+
+
+def test_row_offset_zero_is_the_default_stream(backend: str) -> None:
+    a = philox_normal((2, 3, 21), seed=4, round=1)
+    assert torch.equal(philox_normal((2, 3, 21), seed=4, round=1, row_offset=0), a)
+    assert torch.equal(philox_normal((2, 3, 21), seed=4, round=1, row_offset=torch.tensor(0)), a)
+
+
+def test_row_offset_at_the_top_of_the_row_word(backend: str) -> None:
+    """Rows 2**32 - 2 and 2**32 - 1: the last two row words, against the reference helper."""
+    offset = 2**32 - 2
+    n = philox_normal((2, 3, 13), seed=8, round=2, row_offset=offset)
+    rows = torch.tensor([[offset], [offset + 1]])
+    ref = normals_reference(8, 2, rows, torch.arange(3).view(1, 3), 13)
+    assert_close(n, ref, atol=NORMAL_ATOL, rtol=0, name="n")
+    assert not torch.isclose(n[0], n[1]).any()
+
+
+@pytest.mark.parametrize(
+    "row_offset,exc,match",
+    [
+        (-1, ValueError, r"^row_offset: expected 0 <= row_offset and row_offset \+ B <= 2\*\*32"),
+        (2**32 - 2, ValueError, r"^row_offset: .*B = 3 rows.*got 4294967294"),
+        (torch.tensor(2**32), ValueError, r"^row_offset: .*got tensor value 4294967296"),
+        (1.0, TypeError, r"^row_offset: expected an int or a 0-d int64 tensor, got float"),
+        (True, TypeError, r"^row_offset: expected an int .*got bool"),
+        (torch.tensor(1, dtype=torch.int32), TypeError, r"^row_offset: .*torch.int32"),
+        (torch.tensor([1]), TypeError, r"^row_offset: .*shape \(1,\)"),
+        (torch.tensor(1, device="meta"), ValueError, r"^row_offset: expected a tensor on cpu"),
+    ],
+)
+def test_row_offset_validation(row_offset, exc, match) -> None:
+    with pytest.raises(exc, match=match):
+        philox_normal((3, 1, 4), seed=0, row_offset=row_offset)
+
+
+def test_largest_row_offset_is_accepted() -> None:
+    philox_normal((3, 1, 4), seed=0, row_offset=2**32 - 3)  # rows up to 2**32 - 1

@@ -139,3 +139,35 @@ def test_sigma_zero_returns_mean_plus_scaled_mu(backend) -> None:
     mean = torch.randn(2, 3, 4)
     z = sample_perturb(mean, 0.5, 0.0, 2.0, k=3, seed=0)
     assert_close(z, (mean + 1.0).unsqueeze(1).expand(2, 3, 3, 4), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "b,k,s,offset", [(1, 1, (5,), 2), (2, 3, (3, 13), 3), (3, 4, (2, 4, 4), 1), (2, 2, (1027,), 1)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_offset_equals_rows_of_the_larger_call(backend, b, k, s, offset, dtype) -> None:
+    """A call on rows [o, o + B) of a batch with row_offset=o draws exactly those rows' noise."""
+    gen = torch.Generator().manual_seed(3)
+    n_rows = offset + b
+    mean = torch.randn(n_rows, *s, generator=gen).to(dtype)
+    mu = 0.1 * torch.randn(n_rows, *s, generator=gen)  # per element
+    sigma = torch.rand(n_rows, generator=gen) + 0.5  # per row
+    kw = dict(k=k, seed=2**40 + 3, round=4)
+    big = sample_perturb(mean, mu, sigma, 0.7, **kw)
+    rows = slice(offset, n_rows)
+    part = sample_perturb(mean[rows], mu[rows], sigma[rows], 0.7, row_offset=offset, **kw)
+    assert torch.equal(part, big[rows])  # bit-exact on the same backend
+    part_t = sample_perturb(
+        mean[rows], mu[rows], sigma[rows], 0.7, row_offset=torch.tensor(offset), **kw
+    )
+    assert torch.equal(part_t, part)
+
+
+def test_row_offset_is_read_at_call_time_and_defaults_to_zero(backend) -> None:
+    mean = torch.zeros(1, 10)
+    offset = torch.tensor(0)
+    first = sample_perturb(mean, 0.0, 1.0, 1.0, k=2, seed=6, row_offset=offset)
+    assert torch.equal(first, sample_perturb(mean, 0.0, 1.0, 1.0, k=2, seed=6))
+    offset.add_(2)  # an in-place change, as a captured graph would see it
+    second = sample_perturb(mean, 0.0, 1.0, 1.0, k=2, seed=6, row_offset=offset)
+    assert torch.equal(second, philox_normal((3, 2, 10), seed=6)[2:])

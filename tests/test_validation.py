@@ -247,6 +247,38 @@ def test_cem_bad_shape() -> None:
         cem_update(0.0, 1.0, IDX, **{**CEM, "shape": (2, 0)})
 
 
+def test_row_offset_negative() -> None:
+    msg = r"^row_offset: expected 0 <= row_offset and row_offset \+ B <= 2\*\*32 .*got -1"
+    with pytest.raises(ValueError, match=msg):
+        sp(row_offset=-1)
+
+
+def test_row_offset_past_the_row_word() -> None:
+    with pytest.raises(ValueError, match=r"^row_offset: .*\(B = 2 rows.*got 4294967295"):
+        sp(row_offset=2**32 - 1)
+
+
+def test_row_offset_tensor_value_checked_unless_validate_false() -> None:
+    with pytest.raises(ValueError, match=r"^row_offset: .*got tensor value -3"):
+        sp(row_offset=torch.tensor(-3))
+    sp(row_offset=torch.tensor(-3), validate=False)  # the value is not read
+
+
+def test_row_offset_float() -> None:
+    with pytest.raises(TypeError, match=r"^row_offset: expected an int or a 0-d int64 tensor"):
+        sp(row_offset=1.0)
+
+
+def test_cem_row_offset_past_the_row_word() -> None:
+    with pytest.raises(ValueError, match=r"^row_offset: .*got tensor value 4294967295"):
+        cem_update(0.0, 1.0, IDX, row_offset=torch.tensor(2**32 - 1), **CEM)
+
+
+def test_cem_row_offset_int32_tensor() -> None:
+    with pytest.raises(TypeError, match=r"^row_offset: .*dtype torch.int32"):
+        cem_update(0.0, 1.0, IDX, row_offset=torch.tensor(1, dtype=torch.int32), **CEM)
+
+
 def test_unknown_backend(monkeypatch) -> None:
     monkeypatch.setenv("SMARTGRPO_BACKEND", "cudnn")
     with pytest.raises(ValueError, match=r"^SMARTGRPO_BACKEND: expected one of .*got 'cudnn'"):

@@ -5,9 +5,9 @@
 // implementations. x0_estimate has no CUDA C++ version (under SMARTGRPO_BACKEND=cuda it runs
 // its Triton kernel), so it is not registered here. Outputs are allocated by the Python
 // caller; the only allocation here is cem_update's pooled workspace, through torch's caching
-// allocator. Everything runs on the current stream without synchronising; seed and round
-// tensors stay on the device and are read by the kernels, so a captured CUDA graph sees
-// in-place changes of them.
+// allocator. Everything runs on the current stream without synchronising; seed, round and
+// row offset tensors stay on the device and are read by the kernels, so a captured CUDA graph
+// sees in-place changes of them.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -68,6 +68,7 @@ const int64_t* int64_scalar(const at::Tensor& t, const at::Tensor& out, const ch
 
 SgfKeyArgs key_args(const std::optional<at::Tensor>& seed_t, int64_t seed_lo, int64_t seed_hi,
                     const std::optional<at::Tensor>& round_t, int64_t round,
+                    const std::optional<at::Tensor>& row_offset_t, int64_t row_offset,
                     const at::Tensor& out) {
   SgfKeyArgs k{};
   if (seed_t.has_value()) {
@@ -80,6 +81,11 @@ SgfKeyArgs key_args(const std::optional<at::Tensor>& seed_t, int64_t seed_lo, in
     k.round_ptr = int64_scalar(*round_t, out, "round");
   } else {
     k.round_val = static_cast<uint32_t>(round);
+  }
+  if (row_offset_t.has_value()) {
+    k.row_offset_ptr = int64_scalar(*row_offset_t, out, "row_offset");
+  } else {
+    k.row_offset_val = static_cast<uint32_t>(row_offset);
   }
   return k;
 }
@@ -114,14 +120,16 @@ void philox_bits_out(at::Tensor& out, const at::Tensor& counters, int64_t k0, in
 }
 
 void philox_normal_out(at::Tensor& out, const std::optional<at::Tensor>& seed_t, int64_t seed_lo,
-                       int64_t seed_hi, const std::optional<at::Tensor>& round_t, int64_t round) {
+                       int64_t seed_hi, const std::optional<at::Tensor>& round_t, int64_t round,
+                       const std::optional<at::Tensor>& row_offset_t, int64_t row_offset) {
   const c10::cuda::CUDAGuard guard(out.device());
   check_out(out, "out");
   TORCH_CHECK(out.dim() >= 2 && out.scalar_type() == at::kFloat, "out: expected (B, k, *S) f32");
   const int64_t batch = out.size(0), k = out.size(1);
   const int64_t d = out.numel() / (batch * k);
   check_launch(sgf_cuda_philox_normal(out.data_ptr<float>(), batch, k, d,
-                                      key_args(seed_t, seed_lo, seed_hi, round_t, round, out),
+                                      key_args(seed_t, seed_lo, seed_hi, round_t, round,
+                                               row_offset_t, row_offset, out),
                                       current_stream(out)),
                "philox_normal");
 }
@@ -131,7 +139,8 @@ void sample_perturb_out(at::Tensor& out, const at::Tensor& mean,
                         const std::optional<at::Tensor>& sigma, double sigma_val,
                         const std::optional<at::Tensor>& scale, double scale_val,
                         const std::optional<at::Tensor>& seed_t, int64_t seed_lo, int64_t seed_hi,
-                        const std::optional<at::Tensor>& round_t, int64_t round) {
+                        const std::optional<at::Tensor>& round_t, int64_t round,
+                        const std::optional<at::Tensor>& row_offset_t, int64_t row_offset) {
   const c10::cuda::CUDAGuard guard(out.device());
   check_out(out, "out");
   check_cuda(mean, out, "mean");
@@ -151,7 +160,7 @@ void sample_perturb_out(at::Tensor& out, const at::Tensor& mean,
   a.k = out.size(1);
   a.d = mean.size(1);
   TORCH_CHECK(out.numel() == a.batch * a.k * a.d, "out: expected B * k * D elements");
-  a.key = key_args(seed_t, seed_lo, seed_hi, round_t, round, out);
+  a.key = key_args(seed_t, seed_lo, seed_hi, round_t, round, row_offset_t, row_offset, out);
   check_launch(sgf_cuda_sample_perturb(&a, current_stream(out)), "sample_perturb");
 }
 
@@ -159,8 +168,9 @@ void cem_update_out(at::Tensor& mu_out, at::Tensor& sigma_out, const std::option
                     double mu_val, const std::optional<at::Tensor>& sigma, double sigma_val,
                     const at::Tensor& elite_idx, int64_t k,
                     const std::optional<at::Tensor>& seed_t, int64_t seed_lo, int64_t seed_hi,
-                    const std::optional<at::Tensor>& round_t, int64_t round, double alpha,
-                    double min_sigma, bool per_element) {
+                    const std::optional<at::Tensor>& round_t, int64_t round,
+                    const std::optional<at::Tensor>& row_offset_t, int64_t row_offset,
+                    double alpha, double min_sigma, bool per_element) {
   const c10::cuda::CUDAGuard guard(mu_out.device());
   check_out(mu_out, "mu_out");
   check_out(sigma_out, "sigma_out");
@@ -191,7 +201,7 @@ void cem_update_out(at::Tensor& mu_out, at::Tensor& sigma_out, const std::option
   a.one_minus_alpha = static_cast<float>(1.0 - alpha);
   a.min_sigma = static_cast<float>(min_sigma);
   a.per_element = per_element ? 1 : 0;
-  a.key = key_args(seed_t, seed_lo, seed_hi, round_t, round, mu_out);
+  a.key = key_args(seed_t, seed_lo, seed_hi, round_t, round, row_offset_t, row_offset, mu_out);
   at::Tensor workspace;
   if (!per_element) {
     const auto bytes = static_cast<int64_t>(sgf_cuda_cem_update_workspace(a.batch, a.d));

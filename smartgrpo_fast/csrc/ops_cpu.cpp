@@ -7,8 +7,8 @@
 //
 // Parameters (mu, sigma, scale, t) follow smartgrpo_fast.ops._common.Param: ``None`` + value
 // (one float for all), a (rows,) tensor (one value per row, any stride, any float dtype), or a
-// (rows, D) tensor (one per element, any strides). Seeds and rounds are ints, or 0-d int64
-// tensors whose value is read here (on CUDA the kernels read them; see bind_cuda.cpp).
+// (rows, D) tensor (one per element, any strides). Seeds, rounds and row offsets are ints, or
+// 0-d int64 tensors whose value is read here (on CUDA the kernels read them; see bind_cuda.cpp).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -94,7 +94,8 @@ void make_param(ParamHolder& h, const std::optional<at::Tensor>& t, double value
 }
 
 StreamKey stream_key(const std::optional<at::Tensor>& seed_t, int64_t seed_lo, int64_t seed_hi,
-                     const std::optional<at::Tensor>& round_t, int64_t round) {
+                     const std::optional<at::Tensor>& round_t, int64_t round,
+                     const std::optional<at::Tensor>& row_offset_t, int64_t row_offset) {
   StreamKey key{};
   if (seed_t.has_value()) {
     const uint64_t s = static_cast<uint64_t>(seed_t->item<int64_t>());
@@ -106,6 +107,8 @@ StreamKey stream_key(const std::optional<at::Tensor>& seed_t, int64_t seed_lo, i
   }
   const int64_t r = round_t.has_value() ? round_t->item<int64_t>() : round;
   key.round = static_cast<uint32_t>(r);
+  const int64_t o = row_offset_t.has_value() ? row_offset_t->item<int64_t>() : row_offset;
+  key.row_offset = static_cast<uint32_t>(o);
   return key;
 }
 
@@ -149,7 +152,8 @@ void philox_bits_out(at::Tensor& out, const at::Tensor& counters, int64_t k0, in
 }
 
 void philox_normal_out(at::Tensor& out, const std::optional<at::Tensor>& seed_t, int64_t seed_lo,
-                       int64_t seed_hi, const std::optional<at::Tensor>& round_t, int64_t round) {
+                       int64_t seed_hi, const std::optional<at::Tensor>& round_t, int64_t round,
+                       const std::optional<at::Tensor>& row_offset_t, int64_t row_offset) {
   TORCH_CHECK(out.dim() >= 2, "out: expected (B, k, *S)");
   check_out(out, "out", out.numel());
   TORCH_CHECK(out.scalar_type() == at::kFloat, "out: expected float32");
@@ -158,7 +162,7 @@ void philox_normal_out(at::Tensor& out, const std::optional<at::Tensor>& seed_t,
   a.batch = out.size(0);
   a.k = out.size(1);
   a.d = out.numel() / (a.batch * a.k);
-  a.key = stream_key(seed_t, seed_lo, seed_hi, round_t, round);
+  a.key = stream_key(seed_t, seed_lo, seed_hi, round_t, round, row_offset_t, row_offset);
   run_tasks(a.batch * a.k * cpu::n_blocks(a.d), std::min(a.d, cpu::kBlock), kParallelNormals,
             [&](int64_t begin, int64_t end) { cpu::philox_normal(a, begin, end); });
 }
@@ -168,7 +172,8 @@ void sample_perturb_out(at::Tensor& out, const at::Tensor& mean,
                         const std::optional<at::Tensor>& sigma, double sigma_val,
                         const std::optional<at::Tensor>& scale, double scale_val,
                         const std::optional<at::Tensor>& seed_t, int64_t seed_lo, int64_t seed_hi,
-                        const std::optional<at::Tensor>& round_t, int64_t round) {
+                        const std::optional<at::Tensor>& round_t, int64_t round,
+                        const std::optional<at::Tensor>& row_offset_t, int64_t row_offset) {
   TORCH_CHECK(mean.dim() == 2, "mean: expected a (B, D) view");
   const int64_t batch = mean.size(0), d = mean.size(1);
   TORCH_CHECK(out.dim() >= 2 && out.size(0) == batch, "out: expected (B, k, *S)");
@@ -189,7 +194,7 @@ void sample_perturb_out(at::Tensor& out, const at::Tensor& mean,
   a.batch = batch;
   a.k = k;
   a.d = d;
-  a.key = stream_key(seed_t, seed_lo, seed_hi, round_t, round);
+  a.key = stream_key(seed_t, seed_lo, seed_hi, round_t, round, row_offset_t, row_offset);
   const cpu::Tiling tiling = cpu::sample_perturb_tiling(batch, k, d, at::get_num_threads());
   const int64_t normals_per_task = tiling.per_chunk * std::min(d, cpu::kBlock);
   run_tasks(batch * tiling.n_blocks * tiling.n_chunks, normals_per_task, kParallelNormals,
@@ -222,8 +227,9 @@ void cem_update_out(at::Tensor& mu_out, at::Tensor& sigma_out, const std::option
                     double mu_val, const std::optional<at::Tensor>& sigma, double sigma_val,
                     const at::Tensor& elite_idx, int64_t k,
                     const std::optional<at::Tensor>& seed_t, int64_t seed_lo, int64_t seed_hi,
-                    const std::optional<at::Tensor>& round_t, int64_t round, double alpha,
-                    double min_sigma, bool per_element) {
+                    const std::optional<at::Tensor>& round_t, int64_t round,
+                    const std::optional<at::Tensor>& row_offset_t, int64_t row_offset,
+                    double alpha, double min_sigma, bool per_element) {
   check_cpu(elite_idx, "elite_idx");
   TORCH_CHECK(elite_idx.dim() == 2, "elite_idx: expected (B, T)");
   const int64_t batch = elite_idx.size(0), t = elite_idx.size(1);
@@ -250,7 +256,7 @@ void cem_update_out(at::Tensor& mu_out, at::Tensor& sigma_out, const std::option
   a.one_minus_alpha = static_cast<float>(1.0 - alpha);
   a.min_sigma = static_cast<float>(min_sigma);
   a.per_element = per_element;
-  a.key = stream_key(seed_t, seed_lo, seed_hi, round_t, round);
+  a.key = stream_key(seed_t, seed_lo, seed_hi, round_t, round, row_offset_t, row_offset);
   const int64_t nb = cpu::n_blocks(d);
   std::vector<double> var_part;
   if (per_element) {
@@ -282,19 +288,19 @@ TORCH_LIBRARY(smartgrpo_fast, m) {
   m.def("philox_bits_out(Tensor(a!) out, Tensor counters, int k0, int k1) -> ()");
   m.def(
       "philox_normal_out(Tensor(a!) out, Tensor? seed_t, int seed_lo, int seed_hi, "
-      "Tensor? round_t, int round) -> ()");
+      "Tensor? round_t, int round, Tensor? row_offset_t, int row_offset) -> ()");
   m.def(
       "sample_perturb_out(Tensor(a!) out, Tensor mean, Tensor? mu, float mu_val, Tensor? sigma, "
       "float sigma_val, Tensor? scale, float scale_val, Tensor? seed_t, int seed_lo, "
-      "int seed_hi, Tensor? round_t, int round) -> ()");
+      "int seed_hi, Tensor? round_t, int round, Tensor? row_offset_t, int row_offset) -> ()");
   m.def(
       "x0_estimate_out(Tensor(a!) out, Tensor z, Tensor v, Tensor? t, float t_val, "
       "float scaling, float shift) -> ()");
   m.def(
       "cem_update_out(Tensor(a!) mu_out, Tensor(b!) sigma_out, Tensor? mu, float mu_val, "
       "Tensor? sigma, float sigma_val, Tensor elite_idx, int k, Tensor? seed_t, int seed_lo, "
-      "int seed_hi, Tensor? round_t, int round, float alpha, float min_sigma, bool per_element) "
-      "-> ()");
+      "int seed_hi, Tensor? round_t, int round, Tensor? row_offset_t, int row_offset, "
+      "float alpha, float min_sigma, bool per_element) -> ()");
   m.def("cpu_isa() -> str", &cpu_isa);
 }
 

@@ -108,6 +108,8 @@ __device__ __forceinline__ sgf::StreamKey load_key(const SgfKeyArgs& k) {
     key.k1 = k.seed_hi;
   }
   key.round = k.round_ptr != nullptr ? static_cast<uint32_t>(*k.round_ptr) : k.round_val;
+  key.row_offset = k.row_offset_ptr != nullptr ? static_cast<uint32_t>(*k.row_offset_ptr)
+                                               : k.row_offset_val;
   return key;
 }
 
@@ -119,10 +121,12 @@ __device__ __forceinline__ void box_muller(uint32_t xa, uint32_t xb, float& n0, 
   n1 = r * s;
 }
 
-//! The four normals of group g (elements 4g .. 4g+3) of (row b, candidate j).
-__device__ __forceinline__ void normals4(float n[4], uint32_t g, uint32_t j, uint32_t b,
+//! The four normals of group g (elements 4g .. 4g+3) of (row b of the call, candidate j): the
+//! stream's row word is b + the row offset.
+__device__ __forceinline__ void normals4(float n[4], uint32_t g, uint32_t j, int64_t b,
                                          const sgf::StreamKey& key) {
-  const sgf::Words4 w = sgf::philox4x32_10(g, j, b, key.round, key.k0, key.k1);
+  const sgf::Words4 w =
+      sgf::philox4x32_10(g, j, sgf::row_word(key, b), key.round, key.k0, key.k1);
   box_muller(w.x0, w.x1, n[0], n[1]);
   box_muller(w.x2, w.x3, n[2], n[3]);
 }
@@ -165,8 +169,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t j_end = min64(chunk * per_chunk + per_chunk, a.k);
     for (int64_t j = chunk * per_chunk; j < j_end; ++j) {
       float n[4], z[4];
-      normals4(n, static_cast<uint32_t>(g), static_cast<uint32_t>(j), static_cast<uint32_t>(b),
-               key);
+      normals4(n, static_cast<uint32_t>(g), static_cast<uint32_t>(j), b, key);
       for (int w = 0; w < 4; ++w) z[w] = mean[w] + scale * (mu[w] + sigma[w] * n[w]);
       store4(a.out, a.out_dtype, (b * a.k + j) * a.d + e0, valid, z);
     }
@@ -202,8 +205,7 @@ __global__ void __launch_bounds__(kThreads)
       bad = bad || j < 0 || j >= a.k;
       if (valid == 0) continue;
       float n[4];
-      normals4(n, static_cast<uint32_t>(g), static_cast<uint32_t>(j), static_cast<uint32_t>(b),
-               key);
+      normals4(n, static_cast<uint32_t>(g), static_cast<uint32_t>(j), b, key);
       const float count = static_cast<float>(i + 1);
       for (int w = 0; w < 4; ++w) {
         const float eps = mu[w] + sigma[w] * n[w];
@@ -259,8 +261,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t e0 = 4 * g;
     if (e0 >= d) continue;
     float n[4];
-    normals4(n, static_cast<uint32_t>(g), static_cast<uint32_t>(slice % k),
-             static_cast<uint32_t>(slice / k), key);
+    normals4(n, static_cast<uint32_t>(g), static_cast<uint32_t>(slice % k), slice / k, key);
     store4(out, SGF_F32, slice * d + e0, min64(4, d - e0), n);
   }
 }

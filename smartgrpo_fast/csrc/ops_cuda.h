@@ -3,7 +3,8 @@
 //
 // Each launcher enqueues its kernels on ``stream`` (a cudaStream_t passed as void*) and returns
 // a cudaError_t as int (0 = success; sgf_cuda_error_string names it). Nothing synchronises, and
-// seeds and rounds may be device pointers, so every launch is CUDA-graph capturable.
+// seeds, rounds and row offsets may be device pointers, so every launch is CUDA-graph
+// capturable.
 #pragma once
 
 #include <stddef.h>
@@ -29,14 +30,17 @@ typedef struct {
   int64_t stride_e;
 } SgfParam;
 
-//! The seed and round: read from ``seed_ptr`` / ``round_ptr`` (0-d int64 on the device) when
-//! set, else the words ``seed_lo``, ``seed_hi``, ``round_val``.
+//! The seed, round and row offset: read from ``seed_ptr`` / ``round_ptr`` / ``row_offset_ptr``
+//! (0-d int64 on the device) when set, else the words ``seed_lo``, ``seed_hi``, ``round_val``,
+//! ``row_offset_val``. Row b of a call draws the stream's row word b + row offset.
 typedef struct {
   const int64_t* seed_ptr;
   const int64_t* round_ptr;
+  const int64_t* row_offset_ptr;
   uint32_t seed_lo;
   uint32_t seed_hi;
   uint32_t round_val;
+  uint32_t row_offset_val;
 } SgfKeyArgs;
 
 typedef struct {

@@ -4,7 +4,8 @@
 // integer part, shared by the CPU ops (cpu_kernels.inc) and the CUDA kernels (ops_cuda.cu):
 //
 //   key     (k0, k1)         = (seed mod 2^32, seed >> 32)
-//   counter (c0, c1, c2, c3) = (e / 4, j, b, round)        e: flat element, j: candidate, b: row
+//   counter (c0, c1, c2, c3) = (e / 4, j, b + row_offset, round)
+//                                e: flat element, j: candidate, b: row of the call
 //   (x0, x1, x2, x3)         = Philox4x32-10(counter, key)  (Random123 constants, ten rounds)
 //   u                        = ((x >> 8) + 0.5) * 2^-24     exact in float32, in (0, 1)
 //   Box-Muller on (u0, u1) -> n[4g], n[4g+1] and on (u2, u3) -> n[4g+2], n[4g+3]:
@@ -32,11 +33,12 @@ constexpr float kTwoPiF32 = 6.2831854820251465f;
 //! 2^-24, the uniform step.
 constexpr float kUniformStep = 5.9604644775390625e-08f;
 
-//! The key words and the round word of one (seed, round).
+//! The key words and the round word of one (seed, round), and the row offset of a call.
 struct StreamKey {
   uint32_t k0;
   uint32_t k1;
   uint32_t round;
+  uint32_t row_offset;  // row b of the call is the stream's row b + row_offset
 };
 
 //! Four 32-bit Philox output words.
@@ -71,6 +73,11 @@ SGF_HOST_DEVICE Words4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint
     k1 += kPhiloxW1;
   }
   return Words4{c0, c1, c2, c3};
+}
+
+//! The row word of row b of a call: b + row_offset (validated by the caller to stay < 2^32).
+SGF_HOST_DEVICE uint32_t row_word(const StreamKey& key, int64_t b) {
+  return static_cast<uint32_t>(b) + key.row_offset;
 }
 
 //! The uniform in (0, 1) of one word: ((x >> 8) + 0.5) * 2^-24, exact in float32.

@@ -33,6 +33,7 @@ __all__ = [
     "check_float_tensor",
     "check_no_grad",
     "check_round",
+    "check_row_offset",
     "check_same_device",
     "check_seed",
     "check_shape",
@@ -300,6 +301,35 @@ def check_round(rnd: object, device: torch.device, *, validate: bool = True) -> 
                 raise ValueError(f"round: expected 0 <= round < {MAX_ROUND}, got tensor value {v}")
         return rnd
     return _check_int("round", rnd, 0, MAX_ROUND)
+
+
+def _check_row_offset_value(v: int, batch: int, what: str) -> None:
+    if v < 0 or v + batch > MAX_ROWS:
+        raise ValueError(
+            f"row_offset: expected 0 <= row_offset and row_offset + B <= 2**32 (B = {batch} "
+            f"rows; the stream's row word is 32 bits), got {what}{v}"
+        )
+
+
+def check_row_offset(
+    row_offset: object, batch: int, device: torch.device, *, validate: bool = True
+) -> int | torch.Tensor:
+    """Validate a row offset: an int or a 0-d int64 tensor on ``device``, with
+    ``0 <= row_offset`` and ``row_offset + batch <= 2**32`` (row ``b`` of the call draws the
+    stream's row ``b + row_offset``, a 32-bit word). A tensor's value is checked only when
+    ``validate`` is true and no CUDA graph is being captured (it reads the tensor)."""
+    if isinstance(row_offset, torch.Tensor):
+        _check_int_tensor("row_offset", row_offset, device)
+        if validate and not is_capturing(row_offset.device):
+            _check_row_offset_value(int(row_offset), batch, "tensor value ")
+        return row_offset
+    if isinstance(row_offset, bool) or not isinstance(row_offset, numbers.Integral):
+        raise TypeError(
+            f"row_offset: expected an int or a 0-d int64 tensor, got {describe(row_offset)}"
+        )
+    v = int(row_offset)
+    _check_row_offset_value(v, batch, "")
+    return v
 
 
 def check_stream_limits(batch: int, k: int, numel: int) -> None:

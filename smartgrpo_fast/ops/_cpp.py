@@ -285,6 +285,12 @@ def _round(rnd: int | torch.Tensor) -> tuple[torch.Tensor | None, int]:
     return None, int(rnd) & 0xFFFFFFFF
 
 
+def _row_offset(row_offset: int | torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    if isinstance(row_offset, torch.Tensor):
+        return row_offset, 0
+    return None, int(row_offset)
+
+
 def _param(p: Param) -> tuple[torch.Tensor | None, float]:
     """(tensor, value): None and the float for SCALAR; the (B,) or (B, D) view otherwise."""
     return (None, p.value) if p.mode == Mode.SCALAR else (p.tensor, 0.0)
@@ -298,10 +304,18 @@ def sample_perturb_out(
     scale: Param,
     seed: int | torch.Tensor,
     rnd: int | torch.Tensor,
+    row_offset: int | torch.Tensor = 0,
 ) -> None:
     """Fill ``out`` (B, k, *S), contiguous, with sample_perturb of ``mean2`` (B, D)."""
     torch.ops.smartgrpo_fast.sample_perturb_out(
-        out, mean2, *_param(mu), *_param(sigma), *_param(scale), *_seed(seed), *_round(rnd)
+        out,
+        mean2,
+        *_param(mu),
+        *_param(sigma),
+        *_param(scale),
+        *_seed(seed),
+        *_round(rnd),
+        *_row_offset(row_offset),
     )
 
 
@@ -325,6 +339,7 @@ def cem_update_out(
     alpha: float,
     min_sigma: float,
     per_element: bool,
+    row_offset: int | torch.Tensor = 0,
 ) -> None:
     """Fill ``mu_out`` (B, *S) and ``sigma_out`` ((B, *S), or (B,) pooled), float32."""
     torch.ops.smartgrpo_fast.cem_update_out(
@@ -336,15 +351,24 @@ def cem_update_out(
         k,
         *_seed(seed),
         *_round(rnd),
+        *_row_offset(row_offset),
         alpha,
         min_sigma,
         per_element,
     )
 
 
-def philox_normal_out(out: torch.Tensor, seed: int | torch.Tensor, rnd: int | torch.Tensor) -> None:
-    """Fill ``out`` (B, k, *S) float32, contiguous, with the stream's normals."""
-    torch.ops.smartgrpo_fast.philox_normal_out(out, *_seed(seed), *_round(rnd))
+def philox_normal_out(
+    out: torch.Tensor,
+    seed: int | torch.Tensor,
+    rnd: int | torch.Tensor,
+    row_offset: int | torch.Tensor = 0,
+) -> None:
+    """Fill ``out`` (B, k, *S) float32, contiguous, with the stream's normals (row b of
+    ``out`` is the stream's row ``b + row_offset``)."""
+    torch.ops.smartgrpo_fast.philox_normal_out(
+        out, *_seed(seed), *_round(rnd), *_row_offset(row_offset)
+    )
 
 
 def philox_bits_out(out: torch.Tensor, counters: torch.Tensor, k0: int, k1: int) -> None:

@@ -29,6 +29,7 @@ from smartgrpo_fast.ops._common import (
     check_finite_values,
     check_no_grad,
     check_round,
+    check_row_offset,
     check_seed,
     check_shape,
     check_stream_limits,
@@ -38,15 +39,20 @@ from smartgrpo_fast.ops._common import (
     resolve_backend,
 )
 from smartgrpo_fast.ops._triton import block_size, tl, triton
-from smartgrpo_fast.ops.philox import normals_reference, seed_args, seed_values
+from smartgrpo_fast.ops.philox import normals_reference, seed_args, seed_values, stream_rows
 
 __all__ = ["cem_update", "cem_update_reference"]
 
 if triton is not None:
-    from smartgrpo_fast.ops.philox import load_key, load_round, philox_normal_block
+    from smartgrpo_fast.ops.philox import (
+        load_key,
+        load_round,
+        load_row_offset,
+        philox_normal_block,
+    )
     from smartgrpo_fast.ops.sample_perturb import load_param
 
-    @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "round_val", "K", "T"])
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "round_val", "row_offset_val", "K", "T"])
     def _cem_update_kernel(
         mu_out_ptr,
         sigma_out_ptr,
@@ -56,11 +62,13 @@ if triton is not None:
         idx_ptr,
         seed_ptr,
         round_ptr,
+        row_offset_ptr,
         mu_val,
         sigma_val,
         seed_lo,
         seed_hi,
         round_val,
+        row_offset_val,
         alpha,
         min_sigma,
         D,
@@ -78,6 +86,7 @@ if triton is not None:
         PER_ELEMENT: tl.constexpr,
         SEED_FROM_PTR: tl.constexpr,
         ROUND_FROM_PTR: tl.constexpr,
+        ROW_OFFSET_FROM_PTR: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
@@ -91,6 +100,7 @@ if triton is not None:
         )
         k0, k1 = load_key(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
         rnd = load_round(round_ptr, round_val, ROUND_FROM_PTR)
+        b_word = i_b + load_row_offset(row_offset_ptr, row_offset_val, ROW_OFFSET_FROM_PTR)
 
         # Welford over the T elites, on eps = mu + sigma * n (float32 registers).
         b_mean = tl.zeros([BLOCK], dtype=tl.float32)
@@ -99,7 +109,7 @@ if triton is not None:
         for i in range(T):
             j = tl.load(idx_ptr + i_b * stride_idx_b + i * stride_idx_t).to(tl.int64)
             n_bad += ((j < 0) | (j >= K)).to(tl.int32)
-            b_n = philox_normal_block(i_blk, j, i_b, rnd, k0, k1, BLOCK)
+            b_n = philox_normal_block(i_blk, j, b_word, rnd, k0, k1, BLOCK)
             b_eps = b_mu + b_sigma * b_n
             b_delta = b_eps - b_mean
             b_mean += b_delta / tl.cast(i + 1, tl.float32)
@@ -140,11 +150,13 @@ def cem_update_reference(
     alpha: float,
     min_sigma: float,
     per_element: bool,
+    row_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch cem_update: materialises the (B, T, D) elite noise. Returns float32
-    mu_new (B, D) and sigma_new (B, D), or (B,) when pooled."""
+    mu_new (B, D) and sigma_new (B, D), or (B,) when pooled. Row b's elites are candidates of
+    the stream's row ``b + row_offset``."""
     device = elite_idx.device
-    rows = torch.arange(batch, device=device).view(batch, 1)
+    rows = stream_rows(batch, row_offset, device).view(batch, 1)
     n = normals_reference(seed, rnd, rows, elite_idx, numel)  # (B, T, D)
     mu_r = mu.values(batch, numel, device)
     sigma_r = sigma.values(batch, numel, device)
@@ -212,6 +224,7 @@ def cem_update(
     min_sigma: float = 0.0,
     per_element: bool = True,
     validate: bool = True,
+    row_offset: int | torch.Tensor = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One CEM refinement of N(mu, sigma^2) from the elites of one ``sample_perturb`` call.
 
@@ -229,7 +242,11 @@ def cem_update(
         min_sigma: floor of the new std, >= 0.
         per_element: a std per element (True) or one pooled std per row (False).
         validate: check tensor values (indices in range and distinct, finite mu/sigma,
-            round range). Reads them, synchronising a CUDA stream; skipped in graph capture.
+            round and row_offset range). Reads them, synchronising a CUDA stream; skipped in
+            graph capture.
+        row_offset: the ``row_offset`` given to ``sample_perturb`` (int or 0-d int64 tensor,
+            read inside the kernel): row b's elites are candidates of the stream's row
+            ``b + row_offset``.
 
     Returns:
         (mu_new, sigma_new): float32 (B, *S) and float32 (B, *S), or (B,) when pooled.
@@ -262,6 +279,7 @@ def cem_update(
         )
     seed = check_seed(seed, device)
     rnd = check_round(round, device, validate=validate)
+    row_offset = check_row_offset(row_offset, batch, device, validate=validate)
     alpha, min_sigma = float(alpha), float(min_sigma)
 
     backend = resolve_backend(device)
@@ -281,6 +299,7 @@ def cem_update(
             alpha=alpha,
             min_sigma=min_sigma,
             per_element=per_element,
+            row_offset=int(row_offset),
         )
         mu_out.copy_(mu_new.reshape(shape))
         sigma_out.copy_(sigma_new.reshape(sigma_out.shape))
@@ -299,6 +318,7 @@ def cem_update(
             alpha=alpha,
             min_sigma=min_sigma,
             per_element=per_element,
+            row_offset=row_offset,
         )
         return mu_out, sigma_out
 
@@ -332,7 +352,7 @@ def cem_update(
         SIGMA_MODE=int(p_sigma.mode),
         PER_ELEMENT=per_element,
         BLOCK=block,
-        **seed_args(seed, rnd, device),
+        **seed_args(seed, rnd, device, row_offset),
     )
     if per_element:
         return mu_out, sigma_out

@@ -6,7 +6,8 @@ standard normal ``n[b, j, e]`` of row ``b``, candidate ``j`` and flat element ``
 over the trailing shape ``S``, ``D = prod(S)`` elements) like this:
 
 * **key** ``(k0, k1) = (seed mod 2**32, seed >> 32)``, ``seed`` in ``[0, 2**64)``;
-* **counter** ``(c0, c1, c2, c3) = (e // 4, j, b, round)``, each a 32-bit word;
+* **counter** ``(c0, c1, c2, c3) = (e // 4, j, b + row_offset, round)``, each a 32-bit word,
+  where ``row_offset`` (default 0) is the ops' keyword of that name;
 * ``(x0, x1, x2, x3) = Philox4x32-10(counter, key)`` with the Random123 constants
   (multipliers ``0xD2511F53``, ``0xCD9E8D57``; Weyl key increments ``0x9E3779B9``,
   ``0xBB67AE85``), ten rounds, bit-identical to Triton's ``philox_impl``;
@@ -19,9 +20,13 @@ over the trailing shape ``S``, ``D = prod(S)`` elements) like this:
 
 So the noise of candidate ``j`` of row ``b`` does not depend on how many rows or candidates a
 call has: growing K adds candidates without changing the first ones, and ``cem_update`` can
-regenerate any elite's noise from its index alone.
+regenerate any elite's noise from its index alone. ``row_offset`` shifts the row word: a call
+on rows ``[o, o + B)`` of a larger batch with ``row_offset=o`` draws exactly the noise those
+rows draw in the call on the whole batch (so a batch can be split into chunks, or sharded
+across ranks, without changing the stream).
 
-Limits (checked, a ValueError beyond them): rows ``b < 2**32``, candidates ``j < 2**32``,
+Limits (checked, a ValueError beyond them): rows ``b + row_offset < 2**32``, candidates
+``j < 2**32``,
 ``round < 2**32``, ``D <= 2**34`` elements per (row, candidate). Beyond ``D = 2**34`` the
 element counter would wrap and repeat noise, so it is refused rather than widened. The
 integers are identical on every backend; the normals differ only by the float32 rounding of
@@ -39,6 +44,7 @@ from smartgrpo_fast.ops import _cpp
 from smartgrpo_fast.ops._common import (
     alloc,
     check_round,
+    check_row_offset,
     check_seed,
     check_shape,
     check_stream_limits,
@@ -119,8 +125,9 @@ def normals_reference(
 ) -> torch.Tensor:
     """Normals ``n[rows[p], cands[p], 0:numel]`` of the stream, as float32 ``(*P, numel)``.
 
-    ``rows`` and ``cands`` are int64 tensors broadcastable to a common shape ``P``; ``seed`` and
-    ``rnd`` are plain ints (validated by the caller).
+    ``rows`` (the stream's row words: a call's row plus its row offset) and ``cands`` are int64
+    tensors broadcastable to a common shape ``P``; ``seed`` and ``rnd`` are plain ints
+    (validated by the caller).
     """
     k0, k1 = seed_words(seed)
     rows, cands = torch.broadcast_tensors(rows.to(torch.int64), cands.to(torch.int64))
@@ -195,8 +202,19 @@ if triton is not None:
         return r
 
     @triton.jit
+    def load_row_offset(row_offset_ptr, row_offset_val, ROW_OFFSET_FROM_PTR: tl.constexpr):
+        """The int64 row offset, from a 0-d int64 tensor or an int argument; row ``b`` of the
+        call draws the stream's row word ``b + row_offset``."""
+        if ROW_OFFSET_FROM_PTR:
+            o = tl.load(row_offset_ptr).to(tl.int64)
+        else:
+            o = tl.cast(row_offset_val, tl.int64)
+        return o
+
+    @triton.jit
     def philox_normal_block(blk, j, b, rnd, k0, k1, BLOCK: tl.constexpr):
-        """float32 normals of elements ``blk*BLOCK + arange(BLOCK)`` of slice (row b, cand j)."""
+        """float32 normals of elements ``blk*BLOCK + arange(BLOCK)`` of slice (row word b,
+        candidate j); ``b`` is the stream's row (the call's row plus the row offset)."""
         GROUPS: tl.constexpr = BLOCK // 4
         g = tl.cast(blk, tl.int64) * GROUPS + tl.arange(0, GROUPS)
         c0 = g.to(tl.uint32)
@@ -210,19 +228,22 @@ if triton is not None:
         # (GROUPS, 2, 2) flattened row-major is n0, n1, n2, n3 per group: element order.
         return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])
 
-    @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "round_val", "K"])
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "round_val", "row_offset_val", "K"])
     def _philox_normal_kernel(
         out_ptr,
         seed_ptr,
         round_ptr,
+        row_offset_ptr,
         seed_lo,
         seed_hi,
         round_val,
+        row_offset_val,
         D,
         K,
         n_blocks,
         SEED_FROM_PTR: tl.constexpr,
         ROUND_FROM_PTR: tl.constexpr,
+        ROW_OFFSET_FROM_PTR: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
@@ -232,7 +253,8 @@ if triton is not None:
         b = row // K
         k0, k1 = load_key(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
         rnd = load_round(round_ptr, round_val, ROUND_FROM_PTR)
-        n = philox_normal_block(blk, j, b, rnd, k0, k1, BLOCK)
+        b_word = b + load_row_offset(row_offset_ptr, row_offset_val, ROW_OFFSET_FROM_PTR)
+        n = philox_normal_block(blk, j, b_word, rnd, k0, k1, BLOCK)
         offs = blk * BLOCK + tl.arange(0, BLOCK)
         tl.store(out_ptr + row * D + offs, n, mask=offs < D)
 
@@ -259,22 +281,32 @@ def noise_block_size(numel: int) -> int:
     return block_size(numel, 1024)
 
 
-def seed_args(seed: int | torch.Tensor, rnd: int | torch.Tensor, device: torch.device) -> dict:
-    """Kernel arguments for a seed and a round that are ints or 0-d int64 tensors."""
+def seed_args(
+    seed: int | torch.Tensor,
+    rnd: int | torch.Tensor,
+    device: torch.device,
+    row_offset: int | torch.Tensor = 0,
+) -> dict:
+    """Kernel arguments for a seed, a round and a row offset that are ints or 0-d int64
+    tensors (a tensor is passed as a pointer the kernel reads)."""
     dummy = None
     seed_from_ptr = isinstance(seed, torch.Tensor)
     round_from_ptr = isinstance(rnd, torch.Tensor)
-    if not (seed_from_ptr and round_from_ptr):
+    offset_from_ptr = isinstance(row_offset, torch.Tensor)
+    if not (seed_from_ptr and round_from_ptr and offset_from_ptr):
         dummy = torch.zeros((), dtype=torch.int64, device=device)
     lo, hi = (0, 0) if seed_from_ptr else seed_words(seed)
     return {
         "seed_ptr": seed if seed_from_ptr else dummy,
         "round_ptr": rnd if round_from_ptr else dummy,
+        "row_offset_ptr": row_offset if offset_from_ptr else dummy,
         "seed_lo": lo,
         "seed_hi": hi,
         "round_val": 0 if round_from_ptr else int(rnd),
+        "row_offset_val": 0 if offset_from_ptr else int(row_offset),
         "SEED_FROM_PTR": seed_from_ptr,
         "ROUND_FROM_PTR": round_from_ptr,
+        "ROW_OFFSET_FROM_PTR": offset_from_ptr,
     }
 
 
@@ -285,12 +317,19 @@ def seed_values(seed: int | torch.Tensor, rnd: int | torch.Tensor) -> tuple[int,
     return s, r
 
 
+def stream_rows(batch: int, row_offset: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The stream's row words of a call's rows, ``arange(batch) + row_offset``, int64 (B,)
+    (for the references; a tensor offset is read here)."""
+    return torch.arange(batch, dtype=torch.int64, device=device) + int(row_offset)
+
+
 def philox_normal(
     shape: Sequence[int] | torch.Size,
     *,
     seed: int | torch.Tensor,
     round: int | torch.Tensor = 0,
     device: torch.device | str | None = None,
+    row_offset: int | torch.Tensor = 0,
 ) -> torch.Tensor:
     """The exact standard normals ``n`` that ``sample_perturb`` and ``cem_update`` use.
 
@@ -299,9 +338,14 @@ def philox_normal(
         seed: int in [0, 2**64) or a 0-d int64 tensor on ``device``.
         round: int in [0, 2**32) or a 0-d int64 tensor on ``device``.
         device: where to draw (default: the seed tensor's device, else CPU).
+        row_offset: int or 0-d int64 tensor on ``device``, ``>= 0`` with
+            ``row_offset + B <= 2**32``: row b draws the stream's row ``b + row_offset``, so
+            ``philox_normal((B, ...), row_offset=o)`` equals rows ``[o, o + B)`` of
+            ``philox_normal((o + B, ...))``.
 
     Returns:
-        float32 tensor of ``shape``; ``n[b, j]`` is the noise of row b, candidate j.
+        float32 tensor of ``shape``; ``n[b, j]`` is the noise of row ``b + row_offset``,
+        candidate j.
     """
     shape = check_shape(shape, layout="(B, k, *S)", min_dims=2)
     if device is None:
@@ -312,20 +356,26 @@ def philox_normal(
     batch, k = shape[0], shape[1]
     numel = math.prod(shape[2:])
     check_stream_limits(batch, k, numel)
+    row_offset = check_row_offset(row_offset, batch, device)
     backend = resolve_backend(device)
     if backend == "reference":
         s, r = seed_values(seed, rnd)
-        rows = torch.arange(batch, device=device).view(batch, 1)
+        rows = stream_rows(batch, row_offset, device).view(batch, 1)
         cands = torch.arange(k, device=device).view(1, k)
         return normals_reference(s, r, rows, cands, numel).reshape(shape)
     out = alloc(shape, torch.float32, device)
     if backend in ("cpp", "cuda"):
-        _cpp.philox_normal_out(out, seed, rnd)
+        _cpp.philox_normal_out(out, seed, rnd, row_offset)
         return out
     block = noise_block_size(numel)
     n_blocks = triton.cdiv(numel, block)
     _philox_normal_kernel[(n_blocks * batch * k,)](
-        out, D=numel, K=k, n_blocks=n_blocks, BLOCK=block, **seed_args(seed, rnd, device)
+        out,
+        D=numel,
+        K=k,
+        n_blocks=n_blocks,
+        BLOCK=block,
+        **seed_args(seed, rnd, device, row_offset),
     )
     return out
 

@@ -20,6 +20,7 @@ from smartgrpo_fast.ops._common import (
     check_float_tensor,
     check_no_grad,
     check_round,
+    check_row_offset,
     check_seed,
     check_stream_limits,
     normalize_param,
@@ -32,12 +33,18 @@ from smartgrpo_fast.ops.philox import (
     normals_reference,
     seed_args,
     seed_values,
+    stream_rows,
 )
 
 __all__ = ["sample_perturb", "sample_perturb_reference"]
 
 if triton is not None:
-    from smartgrpo_fast.ops.philox import load_key, load_round, philox_normal_block
+    from smartgrpo_fast.ops.philox import (
+        load_key,
+        load_round,
+        load_row_offset,
+        philox_normal_block,
+    )
 
     @triton.jit
     def load_param(ptr, value, b, offs, mask, stride_b, stride_e, MODE: tl.constexpr):
@@ -51,7 +58,11 @@ if triton is not None:
             p = p.to(tl.float32)
         return p
 
-    @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "round_val", "K", "cands_per_prog"])
+    @triton.jit(
+        do_not_specialize=[
+            "seed_lo", "seed_hi", "round_val", "row_offset_val", "K", "cands_per_prog"
+        ]
+    )  # fmt: skip
     def _sample_perturb_kernel(
         z_ptr,
         mean_ptr,
@@ -60,12 +71,14 @@ if triton is not None:
         scale_ptr,
         seed_ptr,
         round_ptr,
+        row_offset_ptr,
         mu_val,
         sigma_val,
         scale_val,
         seed_lo,
         seed_hi,
         round_val,
+        row_offset_val,
         D,
         K,
         n_blocks,
@@ -83,6 +96,7 @@ if triton is not None:
         SCALE_MODE: tl.constexpr,
         SEED_FROM_PTR: tl.constexpr,
         ROUND_FROM_PTR: tl.constexpr,
+        ROW_OFFSET_FROM_PTR: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         # One program: one block of BLOCK elements of row b, for a chunk of candidates.
@@ -104,11 +118,12 @@ if triton is not None:
         b_scale = load_param(scale_ptr, scale_val, i_b, offs, mask, stride_scale_b, 0, SCALE_MODE)
         k0, k1 = load_key(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
         rnd = load_round(round_ptr, round_val, ROUND_FROM_PTR)
+        b_word = i_b + load_row_offset(row_offset_ptr, row_offset_val, ROW_OFFSET_FROM_PTR)
 
         j_start = i_chunk * cands_per_prog
         j_end = tl.minimum(j_start + cands_per_prog, K)
         for j in range(j_start, j_end):
-            b_n = philox_normal_block(i_blk, j, i_b, rnd, k0, k1, BLOCK)
+            b_n = philox_normal_block(i_blk, j, b_word, rnd, k0, k1, BLOCK)
             b_z = b_mean + b_scale * (b_mu + b_sigma * b_n)
             p_z = z_ptr + (i_b * K + j) * D + offs
             tl.store(p_z, b_z.to(z_ptr.dtype.element_ty), mask=mask)
@@ -129,14 +144,16 @@ def sample_perturb_reference(
     k: int,
     seed: int,
     rnd: int,
+    row_offset: int = 0,
 ) -> torch.Tensor:
     """Plain PyTorch sample_perturb on validated, normalised arguments.
 
-    ``mean2`` is (B, D); returns float32 (B, k, D).
+    ``mean2`` is (B, D); returns float32 (B, k, D). Row b draws the stream's row
+    ``b + row_offset``.
     """
     batch, numel = mean2.shape
     device = mean2.device
-    rows = torch.arange(batch, device=device).view(batch, 1)
+    rows = stream_rows(batch, row_offset, device).view(batch, 1)
     cands = torch.arange(k, device=device).view(1, k)
     n = normals_reference(seed, rnd, rows, cands, numel)
     mu_r = _param_rows(mu, batch, numel, device)
@@ -168,6 +185,7 @@ def sample_perturb(
     seed: int | torch.Tensor,
     round: int | torch.Tensor = 0,
     validate: bool = True,
+    row_offset: int | torch.Tensor = 0,
 ) -> torch.Tensor:
     """K perturbed candidates per row: ``z[b, j] = mean[b] + scale[b]*(mu[b] + sigma[b]*n[b, j])``.
 
@@ -182,11 +200,16 @@ def sample_perturb(
             so an in-place change is seen by a captured CUDA graph).
         round: int in [0, 2**32) or 0-d int64 tensor, likewise.
         validate: also check tensor *values* (finite mu/scale, finite non-negative sigma, round
-            range). This reads them and synchronises a CUDA stream; skipped during graph capture.
+            and row_offset range). This reads them and synchronises a CUDA stream; skipped
+            during graph capture.
+        row_offset: int or 0-d int64 tensor (read inside the kernel, like ``round``), ``>= 0``
+            with ``row_offset + B <= 2**32``: row b draws the stream's row ``b + row_offset``,
+            so a call on rows ``[o, o + B)`` of a larger batch with ``row_offset=o`` draws the
+            noise those rows draw in the call on the whole batch.
 
     Returns:
         z: (B, k, *S) in mean's dtype, computed in float32. ``n`` is
-        ``philox_normal((B, k, *S), seed=seed, round=round)``.
+        ``philox_normal((B, k, *S), seed=seed, round=round, row_offset=row_offset)``.
     """
     check_float_tensor("mean", mean, min_dim=1)
     device = mean.device
@@ -208,19 +231,22 @@ def sample_perturb(
     p_scale = normalize_param("scale", scale, allow_elem=False, **kw)
     seed = check_seed(seed, device)
     rnd = check_round(round, device, validate=validate)
+    row_offset = check_row_offset(row_offset, batch, device, validate=validate)
     mean2, stride_mean_b, stride_mean_e = rows_view("mean", mean, batch, numel)
 
     backend = resolve_backend(device)
     if backend == "reference":
         s, r = seed_values(seed, rnd)
-        z = sample_perturb_reference(mean2, p_mu, p_sigma, p_scale, k=k, seed=s, rnd=r)
+        z = sample_perturb_reference(
+            mean2, p_mu, p_sigma, p_scale, k=k, seed=s, rnd=r, row_offset=row_offset
+        )
         out = alloc((batch, k, *inner), mean.dtype, device)
         out.copy_(z.reshape(out.shape))
         return out
 
     out = alloc((batch, k, *inner), mean.dtype, device)
     if backend in ("cpp", "cuda"):
-        _cpp.sample_perturb_out(out, mean2, p_mu, p_sigma, p_scale, seed, rnd)
+        _cpp.sample_perturb_out(out, mean2, p_mu, p_sigma, p_scale, seed, rnd, row_offset)
         return out
     block = noise_block_size(numel)
     n_blocks = triton.cdiv(numel, block)
@@ -251,6 +277,6 @@ def sample_perturb(
         SIGMA_MODE=int(p_sigma.mode),
         SCALE_MODE=int(p_scale.mode),
         BLOCK=block,
-        **seed_args(seed, rnd, device),
+        **seed_args(seed, rnd, device, row_offset),
     )
     return out
