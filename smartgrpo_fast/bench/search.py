@@ -598,7 +598,7 @@ def plot_stage_split(csv_path: Path | str, png_path: Path | str | None = None) -
     found = list(dict.fromkeys(_stage(r) for r in rows))
     stages = [s for s in STAGES if s in found] + [s for s in found if s not in STAGES]
     ms = {(r["provider"], _stage(r)): 1e3 * r["median"] for r in rows}
-    fig = Figure(figsize=(3.0 + 1.4 * len(providers), 4.6), layout="constrained")
+    fig = Figure(figsize=(max(6.4, 3.4 + 1.4 * len(providers)), 4.8), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     bottom = [0.0] * len(providers)
@@ -607,7 +607,8 @@ def plot_stage_split(csv_path: Path | str, png_path: Path | str | None = None) -
         ax.bar(providers, heights, bottom=bottom, label=stage, width=0.6)
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     for i, total in enumerate(bottom):
-        ax.annotate(f"{total:.3g} ms", (i, total), ha="center", va="bottom", fontsize=8)
+        label = f"{total:,.0f} ms" if total >= 100 else f"{total:.3g} ms"
+        ax.annotate(label, (i, total), ha="center", va="bottom", fontsize=8)
     first = rows[0]
     ax.set_ylabel("ms per round (median of each stage)")
     ax.set_title(
@@ -621,8 +622,8 @@ def plot_stage_split(csv_path: Path | str, png_path: Path | str | None = None) -
     ax.margins(y=0.1)
     ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(
-        f"smartgrpo_fast {first['smartgrpo_fast_version']} search on {first['device_name']} "
-        f"(torch {first['torch_version']}, {first['git_commit']}, {first['date']})",
+        f"smartgrpo_fast {first['smartgrpo_fast_version']} search on {first['device_name']}\n"
+        f"torch {first['torch_version']}, {first['git_commit']}, {first['date']}",
         fontsize=8,
     )
     png_path.parent.mkdir(parents=True, exist_ok=True)
