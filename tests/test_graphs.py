@@ -147,6 +147,47 @@ def test_failed_capture_falls_back_for_good(monkeypatch, fake_cuda) -> None:
     assert g.stats.captures == 0 and g.stats.eager_calls == 2
 
 
+@torch.no_grad()
+def test_failed_capture_is_remembered_per_bucket(monkeypatch, fake_cuda) -> None:
+    """A capture that fails for one bucket (and signature) leaves the others graphed."""
+    record = capture_mod._record
+
+    def fails_at_two(fn, inputs, pool, warmup):
+        if inputs[0].shape[0] == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return record(fn, inputs, pool, warmup)
+
+    monkeypatch.setattr(capture_mod, "_record", fails_at_two)
+    g = GraphedCallable(_fn, GraphConfig(backend="graph", buckets=(2, 4)))
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        g(torch.randn(2, 4), torch.randn(2, 5))
+    for n in (4, 3, 2, 4):
+        x, y = torch.randn(n, 4), torch.randn(n, 5)
+        assert torch.allclose(g(x, y), _fn(x, y))
+    assert g.stats.captures == 1 and g.stats.buckets_captured == [4]
+    assert g.stats.replays == 3 and g.stats.eager_calls == 2
+
+
+def test_one_warning_per_distinct_reason_and_the_latest_is_kept(fake_cuda) -> None:
+    g = GraphedCallable(_fn, GraphConfig(backend="graph", buckets=(2,)))
+    x, y = torch.randn(3, 4), torch.randn(3, 5)
+    with pytest.warns(RuntimeWarning, match="grad mode") as first:
+        g(x, y)
+        g(x, y)
+    assert len(first) == 1
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="exceeds") as second:
+        g(x, y)
+        g(x, y)
+    assert len(second) == 1
+    assert g.stats.fallback_reason == "batch 3 exceeds the largest bucket"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # both reasons were warned about already
+        g(x, y)
+        with torch.no_grad():
+            g(x, y)
+    assert g.stats.eager_calls == 6
+
+
 def test_grad_mode_runs_eagerly(fake_cuda) -> None:
     g = GraphedCallable(_fn, GraphConfig(backend="graph"))
     x = torch.randn(2, 4, requires_grad=True)

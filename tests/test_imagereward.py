@@ -138,6 +138,19 @@ def test_scores_shape_dtype_and_determinism(tiny: ImageRewardModel) -> None:
     assert torch.equal(scores, tiny(images, PROMPTS))
 
 
+def test_prepare_then_score_equals_the_call(tiny: ImageRewardModel) -> None:
+    """prepare tokenises (fixed (N, 35) ids and mask), score reads tensors only."""
+    images = _images()
+    prepared = tiny.prepare(PROMPTS)
+    assert prepared.tensors["input_ids"].shape == (len(PROMPTS), 35)
+    assert prepared.tensors["attention_mask"].shape == (len(PROMPTS), 35)
+    want = tiny(images, PROMPTS)
+    torch.testing.assert_close(tiny.score(images, prepared), want, atol=0, rtol=0)
+    swapped = type(prepared)(("zzz",) * len(PROMPTS), prepared.tensors)
+    torch.testing.assert_close(tiny.score(images, swapped), want, atol=0, rtol=0)
+    assert tiny.prepare(["a", *PROMPTS[1:]]).signature() == prepared.signature()
+
+
 def test_batch_equals_one_at_a_time(tiny: ImageRewardModel) -> None:
     images = _images()
     batch = tiny(images, PROMPTS)

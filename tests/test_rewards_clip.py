@@ -142,6 +142,25 @@ def test_prompts_matter_and_a_negated_text_projection_flips_the_scores(tiny_dir)
     torch.testing.assert_close(c0 - c1, 2.5 * p0 / pick.model.logit_scale.exp(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["aesthetic", "pickscore", "clipscore"])
+def test_prepare_then_score_equals_the_call_and_reads_no_strings(loaded, name) -> None:
+    """prepare holds the text half (fixed (N, D) shape whatever the prompts' lengths), score
+    the image half on tensors only: what a captured search round replays."""
+    reward = loaded[name]
+    images = _images(4, seed=5)
+    prepared = reward.prepare(PROMPTS)
+    want = reward(images, PROMPTS)
+    torch.testing.assert_close(reward.score(images, prepared), want, atol=0, rtol=0)
+    swapped = type(prepared)(("zzz",) * 4, prepared.tensors)
+    torch.testing.assert_close(reward.score(images, swapped), want, atol=0, rtol=0)
+    other = reward.prepare(["x", "y", "a much longer prompt than the others", "z"])
+    assert other.signature() == prepared.signature()
+    if name == "aesthetic":
+        assert not prepared.tensors
+    else:
+        assert prepared.tensors["text"].shape == (4, 16)
+
+
 def test_distinct_prompts_are_encoded_once(loaded, monkeypatch) -> None:
     reward = loaded["clipscore"]
     seen = []

@@ -57,6 +57,67 @@ class Const:
 # ------------------------------------------------------------------------------------------
 
 
+# ------------------------------------------------------------------------------------------
+# prepare / score (the graph-safe split)
+# ------------------------------------------------------------------------------------------
+
+
+def _swapped(prepared: rewards.PreparedPrompts) -> rewards.PreparedPrompts:
+    """The same tensors under other prompt strings: score must read only the tensors."""
+    return rewards.PreparedPrompts(("unrelated",) * len(prepared), prepared.tensors)
+
+
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("spec", ["tiny", "tiny-prob", "tiny-min", "tiny-color",
+                                  "tiny:1,tiny-color:0.5"])  # fmt: skip
+def test_prepare_then_score_equals_the_call(spec: str, n: int) -> None:
+    reward = rewards.reward_from_spec(spec)
+    images, prompts = _batch(n, seed=3)
+    prepared = reward.prepare(prompts)
+    assert isinstance(reward, rewards.PreparedReward) and prepared.complete
+    for name, t in prepared.tensors.items():
+        assert t.shape[0] == n, name
+    want = reward(images, prompts)
+    torch.testing.assert_close(reward.score(images, prepared), want, atol=0, rtol=0)
+    torch.testing.assert_close(reward.score(images, _swapped(prepared)), want, atol=0, rtol=0)
+    other = reward.prepare(_batch(n, seed=4)[1])  # other prompts: the same shapes
+    assert other.signature() == prepared.signature()
+
+
+def test_weighted_sum_prepares_each_component_and_knows_when_it_is_incomplete(tiny) -> None:
+    images, prompts = _batch(4)
+    const = Const([1.0, 2.0, 3.0, 4.0])
+    ws = WeightedSum({"tiny": 1.0, "const": 0.5}, rewards={"tiny": tiny, "const": const})
+    prepared = ws.prepare(prompts)
+    assert list(prepared.tensors) == ["tiny/targets"] and not prepared.complete
+    want = tiny(images, prompts) + 0.5 * const.values
+    torch.testing.assert_close(ws.score(images, prepared), want, atol=1e-6, rtol=0)
+
+
+def test_prepare_prompts_and_score_prepared_serve_any_reward(tiny) -> None:
+    images, prompts = _batch(3)
+    const = Const([1.0, 2.0, 3.0])
+    bare = rewards.prepare_prompts(const, prompts)
+    assert bare.prompts == tuple(prompts) and not bare.tensors and not bare.complete
+    assert torch.equal(rewards.score_prepared(const, images, bare), const.values)
+    prepared = rewards.prepare_prompts(tiny, prompts)
+    assert prepared.complete and set(prepared.tensors) == {"targets"}
+    assert torch.equal(rewards.score_prepared(tiny, images, prepared), tiny(images, prompts))
+
+
+def test_score_checks_the_prepared_prompts(tiny) -> None:
+    images, prompts = _batch(3)
+    with pytest.raises(TypeError, match="prepared: expected PreparedPrompts, got list"):
+        tiny.score(images, prompts)
+    with pytest.raises(ValueError, match="prompts: expected 3 prompts"):
+        tiny.score(images, tiny.prepare(prompts[:2]))
+    bad = rewards.PreparedPrompts(tuple(prompts), {"targets": torch.zeros(2, 3, dtype=torch.long)})
+    with pytest.raises(ValueError, match="prepared: tensor 'targets' has shape \\(2, 3\\)"):
+        tiny.score(images, bad)
+    with pytest.raises(ValueError, match="tensors: expected the names \\['targets'\\]"):
+        tiny.prepare(prompts).with_tensors({"other": torch.zeros(3)})
+
+
 def test_weighted_sum_equals_the_hand_computed_sum(tiny, color) -> None:
     images, prompts = _batch()
     ws = WeightedSum({"tiny": 1.0, "tiny-color": 0.5}, {"tiny": tiny, "tiny-color": color})

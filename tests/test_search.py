@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from smartgrpo_fast.models.base import Cond, repeat_rows
+from smartgrpo_fast.rewards.base import PreparedPrompts
 from smartgrpo_fast.search import NoiseSearch, SearchConfig, search_reference
 from smartgrpo_fast.search import cem as cem_module
 
@@ -273,48 +274,149 @@ def test_reward_shape_error() -> None:
         search.run(mean, 0.5, 0.5, cond)
 
 
-def test_graph_path_replays_one_round(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The whole-round graph path: a warm-up round whose effects are undone, one capture, then
-    N replays of the same callable give N distinct rounds (state lives in tensors)."""
-    calls = {"capture": 0}
+class PreparedTargetReward(TargetReward):
+    """TargetReward split into prepare (the targets as one tensor) and score (tensors only)."""
 
-    def fake_capture(round_fn, device):  # a "graph" whose replay is the captured callable
-        calls["capture"] += 1
+    def prepare(self, prompts: list[str], device=None) -> PreparedPrompts:
+        tgt = torch.stack([self.targets[p] for p in prompts])
+        return PreparedPrompts(tuple(prompts), {"target": tgt})
+
+    def score(self, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
+        self.calls += 1
+        tgt = prepared.tensors["target"]
+        if tgt.shape != images.shape:
+            tgt = torch.nn.functional.interpolate(tgt, size=images.shape[-2:], mode="bilinear")
+        r = -((images - tgt) ** 2).flatten(1).mean(1)
+        for i, value in self.bad.items():
+            r[i] = value
+        return r
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.score(images, self.prepare(prompts))
+
+
+GRAPH_PROMPTS = ["p0", "p1", "p2", "p3", "p4"]
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Graphs on CPU: a capture runs the round's Python once (as a real capture traces it; its
+    effects must be undone) and its replay re-runs that same closure on the same static
+    tensors, so whatever a call fails to refill in place is stale in the replay."""
+    captured: list = []
+
+    def fake_capture(round_fn, device):
+        round_fn()
+        captured.append(round_fn)
         return round_fn
 
     monkeypatch.setattr(cem_module, "_graph_capable", lambda device: True)
     monkeypatch.setattr(cem_module, "_capture_round", fake_capture)
-    model, reward, cond, mean = setup(3)
-    cfg = SearchConfig(k=6, rounds=3, top=2, use="mean", alpha=0.8)
+    return captured
+
+
+# (B, prompts, mean seed, scale, t_next, seed): new prompts, rows, scales, times and seeds per
+# call, two batch sizes interleaved.
+GRAPH_CALLS = [
+    (2, ["p0", "p1"], 0, 0.4, 0.5, 8),
+    (2, ["p3", "p2"], 1, 0.3, 0.7, 9),
+    (3, ["p4", "p0", "p2"], 2, 0.5, 0.6, 10),
+    (2, ["p1", "p1"], 3, 0.6, 0.4, 8),
+    (3, ["p1", "p3", "p4"], 4, 0.2, 0.5, 11),
+    (2, ["p4", "p0"], 5, 0.4, 0.9, 12),
+]
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(use="mean", alpha=0.8), dict(use="best", per_element=False, min_sigma=0.1)],
+    ids=["per_element", "pooled"],
+)  # fmt: skip
+def test_graph_is_captured_once_per_shape_and_refilled_per_call(fake_graphs, kw: dict) -> None:
+    """One capture per batch size over many run() calls with other prompts, rows, scales,
+    times and seeds; every call equals search_reference, and an earlier result is not
+    overwritten by a later call (no aliasing of the static buffers)."""
+    model = AnalyticFlow(GRAPH_PROMPTS)
+    reward = PreparedTargetReward(GRAPH_PROMPTS)
+    cfg = SearchConfig(k=6, rounds=3, top=2, **kw)
     search = NoiseSearch(model, reward, cfg)
-    got = search.run(mean, 0.4, 0.5, cond, seed=8)
-    assert got.graphed and calls["capture"] == 1
-    assert reward.calls == 1 + cfg.rounds  # the warm-up round, then N replays
-    assert_same(got, search_reference(model, reward, mean, 0.4, 0.5, cond, cfg, seed=8))
-    before = reward.calls
-    search.run(mean, 0.4, 0.5, cond, seed=8)  # same shapes: captured again, no new warm-up
-    assert calls["capture"] == 2 and reward.calls == before + cfg.rounds
-    plain = NoiseSearch(model, reward, SearchConfig(**{**cfg.__dict__, "graph": False}))
-    assert not plain.run(mean, 0.4, 0.5, cond, seed=8).graphed
+    kept = []
+    for b, prompts, mseed, scale, t, seed in GRAPH_CALLS:
+        cond = model.encode_prompts(prompts)
+        mean = torch.randn((b, *SHAPE), generator=torch.Generator().manual_seed(mseed))
+        before = reward.calls
+        got = search.run(mean, scale, t, cond, seed=seed)
+        first = sum(1 for c in GRAPH_CALLS[: len(kept) + 1] if c[0] == b) == 1
+        # a new batch size: warm-up round + captured round (both undone), then N replays
+        assert reward.calls - before == cfg.rounds + (2 if first else 0)
+        want = search_reference(model, reward, mean, scale, t, cond, cfg, seed=seed)
+        assert got.graphed
+        assert_same(got, want)
+        kept.append((got, want))
+    for got, want in kept:
+        assert_same(got, want)
+    assert len(fake_graphs) == 2
+    stats = search.graph_stats
+    assert (stats.captures, stats.recaptures, stats.eager_calls) == (2, 0, 0)
+    assert stats.replays == cfg.rounds * len(GRAPH_CALLS)
 
 
-def test_graph_capture_failure_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    def failing_capture(round_fn, device):
-        round_fn()  # half a capture that changed the state: must be undone
-        raise RuntimeError("operation not permitted when stream is capturing")
+def test_graph_of_a_reward_without_prepare_is_recaptured_for_new_prompts(fake_graphs) -> None:
+    """A reward called with prompt strings cannot be refilled: new prompts, new capture."""
+    model = AnalyticFlow(GRAPH_PROMPTS)
+    reward = TargetReward(GRAPH_PROMPTS)
+    cfg = SearchConfig(k=4, rounds=2, top=2, use="mean")
+    search = NoiseSearch(model, reward, cfg)
+    mean = torch.randn((2, *SHAPE), generator=torch.Generator().manual_seed(0))
+    for prompts in (["p0", "p1"], ["p0", "p1"], ["p2", "p3"]):
+        cond = model.encode_prompts(prompts)
+        got = search.run(mean, 0.4, 0.5, cond, seed=3)
+        assert got.graphed
+        assert_same(got, search_reference(model, reward, mean, 0.4, 0.5, cond, cfg, seed=3))
+    assert (search.graph_stats.captures, search.graph_stats.recaptures) == (2, 1)
 
-    monkeypatch.setattr(cem_module, "_graph_capable", lambda device: True)
-    monkeypatch.setattr(cem_module, "_capture_round", failing_capture)
+
+def test_graph_off_or_not_cuda_runs_per_stage(fake_graphs) -> None:
     model, reward, cond, mean = setup(2)
+    cfg = SearchConfig(k=4, rounds=2, top=2, graph=False)
+    search = NoiseSearch(model, reward, cfg)
+    assert not search.run(mean, 0.4, 0.5, cond, seed=8).graphed
+    assert search.graph_stats.eager_calls == 2 and search.graph_stats.captures == 0
+    assert not fake_graphs
+
+
+def test_graph_capture_failure_is_remembered_per_shape(monkeypatch, fake_graphs) -> None:
+    """A capture that fails (after changing the state: undone) sends that shape per stage for
+    good with one warning; another batch size still captures."""
+    capture = cem_module._capture_round
+    attempts: list[int] = []
+
+    def first_capture_fails(round_fn, device):  # the first capture is B = 2's
+        attempts.append(1)
+        if len(attempts) == 1:
+            round_fn()  # half a capture that changed the state: must be undone
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return capture(round_fn, device)
+
+    monkeypatch.setattr(cem_module, "_capture_round", first_capture_fails)
+    model = AnalyticFlow(GRAPH_PROMPTS)
+    reward = PreparedTargetReward(GRAPH_PROMPTS)
     cfg = SearchConfig(k=4, rounds=2, top=2)
     search = NoiseSearch(model, reward, cfg)
-    with pytest.warns(RuntimeWarning, match="stage by stage.*not permitted"):
-        got = search.run(mean, 0.4, 0.5, cond, seed=2)
+    cond2, cond3 = model.encode_prompts(["p0", "p1"]), model.encode_prompts(["p2", "p3", "p4"])
+    mean2, mean3 = torch.randn((2, *SHAPE)), torch.randn((3, *SHAPE))
+    with pytest.warns(RuntimeWarning, match="stage by stage for B=2.*not permitted"):
+        got = search.run(mean2, 0.4, 0.5, cond2, seed=2)
     assert not got.graphed
-    assert_same(got, search_reference(model, reward, mean, 0.4, 0.5, cond, cfg, seed=2))
+    assert_same(got, search_reference(model, reward, mean2, 0.4, 0.5, cond2, cfg, seed=2))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one warning only: later runs go per stage quietly
-        assert not search.run(mean, 0.4, 0.5, cond, seed=2).graphed
+        assert not search.run(mean2, 0.4, 0.5, cond2, seed=2).graphed
+        got3 = search.run(mean3, 0.4, 0.5, cond3, seed=2)
+    assert got3.graphed  # the failure was B = 2's only
+    assert_same(got3, search_reference(model, reward, mean3, 0.4, 0.5, cond3, cfg, seed=2))
+    assert "not permitted" in search.graph_stats.fallback_reason
+    search.reset()  # forgets the failure: B = 2 tries again
+    assert search.run(mean2, 0.4, 0.5, cond2, seed=2).graphed
 
 
 def test_torch_noise_baseline() -> None:
@@ -346,3 +448,36 @@ def test_cuda_graph_round_matches_per_stage() -> None:
     want = staged.run(mean, 0.3, 0.8, cond, seed=4)
     assert graphed.graphed and not want.graphed
     assert_same(graphed, want, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spec", ["tiny", "tiny:1,tiny-color:0.5"])
+@pytest.mark.parametrize("per_element", [True, False], ids=["per_element", "pooled"])
+def test_cuda_graph_is_captured_once_across_runs(spec: str, per_element: bool) -> None:
+    """On a GPU: six run() calls with other prompts, rows and seeds capture one graph (the
+    shipped rewards prepare their prompt tensors, the pooled sigma path captures) and each
+    equals the per-stage search."""
+    from dataclasses import replace
+
+    from smartgrpo_fast import models, rewards
+    from smartgrpo_fast.models.tiny import sample_prompts
+
+    model = models.load("tiny", device="cuda")
+    reward = rewards.reward_from_spec(spec, device="cuda")
+    cfg = SearchConfig(k=8, rounds=3, top=2, use="mean", per_element=per_element)
+    search = NoiseSearch(model, reward, cfg)
+    staged = NoiseSearch(model, reward, replace(cfg, graph=False))
+    prompts = sample_prompts(12, 0)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for i in range(6):
+        cond = model.encode_prompts(prompts[2 * i : 2 * i + 2])
+        mean = torch.randn((2, *model.latent_shape), device="cuda", generator=gen)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = search.run(mean, 0.3, 0.8, cond, seed=i)
+        fallbacks = [str(w.message) for w in caught if "NoiseSearch" in str(w.message)]
+        assert got.graphed and not fallbacks, fallbacks
+        assert_same(got, staged.run(mean, 0.3, 0.8, cond, seed=i), atol=1e-4)
+    stats = search.graph_stats
+    assert (stats.captures, stats.recaptures, stats.eager_calls) == (1, 0, 0)
+    assert stats.replays == 6 * cfg.rounds

@@ -12,8 +12,10 @@ one shared memory pool:
   :class:`GraphStats`);
 * a direct call of ``fn`` while an enclosing graph is being captured (the call becomes part
   of that graph, e.g. a whole search round);
-* eager execution, with a single warning, when not on CUDA, when grad mode needs autograd
-  through ``fn``, when N exceeds the largest bucket, or when capture fails.
+* eager execution when not on CUDA, when grad mode needs autograd through ``fn``, when N
+  exceeds the largest bucket, or when capture fails; one warning per distinct reason, and
+  :attr:`GraphStats.fallback_reason` holds the latest. A failed capture sends that bucket
+  and signature (dtype, trailing shapes) to eager for good; other buckets still capture.
 
 Parameters updated *in place* (an optimizer step on LoRA weights, ``param.data.copy_``) are
 seen by the next replay: a graph reads parameter memory at replay time. Re-creating a
@@ -90,7 +92,7 @@ class GraphStats:
     recaptures: int = 0
     replays: int = 0
     eager_calls: int = 0
-    fallback_reason: str | None = None
+    fallback_reason: str | None = None  # the latest reason a call ran eagerly
     buckets_captured: list[int] = field(default_factory=list)
 
 
@@ -168,14 +170,16 @@ class GraphedCallable:
         self._graphs: dict[int, _Graph] = {}
         self._pool: tuple | None = None
         self._compiled: Callable[..., torch.Tensor] | None = None
-        self._broken: str | None = None  # set when a capture failed: eager from then on
+        # (bucket, signature) -> why its capture failed: that key runs eagerly from then on
+        self._broken: dict[tuple, str] = {}
+        self._warned: set[str] = set()
 
     def reset(self) -> None:
         """Drop every captured graph (after parameters were re-created, not updated in place)."""
         self._graphs.clear()
         self._pool = None
         self._compiled = None
-        self._broken = None
+        self._broken.clear()
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         backend = self.config.backend
@@ -200,8 +204,9 @@ class GraphedCallable:
     # --------------------------------------------------------------------------- graphs
 
     def _eager(self, reason: str, *args: torch.Tensor) -> torch.Tensor:
-        if self.stats.fallback_reason is None:
-            self.stats.fallback_reason = reason
+        self.stats.fallback_reason = reason
+        if reason not in self._warned:
+            self._warned.add(reason)
             warnings.warn(
                 f"GraphedCallable: running {getattr(self.fn, '__name__', 'fn')} eagerly: {reason}",
                 RuntimeWarning,
@@ -220,8 +225,6 @@ class GraphedCallable:
                     f"args[{i}]: expected a batch-major tensor with leading size {n}, "
                     f"got shape {tuple(a.shape)}"
                 )
-        if self._broken is not None:
-            return self._eager(self._broken, *args)
         if is_capturing(args[0].device):
             return self.fn(*args)  # inside an enclosing capture (a whole search round)
         if not _on_cuda(args):
@@ -232,14 +235,18 @@ class GraphedCallable:
         if bucket is None:
             return self._eager(f"batch {n} exceeds the largest bucket", *args)
         sig = _signature(args)
+        broken = self._broken.get((bucket, sig))
+        if broken is not None:
+            return self._eager(broken, *args)
         g = self._graphs.get(bucket)
         if g is None or g.signature != sig:
             try:
                 g = self._capture(bucket, args, sig, recapture=g is not None)
-            except Exception as exc:  # capture can fail in many ways; run eagerly from then on
+            except Exception as exc:  # capture fails in many ways; this key runs eagerly
                 self._graphs.pop(bucket, None)
-                self._broken = f"capture failed ({type(exc).__name__}: {exc})"
-                return self._eager(self._broken, *args)
+                reason = f"capture failed ({type(exc).__name__}: {exc})"
+                self._broken[(bucket, sig)] = reason
+                return self._eager(reason, *args)
         for buf, a in zip(g.inputs, args, strict=True):
             buf[:n].copy_(a)
         g.graph.replay()

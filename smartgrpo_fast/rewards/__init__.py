@@ -12,15 +12,36 @@ Names for :func:`load`:
 Real checkpoints load from paths given as keyword arguments or from the Hugging Face cache
 (never downloaded). :func:`reward_from_spec` turns the CLI's ``NAME[:WEIGHT],...`` into a
 reward (a :class:`~smartgrpo_fast.rewards.combine.WeightedSum` when there are several).
+
+Every shipped reward also splits its call into ``prepare(prompts)`` (prompt tensors, made on
+the host side once) and ``score(images, prepared)`` (tensors only: safe inside a captured CUDA
+graph); :func:`prepare_prompts` and :func:`score_prepared` work for any reward.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from smartgrpo_fast.rewards.base import Reward, check_images
+from smartgrpo_fast.rewards.base import (
+    PreparedPrompts,
+    PreparedReward,
+    Reward,
+    check_images,
+    prepare_prompts,
+    score_prepared,
+)
 
-__all__ = ["NAMES", "Reward", "check_images", "load", "reward_from_spec"]
+__all__ = [
+    "NAMES",
+    "PreparedPrompts",
+    "PreparedReward",
+    "Reward",
+    "check_images",
+    "load",
+    "prepare_prompts",
+    "reward_from_spec",
+    "score_prepared",
+]
 
 NAMES = (
     "tiny", "tiny-prob", "tiny-min", "tiny-color", "imagereward", "aesthetic", "pickscore",

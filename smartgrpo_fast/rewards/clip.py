@@ -23,6 +23,11 @@ maximum length: 77 tokens for every released CLIP**, as every CLIP reward does. 
 not silent: the first time it happens a warning names how many prompts were cut, and each
 reward counts them in ``truncated_prompts``.
 
+Each is a :class:`~smartgrpo_fast.rewards.base.PreparedReward`: ``prepare(prompts)``
+tokenises and runs the text model once per distinct prompt (the prompt-only half of the
+score, outside any CUDA graph), ``score(images, prepared)`` runs the image half on tensors
+only, so a search round that calls it can be captured once and replayed for other prompts.
+
 Weights load from a local folder or from the Hugging Face cache (``local_files_only=True``:
 nothing is downloaded); a missing one is a ``FileNotFoundError`` that says what to pass.
 """
@@ -31,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smartgrpo_fast.rewards.base import check_images
+from smartgrpo_fast.rewards.base import PreparedPrompts, check_images, check_prepared
 
 __all__ = [
     "AESTHETIC_FILE",
@@ -102,6 +107,9 @@ class ClipImageTransform:
     size: tuple[int, int] | None = None
     crop_size: tuple[int, int] | None = (224, 224)
     normalize: bool = True
+    # (mean, std) per device, made on first use: no host-to-device copy in later calls (a
+    # captured CUDA graph cannot hold one)
+    _consts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_image_processor(cls, ip: Any) -> ClipImageTransform:
@@ -163,9 +171,13 @@ class ClipImageTransform:
             top, left = (h - ch) // 2, (w - cw) // 2
             x = x[:, :, top : top + ch, left : left + cw]
         if self.normalize:
-            mean = torch.tensor(self.image_mean, device=x.device).view(1, -1, 1, 1)
-            std = torch.tensor(self.image_std, device=x.device).view(1, -1, 1, 1)
-            x = (x - mean) / std
+            consts = self._consts.get(x.device)
+            if consts is None:
+                consts = self._consts[x.device] = (
+                    torch.tensor(self.image_mean, device=x.device).view(1, -1, 1, 1),
+                    torch.tensor(self.image_std, device=x.device).view(1, -1, 1, 1),
+                )
+            x = (x - consts[0]) / consts[1]
         return x.contiguous()
 
 
@@ -273,6 +285,33 @@ class _ClipReward:
         """(N,) cosine between each image and its own prompt, float32 on the model's device."""
         return (self.image_embeds(images) * self.text_embeds(list(prompts))).sum(-1)
 
+    def _text_prompts(self, prompts: list[str]) -> list[str]:
+        """The strings the text model sees (CLIPScore adds its prefix)."""
+        return list(prompts)
+
+    def prepare(
+        self, prompts: list[str], device: torch.device | str | None = None
+    ) -> PreparedPrompts:
+        """``text``: (N, D) float32 L2-normalised prompt embeddings on the model's device
+        (where scoring runs, whatever ``device``); none for a reward that ignores prompts."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts: expected a list of strings, got {type(prompts).__name__}")
+        if self.text is None:
+            return PreparedPrompts(tuple(prompts), {})
+        text = self.text_embeds(self._text_prompts(list(prompts)))
+        return PreparedPrompts(tuple(prompts), {"text": text})
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_images(images, prompts)
+        return self.score(images, self.prepare(prompts))
+
+    def score(self, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
+        """(N,) float32 on the images' device, from :meth:`prepare`'s tensors (graph-safe)."""
+        raise NotImplementedError
+
+    def _cosine(self, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
+        return (self.image_embeds(images) * prepared.tensors["text"]).sum(-1)
+
 
 # --------------------------------------------------------------------------------------------
 # The three rewards
@@ -355,8 +394,8 @@ class AestheticReward(_ClipReward):
         self.head = head.to(self.device).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        check_images(images, prompts)
+    def score(self, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
+        check_prepared(images, prepared)
         score = self.head(self.image_embeds(images)).squeeze(-1)
         return score.float().to(images.device)
 
@@ -369,10 +408,10 @@ class PickScoreReward(_ClipReward):
         super().__init__(model, transform, tokenizer)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        check_images(images, prompts)
+    def score(self, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
+        check_prepared(images, prepared)
         scale = self.model.logit_scale.float().exp()
-        return (scale * self.cosine(images, prompts)).float().to(images.device)
+        return (scale * self._cosine(images, prepared)).float().to(images.device)
 
 
 class CLIPScoreReward(_ClipReward):
@@ -390,10 +429,13 @@ class CLIPScoreReward(_ClipReward):
         self.w = float(w)
         self.prefix = prefix
 
+    def _text_prompts(self, prompts: list[str]) -> list[str]:
+        return [self.prefix + p for p in prompts]
+
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        check_images(images, prompts)
-        cos = self.cosine(images, [self.prefix + p for p in prompts])
+    def score(self, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
+        check_prepared(images, prepared)
+        cos = self._cosine(images, prepared)
         return (self.w * cos.clamp_min(0.0)).float().to(images.device)
 
 

@@ -18,7 +18,14 @@ from typing import Any
 
 import torch
 
-from smartgrpo_fast.rewards.base import Reward, check_images
+from smartgrpo_fast.rewards.base import (
+    PreparedPrompts,
+    Reward,
+    check_images,
+    check_prepared,
+    prepare_prompts,
+    score_prepared,
+)
 
 __all__ = ["AsyncReward", "RewardFuture", "WeightedSum", "parse_reward_spec"]
 
@@ -82,14 +89,36 @@ class WeightedSum:
         """From the CLI form ``NAME[:WEIGHT],...`` (see :func:`parse_reward_spec`)."""
         return cls(parse_reward_spec(spec), **load_kwargs)
 
+    def prepare(
+        self, prompts: list[str], device: torch.device | str | None = None
+    ) -> PreparedPrompts:
+        """Every component's prepared tensors, named ``"<component>/<name>"``; ``complete``
+        only when every component has a ``prepare`` (the others get the prompt strings)."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts: expected a list of strings, got {type(prompts).__name__}")
+        tensors: dict[str, torch.Tensor] = {}
+        complete = True
+        for name, reward in self.rewards.items():
+            part = prepare_prompts(reward, list(prompts), device)
+            complete &= part.complete
+            tensors.update({f"{name}/{k}": v for k, v in part.tensors.items()})
+        return PreparedPrompts(tuple(prompts), tensors, complete)
+
     def components(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Each component's unweighted (N,) float32 scores on the images' device, in the order
         of ``weights``; every component is called once, on the whole batch."""
         check_images(images, prompts)
+        return self.prepared_components(images, self.prepare(prompts, images.device))
+
+    def prepared_components(
+        self, images: torch.Tensor, prepared: PreparedPrompts
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`components` from :meth:`prepare`'s tensors (graph-safe when ``complete``)."""
+        check_prepared(images, prepared)
         n = images.shape[0]
         out: dict[str, torch.Tensor] = {}
         for name, reward in self.rewards.items():
-            r = reward(images, prompts)
+            r = score_prepared(reward, images, prepared.part(f"{name}/"))
             if not isinstance(r, torch.Tensor):
                 raise TypeError(f"reward {name!r}: returned {type(r).__name__}, expected a tensor")
             if tuple(r.shape) != (n,):
@@ -111,6 +140,10 @@ class WeightedSum:
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return self.combine(self.components(images, prompts))
+
+    def score(self, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
+        """The weighted sum from prepared prompts (see :meth:`prepare`)."""
+        return self.combine(self.prepared_components(images, prepared))
 
     def __repr__(self) -> str:
         terms = " + ".join(f"{w:g}*{name}" for name, w in self.weights.items())

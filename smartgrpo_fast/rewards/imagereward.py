@@ -23,6 +23,11 @@ PIL's two separable passes with ``torch`` bicubic and ``antialias=True`` (PIL's 
 clipping after each, which is close to PIL but not bit-identical (no uint8 rounding, unless
 ``quantize=True``; see :func:`preprocess_images`). :meth:`ImageRewardModel.score_pil` runs the
 package's exact PIL path.
+
+The model is a :class:`~smartgrpo_fast.rewards.base.PreparedReward`: ``prepare(prompts)``
+tokenises on the host (ids and mask padded to 35 tokens, on the model's device) and
+``score(images, prepared)`` reads only tensors, so a search round calling it can be captured
+as a CUDA graph once and replayed for other prompts.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smartgrpo_fast.rewards.base import check_images
+from smartgrpo_fast.rewards.base import PreparedPrompts, check_images, check_prepared
 
 if TYPE_CHECKING:
     from transformers import (
@@ -421,10 +426,20 @@ def _crop_offsets(height: int, width: int, size: int) -> tuple[int, int]:
     return round((height - size) / 2.0), round((width - size) / 2.0)
 
 
+_NORM_CONSTS: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _normalize(pixels: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(CLIP_MEAN, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-    return (pixels - mean) / std
+    # the constants are made once per device and dtype: a host-to-device copy per call would
+    # break the capture of a search round as a CUDA graph
+    key = (pixels.device, pixels.dtype)
+    consts = _NORM_CONSTS.get(key)
+    if consts is None:
+        consts = _NORM_CONSTS[key] = (
+            torch.tensor(CLIP_MEAN, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1),
+            torch.tensor(CLIP_STD, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1),
+        )
+    return (pixels - consts[0]) / consts[1]
 
 
 def _bicubic(x: torch.Tensor, size: tuple[int, int], quantize: bool) -> torch.Tensor:
@@ -630,6 +645,11 @@ class ImageRewardModel(nn.Module):
                 f"prompts: expected {pixels.shape[0]} prompts (one per image), got {len(prompts)}"
             )
         ids, mask = self.tokenize(prompts)
+        return self._score_tokens(pixels, ids, mask)
+
+    def _score_tokens(
+        self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         image_tokens = self.vision(
             pixel_values=pixels.to(self.device, self.dtype)
         ).last_hidden_state
@@ -639,12 +659,29 @@ class ImageRewardModel(nn.Module):
         raw = self.head(hidden[:, 0].float()).squeeze(-1)
         return ((raw - SCORE_MEAN) / SCORE_STD).float()
 
+    def prepare(
+        self, prompts: list[str], device: torch.device | str | None = None
+    ) -> PreparedPrompts:
+        """``input_ids`` and ``attention_mask``, (N, 35) int64 on the model's device (where
+        scoring runs, whatever ``device``): the host-side tokenisation, done before scoring."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts: expected a list of strings, got {type(prompts).__name__}")
+        ids, mask = self.tokenize(prompts)
+        return PreparedPrompts(tuple(prompts), {"input_ids": ids, "attention_mask": mask})
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
+        """:meth:`forward` from :meth:`prepare`'s tensors; reads no strings (graph-safe)."""
+        check_prepared(images, prepared)
+        pixels = preprocess_images(images.to(self.device), self.image_size, quantize=self.quantize)
+        t = prepared.tensors
+        return self._score_tokens(pixels, t["input_ids"], t["attention_mask"]).to(images.device)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Images (N, 3, H, W) float in [0, 1], N prompts -> (N,) float32 on images.device."""
         check_images(images, prompts)
-        pixels = preprocess_images(images.to(self.device), self.image_size, quantize=self.quantize)
-        return self.score_pixels(pixels, prompts).to(images.device)
+        return self.score(images, self.prepare(prompts))
 
     def score_pil(self, images: Sequence[Any], prompts: Sequence[str]) -> torch.Tensor:
         """PIL images (any size/mode) and N prompts -> (N,) float32 on the model's device,

@@ -10,7 +10,10 @@
   colours, in the right proportions: ``1 - mean_pixel min(|p - c_shape|, |p - c_bg|) / sqrt(3)``
   minus a penalty when the shape colour covers less than 2% or more than 60% of the image.
 
-Both take images (N, 3, H, W) float in [0, 1] and N prompts, and return (N,) float32.
+Both take images (N, 3, H, W) float in [0, 1] and N prompts, and return (N,) float32. Both
+are :class:`~smartgrpo_fast.rewards.base.PreparedReward`: ``prepare`` turns the prompts into
+attribute indices (or colours) on the device, ``score`` reads only tensors, so either runs
+inside a captured search round.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from smartgrpo_fast.models.tiny.data import (
     attributes_from_prompt,
     sample_batch,
 )
-from smartgrpo_fast.rewards.base import check_images
+from smartgrpo_fast.rewards.base import PreparedPrompts, check_images, check_prepared
 
 __all__ = [
     "CLASSIFIER_FILE",
@@ -130,22 +133,45 @@ class TinyClassifierReward:
         net.load_state_dict({k: v.float() for k, v in load_file(f).items()})
         return cls(net.to(device), mode)
 
-    @torch.no_grad()
-    def _heads(self, images: torch.Tensor, prompts: list[str]) -> tuple[tuple, torch.Tensor]:
-        """The classifier's three logit heads and the prompts' (N, 3) attribute indices."""
-        check_images(images, prompts)
-        dev = next(self.classifier.parameters()).device
-        heads = self.classifier(_resize(images.to(dev, torch.float32)))
-        return heads, _targets(prompts, dev, self._cache)
+    @property
+    def device(self) -> torch.device:
+        return next(self.classifier.parameters()).device
 
-    def attribute_log_probs(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """(N, 3) log-probabilities of the prompts' (shape, colour, background)."""
-        heads, tgt = self._heads(images, prompts)
+    def prepare(
+        self, prompts: list[str], device: torch.device | str | None = None
+    ) -> PreparedPrompts:
+        """``targets``: the prompts' (N, 3) int64 attribute indices on the classifier's device
+        (where scoring runs, whatever ``device``)."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts: expected a list of strings, got {type(prompts).__name__}")
+        return PreparedPrompts(
+            tuple(prompts), {"targets": _targets(list(prompts), self.device, self._cache)}
+        )
+
+    @torch.no_grad()
+    def _heads(self, images: torch.Tensor, prepared: PreparedPrompts) -> tuple[tuple, torch.Tensor]:
+        """The classifier's three logit heads and the prompts' (N, 3) attribute indices."""
+        check_prepared(images, prepared)
+        heads = self.classifier(_resize(images.to(self.device, torch.float32)))
+        return heads, prepared.tensors["targets"]
+
+    def _log_probs(self, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
+        heads, tgt = self._heads(images, prepared)
         cols = [F.log_softmax(h, dim=1).gather(1, tgt[:, i : i + 1]) for i, h in enumerate(heads)]
         return torch.cat(cols, dim=1)
 
+    def attribute_log_probs(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """(N, 3) log-probabilities of the prompts' (shape, colour, background)."""
+        check_images(images, prompts)
+        return self._log_probs(images, self.prepare(prompts))
+
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        lp = self.attribute_log_probs(images, prompts)
+        check_images(images, prompts)
+        return self.score(images, self.prepare(prompts))
+
+    def score(self, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
+        """(N,) float32 on the images' device; reads no prompt strings (graph-safe)."""
+        lp = self._log_probs(images, prepared)
         if self.mode == "logprob":
             out = lp.mean(dim=1)
         elif self.mode == "prob":
@@ -156,7 +182,8 @@ class TinyClassifierReward:
 
     def matches(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """(N, 3) bool: does the arg-max of each head equal the prompt's attribute."""
-        heads, tgt = self._heads(images, prompts)
+        check_images(images, prompts)
+        heads, tgt = self._heads(images, self.prepare(prompts))
         return torch.stack([h.argmax(1) == tgt[:, i] for i, h in enumerate(heads)], dim=1)
 
 
@@ -168,15 +195,30 @@ class ColorFidelityReward:
     max_cover: float = 0.6
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    def prepare(
+        self, prompts: list[str], device: torch.device | str | None = None
+    ) -> PreparedPrompts:
+        """``fg`` and ``bg``: the prompts' shape and background colours, (N, 3) float32 on
+        ``device`` (default CPU; score it on images of that device to stay graph-safe)."""
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts: expected a list of strings, got {type(prompts).__name__}")
+        dev = torch.device("cpu" if device is None else device)
+        attrs = _targets(list(prompts), dev, self._cache)
+        pal = self._cache.get(dev)
+        if pal is None:
+            pal = self._cache[dev] = _PALETTE.to(dev)
+        return PreparedPrompts(tuple(prompts), {"fg": pal[attrs[:, 1]], "bg": pal[attrs[:, 2]]})
+
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_images(images, prompts)
+        return self.score(images, self.prepare(prompts, images.device))
+
+    def score(self, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
+        """(N,) float32 on the images' device; reads no prompt strings (graph-safe)."""
+        check_prepared(images, prepared)
         img = images.float()
-        attrs = _targets(prompts, img.device, self._cache)
-        pal = self._cache.get(img.device)
-        if pal is None:
-            pal = self._cache[img.device] = _PALETTE.to(img.device)
-        fg = pal[attrs[:, 1]].view(-1, 3, 1, 1)
-        bg = pal[attrs[:, 2]].view(-1, 3, 1, 1)
+        fg = prepared.tensors["fg"].to(img.device).view(-1, 3, 1, 1)
+        bg = prepared.tensors["bg"].to(img.device).view(-1, 3, 1, 1)
         d_fg = (img - fg).norm(dim=1)
         d_bg = (img - bg).norm(dim=1)
         fidelity = 1.0 - torch.minimum(d_fg, d_bg).flatten(1).mean(1) / math.sqrt(3.0)

@@ -14,6 +14,18 @@ writes — mu, sigma, the round counter, the seed, the best candidate so far and
 — lives in a device tensor, so on CUDA one captured round replayed N times gives N distinct
 rounds (``SearchConfig.graph``); elsewhere, or when capture fails, the same round function
 runs stage by stage.
+
+The captured round is kept and reused across :meth:`NoiseSearch.run` calls: one graph per
+(B, K, latent shape, sigma shape, device, conditioning and prepared-prompt shapes). Each call
+fills the graph's static tensors in place — the state, the conditioning (``cond``'s tensors)
+and the reward's prepared prompt tensors (``reward.prepare``, made before the round, see
+:mod:`smartgrpo_fast.rewards.base`) — and replays. A reward without ``prepare`` is called
+with the prompt strings, which a graph cannot refill: its graph is captured again whenever
+the prompts change. A failed capture sends that key to per-stage execution for good (one
+warning per distinct reason); other keys still capture. Like
+:class:`~smartgrpo_fast.graphs.GraphedCallable`, a graph reads the model's parameters at
+replay time (in-place updates such as an optimizer step are seen); after re-creating
+parameters call :meth:`NoiseSearch.reset`.
 """
 
 from __future__ import annotations
@@ -21,15 +33,20 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 
-from smartgrpo_fast.graphs import capture_graph, warm_up
+from smartgrpo_fast.graphs import GraphStats, capture_graph, warm_up
 from smartgrpo_fast.models.base import Cond
 from smartgrpo_fast.ops import cem_update, sample_perturb, topk_select, x0_estimate
-from smartgrpo_fast.rewards.base import Reward
+from smartgrpo_fast.rewards.base import (
+    PreparedPrompts,
+    Reward,
+    prepare_prompts,
+    score_prepared,
+)
 from smartgrpo_fast.search.config import RoundStats, SearchConfig, SearchResult
 
 __all__ = ["NoiseSearch", "check_search_inputs", "finite_or_nan", "rescale_rows"]
@@ -56,6 +73,35 @@ class _State:
     def load(self, other: _State) -> None:
         for f in fields(self):
             getattr(self, f.name).copy_(getattr(other, f.name))
+
+
+@dataclass
+class _Graph:
+    """One captured round and the static tensors it reads and writes."""
+
+    state: _State
+    cond: Cond  # static copies of the conditioning's tensors
+    prepared: PreparedPrompts  # static copies of the reward's prepared tensors
+    replay: Callable[[], None]
+    prompts: tuple[str, ...] | None  # the prompts baked in (reward without prepare), or None
+
+
+def _cond_tensors(cond: Cond) -> dict[str, torch.Tensor]:
+    return {f.name: v for f in fields(cond) if isinstance(v := getattr(cond, f.name), torch.Tensor)}
+
+
+def _cond_signature(cond: Cond) -> tuple:
+    return tuple(
+        (f.name, None if v is None else (tuple(v.shape), v.dtype, v.device))
+        for f in fields(cond)
+        if isinstance(v := getattr(cond, f.name), torch.Tensor) or v is None
+    )
+
+
+def _static_copy(cond: Cond, prepared: PreparedPrompts) -> tuple[Cond, PreparedPrompts]:
+    """Fresh buffers holding copies of cond's tensors and of the prepared tensors."""
+    static_cond = replace(cond, **{k: v.clone() for k, v in _cond_tensors(cond).items()})
+    return static_cond, prepared.with_tensors({k: v.clone() for k, v in prepared.tensors.items()})
 
 
 def finite_or_nan(r: torch.Tensor) -> torch.Tensor:
@@ -124,7 +170,8 @@ def _graph_capable(device: torch.device) -> bool:
 
 
 def _capture_round(round_fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
-    """Capture one call of ``round_fn`` as a CUDA graph; return its replay."""
+    """Capture one call of ``round_fn`` as a CUDA graph; return its replay (which re-runs the
+    round on the same tensors ``round_fn`` read and wrote when captured)."""
     graph, _ = capture_graph(round_fn)
     return graph.replay
 
@@ -156,13 +203,25 @@ class NoiseSearch:
         self.model = model
         self.reward = reward
         self.config = config or SearchConfig()
-        self._warmed: set[tuple] = set()
-        self._graph_failure: str | None = None
+        #: captures (new graphs), recaptures (a reward without ``prepare`` saw new prompts),
+        #: replays (rounds run from a graph), eager_calls (rounds run stage by stage) and the
+        #: latest fallback_reason.
+        self.graph_stats = GraphStats()
+        self._graphs: dict[tuple, _Graph] = {}
+        self._graph_failures: dict[tuple, str] = {}
+        self._warned: set[str] = set()
+
+    def reset(self) -> None:
+        """Drop every captured round and remembered capture failure (after the model's or the
+        reward's parameters were re-created rather than updated in place)."""
+        self._graphs.clear()
+        self._graph_failures.clear()
 
     # ------------------------------------------------------------------ the round
 
-    def _round(self, st: _State, cond: Cond, prompts: list[str]) -> None:
-        """One CEM round on ``st``, in place; reads the round number from ``st.round``."""
+    def _round(self, st: _State, cond: Cond, prepared: PreparedPrompts) -> None:
+        """One CEM round on ``st``, in place; reads the round number from ``st.round`` and the
+        prompts only through ``cond``'s and ``prepared``'s tensors (graph-safe rewards)."""
         cfg = self.config
         b, k = st.mean.shape[0], cfg.k
         s = tuple(st.mean.shape[1:])
@@ -183,7 +242,7 @@ class NoiseSearch:
             if cfg.decode_size is None
             else self.model.decode(x0, size=cfg.decode_size)
         )
-        r = self.reward(images, prompts)
+        r = score_prepared(self.reward, images, prepared)
         if not isinstance(r, torch.Tensor) or r.shape != (b * k,):
             raise ValueError(
                 f"reward: expected a ({b * k},) tensor for {b * k} images, got "
@@ -233,31 +292,85 @@ class NoiseSearch:
             stats=torch.full((4, cfg.rounds, b), float("nan"), device=dev),
         )
 
-    def _graphed(self, st: _State, round_fn: Callable[[], None]) -> Callable[[], None] | None:
-        """The replay of one captured round, or None (per-stage) with one warning on failure."""
-        dev = st.mean.device
-        if not (self.config.graph and _graph_capable(dev)) or self._graph_failure is not None:
+    def _graph_key(self, st: _State, cond: Cond, prepared: PreparedPrompts) -> tuple:
+        """What a captured round is specialised to (everything else is refilled per call)."""
+        return (
+            tuple(st.mean.shape),
+            tuple(st.sigma.shape),
+            st.mean.device,
+            self.config,
+            _cond_signature(cond),
+            prepared.signature(),
+        )
+
+    def _graph_for(self, init: _State, cond: Cond, prepared: PreparedPrompts) -> _Graph | None:
+        """The captured round for these inputs (capturing it on first use), or None: not on
+        CUDA, graphs off, or its capture failed (warned once per distinct reason)."""
+        dev = init.mean.device
+        if not (self.config.graph and _graph_capable(dev)):
             return None
-        snapshot = st.clone()
-        key = (tuple(st.mean.shape), st.sigma.dim(), dev)
+        key = self._graph_key(init, cond, prepared)
+        if key in self._graph_failures:
+            self.graph_stats.fallback_reason = self._graph_failures[key]
+            return None
+        baked = None if prepared.complete else prepared.prompts
+        g = self._graphs.get(key)
+        if g is not None and g.prompts != baked:
+            del self._graphs[key]  # the reward reads prompt strings: capture for the new ones
+            self.graph_stats.recaptures += 1
+            g = None
+        if g is not None:
+            return g
         try:
-            if key not in self._warmed:
-                warm_up(round_fn, dev)  # Triton JIT, cuBLAS handles, reward caches
-                st.load(snapshot)
-                self._warmed.add(key)
-            replay = _capture_round(round_fn, dev)
+            g = self._capture(init, cond, prepared, baked)
         except Exception as exc:  # capture fails in many ways (syncs, CPU work): go per stage
-            self._graph_failure = f"{type(exc).__name__}: {exc}"
-            warnings.warn(
-                f"NoiseSearch: running rounds stage by stage, CUDA graph capture failed "
-                f"({self._graph_failure})",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            st.load(snapshot)
+            reason = f"CUDA graph capture failed ({type(exc).__name__}: {exc})"
+            self._graph_failures[key] = reason
+            self.graph_stats.fallback_reason = reason
+            if reason not in self._warned:
+                self._warned.add(reason)
+                warnings.warn(
+                    f"NoiseSearch: running rounds stage by stage for B={init.mean.shape[0]}, "
+                    f"K={self.config.k}, latent {tuple(init.mean.shape[1:])}: {reason}",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
             return None
-        st.load(snapshot)
-        return replay
+        self._graphs[key] = g
+        self.graph_stats.captures += 1
+        return g
+
+    def _capture(
+        self,
+        init: _State,
+        cond: Cond,
+        prepared: PreparedPrompts,
+        baked: tuple[str, ...] | None,
+    ) -> _Graph:
+        """Static buffers, one warm-up round (Triton JIT, cuBLAS handles, reward caches), one
+        capture; the buffers are left holding ``init``."""
+        st = init.clone()
+        static_cond, static_prepared = _static_copy(cond, prepared)
+
+        def round_fn() -> None:
+            self._round(st, static_cond, static_prepared)
+
+        dev = st.mean.device
+        warm_up(round_fn, dev)
+        st.load(init)
+        replay = _capture_round(round_fn, dev)
+        st.load(init)
+        return _Graph(st, static_cond, static_prepared, replay, baked)
+
+    @staticmethod
+    def _fill(g: _Graph, init: _State, cond: Cond, prepared: PreparedPrompts) -> None:
+        """Copy this call's inputs into the graph's static tensors."""
+        g.state.load(init)
+        static = _cond_tensors(g.cond)
+        for name, value in _cond_tensors(cond).items():
+            static[name].copy_(value)
+        for name, value in prepared.tensors.items():
+            g.prepared.tensors[name].copy_(value)
 
     @torch.no_grad()
     def run(
@@ -281,28 +394,40 @@ class NoiseSearch:
             progress: show a progress bar over the rounds.
 
         Returns:
-            :class:`SearchResult`; the rollout continues at ``mean + scale * result.eps``.
+            :class:`SearchResult` (its tensors are the caller's: a later call does not
+            overwrite them); the rollout continues at ``mean + scale * result.eps``.
         """
         cfg = self.config
         mean_f, scale_t, t, prompts = check_search_inputs(self.model, mean, scale, t_next, cond)
         seed = cfg.seed if seed is None else seed
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
-        st = self._initial_state(mean_f, scale_t, t, seed)
-        prompts_k = [p for p in prompts for _ in range(cfg.k)]
+        init = self._initial_state(mean_f, scale_t, t, seed)
+        prepared = prepare_prompts(
+            self.reward, [p for p in prompts for _ in range(cfg.k)], mean_f.device
+        )
+        g = self._graph_for(init, cond, prepared)
+        if g is not None:
+            self._fill(g, init, cond, prepared)
+            st, step = g.state, g.replay
+        else:
+            st = init
 
-        def round_fn() -> None:
-            self._round(st, cond, prompts_k)
+            def step() -> None:
+                self._round(st, cond, prepared)
 
-        replay = self._graphed(st, round_fn)
         rounds = range(cfg.rounds)
         if progress:
             from tqdm.auto import tqdm
 
             rounds = tqdm(rounds, desc=f"search K={cfg.k}", unit="round", leave=False)
         for _ in rounds:
-            (replay or round_fn)()
-        return self._result(st, replay is not None)
+            step()
+        if g is not None:
+            self.graph_stats.replays += cfg.rounds
+        else:
+            self.graph_stats.eager_calls += cfg.rounds
+        return self._result(st, g is not None)
 
     def _result(self, st: _State, graphed: bool) -> SearchResult:
         cfg = self.config
@@ -320,11 +445,12 @@ class NoiseSearch:
         if cfg.rescale:
             eps = rescale_rows(eps)
         best = torch.where(found, st.best_reward, torch.full_like(st.best_reward, float("nan")))
-        stats = RoundStats(st.stats[0], st.stats[1], st.stats[2], st.stats[3].long())
+        stats = st.stats.clone() if graphed else st.stats  # graphed: static, refilled next call
+        stats = RoundStats(stats[0], stats[1], stats[2], stats[3].long())
         return SearchResult(
             eps=eps,
-            mu=st.mu,
-            sigma=st.sigma,
+            mu=st.mu.clone() if graphed else st.mu,
+            sigma=st.sigma.clone() if graphed else st.sigma,
             best_reward=best,
             rounds=stats,
             candidates=cfg.model_calls,
