@@ -31,7 +31,7 @@ from smartgrpo_fast.ops.topk_select import _topk_select_kernel
 from smartgrpo_fast.ops.x0_estimate import _x0_estimate_kernel
 
 FLOAT_ARGS = {"mu_val", "sigma_val", "scale_val", "t_val", "scaling", "shift", "alpha", "min_sigma"}
-INT64_PTRS = {"seed_ptr", "round_ptr", "row_offset_ptr", "idx_ptr", "ctr_ptr"}
+INT64_PTRS = {"seed_ptr", "round_ptr", "row_offset_ptr", "idx_ptr", "counts_ptr", "ctr_ptr"}
 DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -99,12 +99,12 @@ def variants() -> Iterator[Variant]:
             {"r_ptr": dt, "idx_ptr": "i64"},
             num_warps=warps,
         )
-    for per_element in (True, False):
+    for per_element, has_counts in ((True, True), (False, False)):
         yield Variant(
-            f"cem_update[per_element={per_element}]",
+            f"cem_update[per_element={per_element}, counts={has_counts}]",
             _cem_update_kernel,
             {"MU_MODE": 2, "SIGMA_MODE": 2 if per_element else 1, "PER_ELEMENT": per_element,
-             **seeds, "BLOCK": 1024},
+             "HAS_COUNTS": has_counts, **seeds, "BLOCK": 1024},
         )  # fmt: skip
 
 

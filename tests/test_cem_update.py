@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import assert_close
 
-from smartgrpo_fast.ops import cem_update, sample_perturb, topk_select
+from smartgrpo_fast.ops import cem_update, philox_normal, sample_perturb, topk_select
 
 SHAPES = [(1, 4), (3, 5, 7, 9), (2, 16, 8, 8), (2, 1)]
 
@@ -162,3 +162,125 @@ def test_row_offset_matches_the_noise_sample_perturb_drew(backend) -> None:
     mu_new, sigma_new = cem_update(0.5, 2.0, idx, shape=(2, 9), k=5, seed=12, round=1, row_offset=7)
     assert_close(mu_new, elite.mean(1), atol=1e-5, rtol=1e-5, name="mu_new")
     assert_close(sigma_new, elite.std(1, unbiased=False), atol=1e-5, rtol=1e-5, name="sigma_new")
+
+
+# --------------------------------------------------------------------------------------
+# counts: row b updates from its first counts[b] elites only
+# --------------------------------------------------------------------------------------
+
+
+def _hand_cem(mu, sigma, idx, counts, *, k, seed, rnd, alpha, min_sigma, per_element):
+    """cem_update with counts, row by row in float64 over philox_normal's materialised noise.
+
+    mu: (B, D); sigma: (B, D), or (B,) when pooled."""
+    b, d = mu.shape
+    n = philox_normal((b, k, d), seed=seed, round=rnd).double()
+    mu_new, sigma_new = mu.double().clone(), sigma.double().clone()
+    for row in range(b):
+        c = int(counts[row])
+        if c == 0:
+            continue  # no elite: unchanged
+        s = sigma[row].double() if per_element else sigma[row].double().expand(d)
+        elite = mu[row].double() + s * n[row, idx[row, :c]]  # (c, D)
+        mean, var = elite.mean(0), elite.var(0, unbiased=False)
+        mu_new[row] = (1 - alpha) * mu[row].double() + alpha * mean
+        std = var.sqrt() if per_element else var.mean().sqrt()
+        sigma_new[row] = ((1 - alpha) * sigma[row].double() + alpha * std).clamp_min(min_sigma)
+    return mu_new.float(), sigma_new.float()
+
+
+COUNTS_CASES = [  # (k, t, counts): none, one, partial and all elites across rows
+    (6, 4, [0, 1, 2, 4]),
+    (5, 5, [5, 0, 3]),
+    (3, 1, [1, 0]),
+]
+
+
+@pytest.mark.parametrize("k,t,counts", COUNTS_CASES)
+@pytest.mark.parametrize("per_element", [True, False])
+@pytest.mark.parametrize("alpha,min_sigma", [(1.0, 0.0), (0.6, 0.75)])
+def test_counts_reference_matches_hand_computation(
+    run_reference, k, t, counts, per_element, alpha, min_sigma
+) -> None:
+    b, d = len(counts), 37
+    gen = torch.Generator().manual_seed(11)
+    mu = 0.3 * torch.randn(b, d, generator=gen)
+    sigma = torch.rand(b, *((d,) if per_element else ()), generator=gen) + 0.5
+    idx = torch.stack([torch.randperm(k, generator=gen)[:t] for _ in range(b)])
+    counts_t = torch.tensor(counts)
+    kw = dict(k=k, seed=19, alpha=alpha, min_sigma=min_sigma, per_element=per_element)
+    got = run_reference(cem_update, mu, sigma, idx, shape=(b, d), round=2, counts=counts_t, **kw)
+    want = _hand_cem(mu, sigma, idx, counts_t, rnd=2, **kw)
+    assert_close(got[0], want[0], atol=1e-5, rtol=1e-5, name="mu_new")
+    assert_close(got[1], want[1], atol=1e-5, rtol=1e-5, name="sigma_new")
+    keep = counts_t == 0
+    assert torch.equal(got[0][keep], mu[keep]) and torch.equal(got[1][keep], sigma[keep])
+    if min_sigma > 0:  # the floor decides some value, but never a kept row's
+        assert bool((want[1][~keep] == min_sigma).any())
+
+
+@pytest.mark.parametrize("k,t,counts", COUNTS_CASES)
+@pytest.mark.parametrize("s", [(37,), (3, 5, 7)])
+@pytest.mark.parametrize("per_element", [True, False])
+def test_counts_match_reference(backend, run_reference, k, t, counts, s, per_element) -> None:
+    b = len(counts)
+    gen = torch.Generator().manual_seed(12)
+    mu = 0.3 * torch.randn(b, *s, generator=gen)
+    sigma = (torch.rand(b, generator=gen) + 0.5).bfloat16()  # per row, in bf16
+    idx = torch.stack([torch.randperm(k, generator=gen)[:t] for _ in range(b)])
+    counts_t = torch.tensor(counts)
+    kw = dict(shape=(b, *s), k=k, seed=23, round=1, alpha=0.8, min_sigma=0.4,
+              per_element=per_element, counts=counts_t, row_offset=2)  # fmt: skip
+    got = cem_update(mu, sigma, idx, **kw)
+    ref = run_reference(cem_update, mu, sigma, idx, **kw)
+    assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5, name="mu_new")
+    assert_close(got[1], ref[1], atol=1e-5, rtol=1e-5, name="sigma_new")
+    keep = counts_t == 0  # unchanged exactly, broadcast to the output shape
+    assert torch.equal(got[0][keep], mu[keep])
+    sigma_kept = sigma.float()[keep]
+    if per_element:
+        sigma_kept = sigma_kept.view(-1, *([1] * len(s))).expand(-1, *s)
+    assert torch.equal(got[1][keep], sigma_kept)
+
+
+def test_counts_of_all_elites_equal_no_counts(backend) -> None:
+    idx = torch.tensor([[3, 0, 2], [1, 2, 4]])
+    mu, sigma = torch.randn(2, 4, 5), torch.rand(2, 4, 5) + 0.2
+    kw = dict(shape=(2, 4, 5), k=5, seed=1, round=0, alpha=0.5, min_sigma=0.1)
+    plain = cem_update(mu, sigma, idx, **kw)
+    full = cem_update(mu, sigma, idx, counts=torch.tensor([3, 3]), **kw)
+    assert_close(full[0], plain[0], atol=1e-6, rtol=1e-6, name="mu_new")
+    assert_close(full[1], plain[1], atol=1e-6, rtol=1e-6, name="sigma_new")
+
+
+def test_counts_one_gives_that_elite_and_zero_std(backend) -> None:
+    idx = torch.tensor([[2, 0], [1, 3]])
+    mu_new, sigma_new = cem_update(
+        0.5, 2.0, idx, shape=(2, 9), k=4, seed=3, round=1, counts=torch.tensor([1, 1])
+    )
+    n = philox_normal((2, 4, 9), seed=3, round=1)
+    assert_close(mu_new, 0.5 + 2.0 * torch.stack([n[0, 2], n[1, 1]]), atol=1e-6, rtol=0)
+    assert torch.equal(sigma_new, torch.zeros(2, 9))
+
+
+def test_counts_use_only_the_leading_indices(backend) -> None:
+    """Entries past counts[b] are never read for noise nor validated (e.g. padding)."""
+    padded = torch.tensor([[1, 4, -1, 99], [2, 2, 2, 2]])
+    clean = torch.tensor([[1, 4, 0, 3], [2, 0, 1, 3]])
+    counts = torch.tensor([2, 1])
+    kw = dict(shape=(2, 6), k=5, seed=8, round=3, counts=counts)
+    a = cem_update(0.1, 1.0, padded, **kw)
+    b = cem_update(0.1, 1.0, clean, **kw)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_counts_out_of_range_without_validation_gives_nan_row(backend) -> None:
+    idx = torch.tensor([[0, 1], [2, 3], [1, 0]])
+    counts = torch.tensor([2, 3, -1])
+    for per_element in (True, False):
+        mu_new, sigma_new = cem_update(
+            0.0, 1.0, idx, shape=(3, 5), k=4, seed=0, round=0, per_element=per_element,
+            counts=counts, validate=False,
+        )  # fmt: skip
+        assert torch.isfinite(mu_new[0]).all() and torch.isfinite(sigma_new[0]).all()
+        assert torch.isnan(mu_new[1:]).all() and torch.isnan(sigma_new[1:]).all()

@@ -344,13 +344,16 @@ def test_strided_broadcast_and_mixed_dtype_parameters(cpp, run_reference) -> Non
 
 
 @pytest.mark.parametrize("per_element", [True, False])
-def test_cem_update_across_blocks(cpp, run_reference, per_element) -> None:
+@pytest.mark.parametrize("counts,row_offset", [(None, 0), ([0, 1, 3], 4)])
+def test_cem_update_across_blocks(cpp, run_reference, per_element, counts, row_offset) -> None:
     gen = torch.Generator().manual_seed(8)
     b, s, k = 3, (2, 1500), 12
     mu = (0.1 * torch.randn(b, *s, generator=gen)).bfloat16()
     sigma = torch.rand(b, *s, generator=gen) + 0.5 if per_element else torch.rand(b) + 0.5
     idx = torch.stack([torch.randperm(k, generator=gen)[:5] for _ in range(b)]).int()[:, ::2]
-    kw = dict(shape=(b, *s), k=k, seed=3, round=9, alpha=0.8, min_sigma=0.3)
+    counts = None if counts is None else torch.tensor(counts)
+    kw = dict(shape=(b, *s), k=k, seed=3, round=9, alpha=0.8, min_sigma=0.3, counts=counts,
+              row_offset=row_offset)  # fmt: skip
     got = cem_update(mu, sigma, idx, per_element=per_element, **kw)
     ref = run_reference(cem_update, mu, sigma, idx.long(), per_element=per_element, **kw)
     assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5, name="mu_new")

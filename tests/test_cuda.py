@@ -187,3 +187,27 @@ def test_row_offset_gives_the_rows_of_the_larger_call(monkeypatch, gpu_backend) 
             for got, whole, want in zip(part, big, ref, strict=True):
                 assert torch.equal(got, whole[o:])
                 assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+@pytest.mark.parametrize("per_element", [True, False])
+def test_cem_update_counts_match_reference(monkeypatch, gpu_backend, per_element) -> None:
+    """counts on the GPU backends (several blocks per row): rows of 0 elites unchanged."""
+    if gpu_backend == "cuda":
+        from smartgrpo_fast.ops import _cpp
+
+        if not (ext := _cpp.cuda_extension()).ok:
+            pytest.skip(f"the CUDA C++ extension could not be built: {ext.reason}")
+    monkeypatch.setenv("SMARTGRPO_BACKEND", gpu_backend)
+    b, k, t, s = 4, 8, 4, (4, 3001)
+    mu = 0.1 * torch.randn(b, *s)
+    sigma = torch.rand(b, *(s if per_element else ())) + 0.5
+    idx = torch.stack([torch.randperm(k)[:t] for _ in range(b)])
+    counts = torch.tensor([0, 1, 3, 4])
+    kw = dict(shape=(b, *s), k=k, seed=6, round=1, alpha=0.7, min_sigma=0.2,
+              per_element=per_element, row_offset=5)  # fmt: skip
+    got = cem_update(mu.to(CUDA), sigma.to(CUDA), idx.to(CUDA), counts=counts.to(CUDA), **kw)
+    ref = _ref(cem_update, monkeypatch, mu, sigma, idx, counts=counts, **kw)
+    assert_close(got[0].cpu(), ref[0], atol=1e-5, rtol=1e-5, name="mu_new")
+    assert_close(got[1].cpu(), ref[1], atol=1e-5, rtol=1e-5, name="sigma_new")
+    assert torch.equal(got[0][0].cpu(), mu[0]) and torch.equal(got[1][0].cpu(), sigma[0])

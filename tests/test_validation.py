@@ -279,6 +279,43 @@ def test_cem_row_offset_int32_tensor() -> None:
         cem_update(0.0, 1.0, IDX, row_offset=torch.tensor(1, dtype=torch.int32), **CEM)
 
 
+def test_cem_counts_not_a_tensor() -> None:
+    msg = r"^counts: expected None or a \(2,\) int64 tensor, got object of type list"
+    with pytest.raises(TypeError, match=msg):
+        cem_update(0.0, 1.0, IDX, counts=[1, 2], **CEM)
+
+
+def test_cem_counts_int32() -> None:
+    with pytest.raises(TypeError, match=r"^counts: expected dtype torch.int64, got .*int32"):
+        cem_update(0.0, 1.0, IDX, counts=torch.tensor([1, 2], dtype=torch.int32), **CEM)
+
+
+def test_cem_counts_wrong_shape() -> None:
+    with pytest.raises(ValueError, match=r"^counts: expected shape \(2,\) .*got .*\(2, 1\)"):
+        cem_update(0.0, 1.0, IDX, counts=torch.tensor([[1], [2]]), **CEM)
+
+
+def test_cem_counts_on_another_device() -> None:
+    with pytest.raises(ValueError, match=r"^counts: expected a tensor on cpu.*device meta"):
+        cem_update(0.0, 1.0, IDX, counts=torch.tensor([1, 2], device="meta"), **CEM)
+
+
+def test_cem_counts_above_t() -> None:
+    with pytest.raises(ValueError, match=r"^counts: expected 0 <= counts <= T = 2 .*\[1, 3\]"):
+        cem_update(0.0, 1.0, IDX, counts=torch.tensor([1, 3]), **CEM)
+
+
+def test_cem_counts_negative() -> None:
+    with pytest.raises(ValueError, match=r"^counts: expected 0 <= counts <= T = 2 .*\[-1, 2\]"):
+        cem_update(0.0, 1.0, IDX, counts=torch.tensor([-1, 2]), **CEM)
+
+
+def test_cem_used_index_out_of_range_with_counts() -> None:
+    msg = r"^elite_idx: expected indices in \[0, 4\) \(the first counts\[b\] of each row\)"
+    with pytest.raises(ValueError, match=msg):
+        cem_update(0.0, 1.0, torch.tensor([[0, 9], [5, 3]]), counts=torch.tensor([2, 1]), **CEM)
+
+
 def test_unknown_backend(monkeypatch) -> None:
     monkeypatch.setenv("SMARTGRPO_BACKEND", "cudnn")
     with pytest.raises(ValueError, match=r"^SMARTGRPO_BACKEND: expected one of .*got 'cudnn'"):

@@ -170,7 +170,8 @@ void cem_update_out(at::Tensor& mu_out, at::Tensor& sigma_out, const std::option
                     const std::optional<at::Tensor>& seed_t, int64_t seed_lo, int64_t seed_hi,
                     const std::optional<at::Tensor>& round_t, int64_t round,
                     const std::optional<at::Tensor>& row_offset_t, int64_t row_offset,
-                    double alpha, double min_sigma, bool per_element) {
+                    double alpha, double min_sigma, bool per_element,
+                    const std::optional<at::Tensor>& counts) {
   const c10::cuda::CUDAGuard guard(mu_out.device());
   check_out(mu_out, "mu_out");
   check_out(sigma_out, "sigma_out");
@@ -197,6 +198,14 @@ void cem_update_out(at::Tensor& mu_out, at::Tensor& sigma_out, const std::option
   a.idx_is_int32 = elite_idx.scalar_type() == at::kInt;
   a.idx_stride_b = elite_idx.stride(0);
   a.idx_stride_t = elite_idx.stride(1);
+  if (counts.has_value()) {
+    check_cuda(*counts, mu_out, "counts");
+    TORCH_CHECK(counts->dim() == 1 && counts->size(0) == a.batch &&
+                    counts->scalar_type() == at::kLong,
+                "counts: expected a (B,) int64 tensor");
+    a.counts = counts->data_ptr<int64_t>();
+    a.counts_stride = counts->stride(0);
+  }
   a.alpha = static_cast<float>(alpha);
   a.one_minus_alpha = static_cast<float>(1.0 - alpha);
   a.min_sigma = static_cast<float>(min_sigma);

@@ -51,6 +51,7 @@ struct CemUpdateArgs {
   Param mu;
   Param sigma;
   const int64_t* elite_idx = nullptr;  // contiguous (B, T)
+  const int64_t* counts = nullptr;     // contiguous (B,): elites used per row; null: all T
   int64_t batch = 0, k = 0, t = 0, d = 0;
   float alpha = 1.0f;            // float32(alpha)
   float one_minus_alpha = 0.0f;  // float32(1 - alpha), 1 - alpha taken in double

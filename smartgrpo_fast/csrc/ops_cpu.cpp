@@ -229,7 +229,8 @@ void cem_update_out(at::Tensor& mu_out, at::Tensor& sigma_out, const std::option
                     const std::optional<at::Tensor>& seed_t, int64_t seed_lo, int64_t seed_hi,
                     const std::optional<at::Tensor>& round_t, int64_t round,
                     const std::optional<at::Tensor>& row_offset_t, int64_t row_offset,
-                    double alpha, double min_sigma, bool per_element) {
+                    double alpha, double min_sigma, bool per_element,
+                    const std::optional<at::Tensor>& counts) {
   check_cpu(elite_idx, "elite_idx");
   TORCH_CHECK(elite_idx.dim() == 2, "elite_idx: expected (B, T)");
   const int64_t batch = elite_idx.size(0), t = elite_idx.size(1);
@@ -240,6 +241,14 @@ void cem_update_out(at::Tensor& mu_out, at::Tensor& sigma_out, const std::option
   check_out(mu_out, "mu_out", batch * d);
   check_out(sigma_out, "sigma_out", per_element ? batch * d : batch);
   const at::Tensor idx = elite_idx.to(at::kLong).contiguous();
+  at::Tensor counts_c;
+  if (counts.has_value()) {
+    check_cpu(*counts, "counts");
+    TORCH_CHECK(counts->dim() == 1 && counts->size(0) == batch &&
+                    counts->scalar_type() == at::kLong,
+                "counts: expected a (B,) int64 tensor");
+    counts_c = counts->contiguous();
+  }
   ParamHolder p_mu, p_sigma;
   cpu::CemUpdateArgs a;
   make_param(p_mu, mu, mu_val, batch, d, "mu");
@@ -248,6 +257,7 @@ void cem_update_out(at::Tensor& mu_out, at::Tensor& sigma_out, const std::option
   a.sigma = p_sigma.param;
   a.mu_out = mu_out.data_ptr<float>();
   a.elite_idx = idx.data_ptr<int64_t>();
+  a.counts = counts_c.defined() ? counts_c.data_ptr<int64_t>() : nullptr;
   a.batch = batch;
   a.k = k;
   a.t = t;
@@ -269,9 +279,14 @@ void cem_update_out(at::Tensor& mu_out, at::Tensor& sigma_out, const std::option
   run_tasks(batch * nb, t * std::min(d, cpu::kBlock), kParallelNormals,
             [&](int64_t begin, int64_t end) { cpu::cem_update(a, begin, end); });
   if (per_element) return;
-  // Pooled: sigma_b = max(min_sigma, (1 - alpha) sigma_b + alpha sqrt(mean_e var_e)).
+  // Pooled: sigma_b = max(min_sigma, (1 - alpha) sigma_b + alpha sqrt(mean_e var_e)); a row
+  // with no elite keeps sigma_b.
   float* so = sigma_out.data_ptr<float>();
   for (int64_t b = 0; b < batch; ++b) {
+    if (a.counts != nullptr && a.counts[b] == 0) {
+      so[b] = a.sigma.row[b];
+      continue;
+    }
     double sum = 0.0;
     for (int64_t blk = 0; blk < nb; ++blk) sum += var_part[b * nb + blk];
     const float var = static_cast<float>(sum / static_cast<double>(d));
@@ -300,7 +315,7 @@ TORCH_LIBRARY(smartgrpo_fast, m) {
       "cem_update_out(Tensor(a!) mu_out, Tensor(b!) sigma_out, Tensor? mu, float mu_val, "
       "Tensor? sigma, float sigma_val, Tensor elite_idx, int k, Tensor? seed_t, int seed_lo, "
       "int seed_hi, Tensor? round_t, int round, Tensor? row_offset_t, int row_offset, "
-      "float alpha, float min_sigma, bool per_element) -> ()");
+      "float alpha, float min_sigma, bool per_element, Tensor? counts) -> ()");
   m.def("cpu_isa() -> str", &cpu_isa);
 }
 

@@ -196,8 +196,12 @@ __global__ void __launch_bounds__(kThreads)
       mean[w] = 0.0f;
       m2[w] = 0.0f;
     }
-    bool bad = false;
-    for (int64_t i = 0; i < a.t; ++i) {
+    // The elites used: the first counts[b] (a count outside [0, T] marks the row bad).
+    const int64_t count = a.counts != nullptr ? a.counts[b * a.counts_stride] : a.t;
+    bool bad = count < 0 || count > a.t;
+    const int64_t used = count < 0 ? 0 : (count > a.t ? a.t : count);
+    const bool unchanged = count == 0;  // no elite: mu and sigma unchanged, no floor
+    for (int64_t i = 0; i < used; ++i) {
       // Welford over the elites, on eps = mu + sigma * n.
       const int64_t at = b * a.idx_stride_b + i * a.idx_stride_t;
       const int64_t j = a.idx_is_int32 ? static_cast<const int32_t*>(a.elite_idx)[at]
@@ -206,22 +210,24 @@ __global__ void __launch_bounds__(kThreads)
       if (valid == 0) continue;
       float n[4];
       normals4(n, static_cast<uint32_t>(g), static_cast<uint32_t>(j), b, key);
-      const float count = static_cast<float>(i + 1);
+      const float seen = static_cast<float>(i + 1);
       for (int w = 0; w < 4; ++w) {
         const float eps = mu[w] + sigma[w] * n[w];
         const float delta = eps - mean[w];
-        mean[w] += delta / count;
+        mean[w] += delta / seen;
         m2[w] += delta * (eps - mean[w]);
       }
     }
-    const float n_elites = static_cast<float>(a.t);
+    const float n_elites = static_cast<float>(used);
     float mu_new[4], sigma_new[4];
     double part = 0.0;
     for (int w = 0; w < 4; ++w) {
       const float var = m2[w] / n_elites;
-      mu_new[w] = bad ? nan : a.one_minus_alpha * mu[w] + a.alpha * mean[w];
+      const float m = a.one_minus_alpha * mu[w] + a.alpha * mean[w];
+      mu_new[w] = bad ? nan : (unchanged ? mu[w] : m);
       const float s = a.one_minus_alpha * sigma[w] + a.alpha * sqrtf(var);
-      sigma_new[w] = bad ? nan : (s < a.min_sigma ? a.min_sigma : s);  // NaN s stays NaN
+      const float floored = s < a.min_sigma ? a.min_sigma : s;  // NaN s stays NaN
+      sigma_new[w] = bad ? nan : (unchanged ? sigma[w] : floored);
       if (w < valid) part += static_cast<double>(var);
     }
     if (valid > 0) {
@@ -243,9 +249,12 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t i = threadIdx.x; i < n_blocks; i += kThreads) sum += var_part[b * n_blocks + i];
     const double total = block_sum(sum, shared);
     if (threadIdx.x == 0) {
+      const float sigma = param_at(a.sigma, b, 0);
       const float var = static_cast<float>(total / static_cast<double>(a.d));
-      const float s = a.one_minus_alpha * param_at(a.sigma, b, 0) + a.alpha * sqrtf(var);
-      a.sigma_out[b] = s < a.min_sigma ? a.min_sigma : s;  // NaN (a bad row) stays NaN
+      const float s = a.one_minus_alpha * sigma + a.alpha * sqrtf(var);
+      const bool unchanged = a.counts != nullptr && a.counts[b * a.counts_stride] == 0;
+      // NaN (a bad row) stays NaN; a row with no elite keeps its sigma
+      a.sigma_out[b] = unchanged ? sigma : (s < a.min_sigma ? a.min_sigma : s);
     }
   }
 }

@@ -68,6 +68,8 @@ typedef struct {
   int32_t idx_is_int32;
   int64_t idx_stride_b;
   int64_t idx_stride_t;
+  const int64_t* counts;  // (B,) elites used per row, read by the kernels; null: all T
+  int64_t counts_stride;
   int64_t batch;
   int64_t k;
   int64_t t;

@@ -340,8 +340,10 @@ def cem_update_out(
     min_sigma: float,
     per_element: bool,
     row_offset: int | torch.Tensor = 0,
+    counts: torch.Tensor | None = None,
 ) -> None:
-    """Fill ``mu_out`` (B, *S) and ``sigma_out`` ((B, *S), or (B,) pooled), float32."""
+    """Fill ``mu_out`` (B, *S) and ``sigma_out`` ((B, *S), or (B,) pooled), float32; with
+    ``counts`` (B,) int64, row b uses its first ``counts[b]`` elites."""
     torch.ops.smartgrpo_fast.cem_update_out(
         mu_out,
         sigma_out,
@@ -355,6 +357,7 @@ def cem_update_out(
         alpha,
         min_sigma,
         per_element,
+        counts,
     )
 
 

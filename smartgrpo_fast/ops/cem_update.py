@@ -8,8 +8,9 @@ drew with the same seed and round), ``eps_j = mu + sigma * n[b, j]`` and
   per element; or with ``per_element=False`` one value per row, the pooled std
   ``sqrt(mean over elements of the per-element elite variance)``.
 
-Only the T elite noises are regenerated, in registers: no (B, K, *S) buffer is ever read or
-allocated. An elite index outside [0, K) (possible only with ``validate=False``) turns that
+With ``counts``, row b uses only the first ``counts[b]`` elites (a row with none keeps mu and
+sigma). Only the elite noises are regenerated, in registers: no (B, K, *S) buffer is ever read
+or allocated. An elite index outside [0, K) (possible only with ``validate=False``) turns that
 row's outputs into NaN instead of reading noise that was never drawn. The same op exists in
 C++ for CPU tensors and in CUDA C++ (``smartgrpo_fast/csrc``, backends ``cpp`` and ``cuda``).
 """
@@ -30,6 +31,7 @@ from smartgrpo_fast.ops._common import (
     check_no_grad,
     check_round,
     check_row_offset,
+    check_same_device,
     check_seed,
     check_shape,
     check_stream_limits,
@@ -60,6 +62,7 @@ if triton is not None:
         mu_ptr,
         sigma_ptr,
         idx_ptr,
+        counts_ptr,
         seed_ptr,
         round_ptr,
         row_offset_ptr,
@@ -81,9 +84,11 @@ if triton is not None:
         stride_sigma_e,
         stride_idx_b,
         stride_idx_t,
+        stride_counts,
         MU_MODE: tl.constexpr,
         SIGMA_MODE: tl.constexpr,
         PER_ELEMENT: tl.constexpr,
+        HAS_COUNTS: tl.constexpr,
         SEED_FROM_PTR: tl.constexpr,
         ROUND_FROM_PTR: tl.constexpr,
         ROW_OFFSET_FROM_PTR: tl.constexpr,
@@ -102,11 +107,19 @@ if triton is not None:
         rnd = load_round(round_ptr, round_val, ROUND_FROM_PTR)
         b_word = i_b + load_row_offset(row_offset_ptr, row_offset_val, ROW_OFFSET_FROM_PTR)
 
-        # Welford over the T elites, on eps = mu + sigma * n (float32 registers).
+        # The elites used: the first counts[b] (a count outside [0, T] marks the row bad).
+        if HAS_COUNTS:
+            c = tl.load(counts_ptr + i_b * stride_counts).to(tl.int64)
+            n_bad = ((c < 0) | (c > T)).to(tl.int32)
+            n_used = tl.minimum(tl.maximum(c, 0), T).to(tl.int32)
+        else:
+            n_bad = tl.program_id(0) * 0
+            n_used = T
+
+        # Welford over the used elites, on eps = mu + sigma * n (float32 registers).
         b_mean = tl.zeros([BLOCK], dtype=tl.float32)
         b_m2 = tl.zeros([BLOCK], dtype=tl.float32)
-        n_bad = tl.program_id(0) * 0
-        for i in range(T):
+        for i in range(n_used):
             j = tl.load(idx_ptr + i_b * stride_idx_b + i * stride_idx_t).to(tl.int64)
             n_bad += ((j < 0) | (j >= K)).to(tl.int32)
             b_n = philox_normal_block(i_blk, j, b_word, rnd, k0, k1, BLOCK)
@@ -114,9 +127,14 @@ if triton is not None:
             b_delta = b_eps - b_mean
             b_mean += b_delta / tl.cast(i + 1, tl.float32)
             b_m2 += b_delta * (b_eps - b_mean)
-        b_var = b_m2 / tl.cast(T, tl.float32)
+        if HAS_COUNTS:
+            b_var = b_m2 / tl.cast(tl.maximum(n_used, 1), tl.float32)  # no 0 / 0 when unused
+        else:
+            b_var = b_m2 / tl.cast(T, tl.float32)
         a = tl.cast(alpha, tl.float32)
         b_mu_new = (1.0 - a) * b_mu + a * b_mean
+        if HAS_COUNTS:
+            b_mu_new = tl.where(n_used == 0, b_mu, b_mu_new)  # no elite: mu unchanged
         b_mu_new = tl.where(n_bad > 0, float("nan"), b_mu_new)
         tl.store(mu_out_ptr + i_b * D + offs, b_mu_new, mask=mask)
         if PER_ELEMENT:
@@ -124,6 +142,8 @@ if triton is not None:
             b_sigma_new = tl.maximum(
                 b_sigma_new, tl.cast(min_sigma, tl.float32), propagate_nan=tl.PropagateNan.ALL
             )
+            if HAS_COUNTS:
+                b_sigma_new = tl.where(n_used == 0, b_sigma, b_sigma_new)  # unchanged, no floor
             b_sigma_new = tl.where(n_bad > 0, float("nan"), b_sigma_new)
             tl.store(sigma_out_ptr + i_b * D + offs, b_sigma_new, mask=mask)
         else:
@@ -151,35 +171,86 @@ def cem_update_reference(
     min_sigma: float,
     per_element: bool,
     row_offset: int = 0,
+    counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch cem_update: materialises the (B, T, D) elite noise. Returns float32
     mu_new (B, D) and sigma_new (B, D), or (B,) when pooled. Row b's elites are candidates of
-    the stream's row ``b + row_offset``."""
+    the stream's row ``b + row_offset``; with ``counts`` (B,) only the first ``counts[b]`` of
+    them are used, and a row with none keeps its mu and sigma."""
     device = elite_idx.device
+    t = elite_idx.shape[1]
     rows = stream_rows(batch, row_offset, device).view(batch, 1)
     n = normals_reference(seed, rnd, rows, elite_idx, numel)  # (B, T, D)
     mu_r = mu.values(batch, numel, device)
     sigma_r = sigma.values(batch, numel, device)
     eps = _over_elites(mu_r) + _over_elites(sigma_r) * n
-    mean = eps.mean(dim=1)
-    var = eps.var(dim=1, unbiased=False)
+    used = torch.ones(batch, t, dtype=torch.bool, device=device)
+    if counts is None:
+        mean = eps.mean(dim=1)
+        var = eps.var(dim=1, unbiased=False)
+    else:
+        n_used = counts.to(torch.int64).clamp(0, t)
+        used = torch.arange(t, device=device).view(1, t) < n_used.view(batch, 1)  # (B, T)
+        w = used.unsqueeze(-1)
+        n_used_f = n_used.clamp_min(1).to(torch.float32).view(batch, 1)  # rows of 0: kept
+        mean = torch.where(w, eps, 0.0).sum(dim=1) / n_used_f
+        var = torch.where(w, (eps - mean.unsqueeze(1)).square(), 0.0).sum(dim=1) / n_used_f
     mu_new = (1.0 - alpha) * mu_r + alpha * mean
     mu_new = mu_new.expand(batch, numel).clone()
     floor = torch.tensor(min_sigma, dtype=torch.float32, device=device)
     if per_element:
         sigma_new = torch.maximum((1.0 - alpha) * sigma_r + alpha * var.sqrt(), floor)
         sigma_new = sigma_new.expand(batch, numel).clone()
+        sigma_old = sigma_r.expand(batch, numel)
     else:
         sigma_row = sigma_r[:, 0] if sigma_r.dim() else sigma_r.expand(batch)
         sigma_new = torch.maximum((1.0 - alpha) * sigma_row + alpha * var.mean(-1).sqrt(), floor)
-    bad = ((elite_idx < 0) | (elite_idx >= k)).any(dim=1)
+        sigma_old = sigma_row
+    bad = ((elite_idx < 0) | (elite_idx >= k)).logical_and(used).any(dim=1)
+    if counts is not None:
+        keep = counts == 0  # no elite: mu and sigma unchanged, no floor
+        mu_new[keep] = mu_r.expand(batch, numel)[keep]
+        sigma_new[keep] = sigma_old[keep]
+        bad |= (counts < 0) | (counts > t)
     if bool(bad.any()):
         mu_new[bad] = float("nan")
         sigma_new[bad] = float("nan")
     return mu_new, sigma_new
 
 
-def _check_elite_idx(elite_idx: object, batch: int, k: int, validate: bool) -> torch.Tensor:
+def _check_counts(
+    counts: object, batch: int, t: int, device: torch.device, validate: bool
+) -> torch.Tensor | None:
+    """None, or a (B,) int64 tensor on ``device`` with values in [0, T] (values checked when
+    ``validate`` and not capturing)."""
+    if counts is None:
+        return None
+    if not isinstance(counts, torch.Tensor):
+        raise TypeError(
+            f"counts: expected None or a ({batch},) int64 tensor, got {describe(counts)}"
+        )
+    if counts.dtype != torch.int64:
+        raise TypeError(f"counts: expected dtype torch.int64, got {describe(counts)}")
+    if tuple(counts.shape) != (batch,):
+        raise ValueError(
+            f"counts: expected shape ({batch},) (B from shape), got {describe(counts)}"
+        )
+    check_same_device(device, counts=counts)
+    if validate and not is_capturing(counts.device):
+        lo, hi = int(counts.min()), int(counts.max())
+        if lo < 0 or hi > t:
+            raise ValueError(
+                f"counts: expected 0 <= counts <= T = {t} (elites per row), got values in "
+                f"[{lo}, {hi}] in {describe(counts)}"
+            )
+    return counts
+
+
+def _check_elite_idx(
+    elite_idx: object, batch: int, k: int, validate: bool, counts: object = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The validated elite indices and counts. With counts, the index values are checked (in
+    range, distinct) only where they are used: the first counts[b] of row b."""
     if not isinstance(elite_idx, torch.Tensor):
         raise TypeError(f"elite_idx: expected a (B, T) int64 tensor, got {describe(elite_idx)}")
     if elite_idx.dtype not in (torch.int64, torch.int32):
@@ -193,14 +264,24 @@ def _check_elite_idx(elite_idx: object, batch: int, k: int, validate: bool) -> t
     t = elite_idx.shape[1]
     if not 1 <= t <= k:
         raise ValueError(f"elite_idx: expected 1 <= T <= k = {k} elites, got {describe(elite_idx)}")
+    counts = _check_counts(counts, batch, t, elite_idx.device, validate)
     if validate and not is_capturing(elite_idx.device):
-        lo, hi = int(elite_idx.min()), int(elite_idx.max())
-        if lo < 0 or hi >= k:
-            raise ValueError(
-                f"elite_idx: expected indices in [0, {k}), got values in [{lo}, {hi}] "
-                f"in {describe(elite_idx)}"
-            )
-        srt = torch.sort(elite_idx, dim=1).values
+        idx = elite_idx.long()
+        if counts is not None:  # unused entries: distinct values >= k, never out of range
+            used = torch.arange(t, device=idx.device).view(1, t) < counts.view(batch, 1)
+            idx = torch.where(used, idx, k + torch.arange(t, device=idx.device).view(1, t))
+            values = elite_idx[used]
+        else:
+            values = elite_idx
+        if values.numel() > 0:
+            lo, hi = int(values.min()), int(values.max())
+            if lo < 0 or hi >= k:
+                used_note = " (the first counts[b] of each row)" if counts is not None else ""
+                raise ValueError(
+                    f"elite_idx: expected indices in [0, {k}){used_note}, got values in "
+                    f"[{lo}, {hi}] in {describe(elite_idx)}"
+                )
+        srt = torch.sort(idx, dim=1).values
         dup = (srt[:, 1:] == srt[:, :-1]).any(dim=1)
         if bool(dup.any()):
             row = int(dup.nonzero()[0, 0])
@@ -208,7 +289,7 @@ def _check_elite_idx(elite_idx: object, batch: int, k: int, validate: bool) -> t
                 f"elite_idx: expected distinct candidates per row, row {row} repeats one: "
                 f"{elite_idx[row].tolist()}"
             )
-    return elite_idx
+    return elite_idx, counts
 
 
 def cem_update(
@@ -225,6 +306,7 @@ def cem_update(
     per_element: bool = True,
     validate: bool = True,
     row_offset: int | torch.Tensor = 0,
+    counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One CEM refinement of N(mu, sigma^2) from the elites of one ``sample_perturb`` call.
 
@@ -247,6 +329,14 @@ def cem_update(
         row_offset: the ``row_offset`` given to ``sample_perturb`` (int or 0-d int64 tensor,
             read inside the kernel): row b's elites are candidates of the stream's row
             ``b + row_offset``.
+        counts: None (every row uses its T elites), or a (B,) int64 tensor on elite_idx's
+            device, read inside the kernel: row b updates from the first ``counts[b]`` entries
+            of ``elite_idx[b]`` only (``topk_select`` ranks NaN last, so the number of finite
+            elite rewards keeps NaN-scored candidates out). ``counts[b] == 0`` keeps row b's mu
+            and sigma exactly (broadcast to the output shape; no ``min_sigma`` floor);
+            ``counts[b] == 1`` gives that elite's eps and a std of 0. ``0 <= counts <= T``,
+            checked with ``validate`` (elite indices are then checked only where used); a
+            count outside [0, T] with ``validate=False`` turns that row into NaN.
 
     Returns:
         (mu_new, sigma_new): float32 (B, *S) and float32 (B, *S), or (B,) when pooled.
@@ -259,7 +349,7 @@ def cem_update(
     if k < 1:
         raise ValueError(f"k: expected an int >= 1, got {k}")
     check_stream_limits(batch, k, numel)
-    elite_idx = _check_elite_idx(elite_idx, batch, k, validate)
+    elite_idx, counts = _check_elite_idx(elite_idx, batch, k, validate, counts)
     device = elite_idx.device
     check_no_grad("cem_update", mu=mu, sigma=sigma)
     for name, val in (("alpha", alpha), ("min_sigma", min_sigma)):
@@ -300,6 +390,7 @@ def cem_update(
             min_sigma=min_sigma,
             per_element=per_element,
             row_offset=int(row_offset),
+            counts=counts,
         )
         mu_out.copy_(mu_new.reshape(shape))
         sigma_out.copy_(sigma_new.reshape(sigma_out.shape))
@@ -319,6 +410,7 @@ def cem_update(
             min_sigma=min_sigma,
             per_element=per_element,
             row_offset=row_offset,
+            counts=counts,
         )
         return mu_out, sigma_out
 
@@ -334,6 +426,7 @@ def cem_update(
         p_mu.tensor if p_mu.tensor is not None else dummy,
         p_sigma.tensor if p_sigma.tensor is not None else dummy,
         elite_idx,
+        counts if counts is not None else elite_idx,
         mu_val=p_mu.value,
         sigma_val=p_sigma.value,
         alpha=alpha,
@@ -348,9 +441,11 @@ def cem_update(
         stride_sigma_e=p_sigma.stride_e,
         stride_idx_b=elite_idx.stride(0),
         stride_idx_t=elite_idx.stride(1),
+        stride_counts=counts.stride(0) if counts is not None else 0,
         MU_MODE=int(p_mu.mode),
         SIGMA_MODE=int(p_sigma.mode),
         PER_ELEMENT=per_element,
+        HAS_COUNTS=counts is not None,
         BLOCK=block,
         **seed_args(seed, rnd, device, row_offset),
     )
@@ -359,5 +454,8 @@ def cem_update(
     var_rows = var_part.sum(dim=1) / numel
     sigma_row = p_sigma.values(batch, 1, device).reshape(-1).expand(batch)
     floor = torch.tensor(min_sigma, dtype=torch.float32, device=device)
-    sigma_out.copy_(torch.maximum((1.0 - alpha) * sigma_row + alpha * var_rows.sqrt(), floor))
+    sigma_new = torch.maximum((1.0 - alpha) * sigma_row + alpha * var_rows.sqrt(), floor)
+    if counts is not None:
+        sigma_new = torch.where(counts == 0, sigma_row, sigma_new)  # no elite: unchanged
+    sigma_out.copy_(sigma_new)
     return mu_out, sigma_out
