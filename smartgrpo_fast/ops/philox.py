@@ -52,7 +52,7 @@ from smartgrpo_fast.ops._common import (
     resolve_backend,
     seed_words,
 )
-from smartgrpo_fast.ops._triton import block_size, interpreting, tl, triton
+from smartgrpo_fast.ops._triton import block_size, interpret_block_cap, interpreting, tl, triton
 
 __all__ = [
     "PHILOX_M0",
@@ -399,6 +399,6 @@ def philox_bits(counters: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
         _cpp.philox_bits_out(out, counters, k0, k1)
         return out
     n = counters.shape[0]
-    block = 65536 if interpreting() else 256
+    block = interpret_block_cap() if interpreting() else 256
     _philox_bits_kernel[(triton.cdiv(n, block),)](counters, out, k0, k1, n, BLOCK=block)
     return out
