@@ -9,6 +9,11 @@ Commands:
 * ``smartgrpo-fast search``: searched vs random vs best-of-M noise on the same rollouts;
   writes result.json, an image grid and the per-round reward curve
   (:mod:`smartgrpo_fast.search`).
+* ``smartgrpo-fast eval``: the mean reward of a model, or of its LoRA adapter against the base
+  model (paired), on fresh prompts; writes result.json and an image grid
+  (:mod:`smartgrpo_fast.train.evaluate`).
+* ``smartgrpo-fast plot``: training curves of runs against steps and wall time
+  (:mod:`smartgrpo_fast.train.plot`).
 * ``smartgrpo-fast --version``.
 
 ``python -m smartgrpo_fast`` runs the same :func:`main`.
@@ -186,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_search(targets)
     _add_grid(commands)
     _add_search(commands)
+    _add_eval(commands)
+    _add_plot(commands)
     return parser
 
 
@@ -470,7 +477,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         parser.error("give --prompt or --prompts for a model other than tiny")
     from smartgrpo_fast.models.tiny import sample_prompts
 
-    return sample_prompts(args.num_prompts, args.seed)
+    return sample_prompts(args.num_prompts, getattr(args, "prompt_seed", args.seed))
 
 
 def _run_search(args: argparse.Namespace) -> int:
@@ -530,6 +537,174 @@ def _run_search(args: argparse.Namespace) -> int:
     if cps:
         print(f"search: {cps:.0f} candidates/s")
     print(f"JSON: {json_path}\nPNG:  {grid}\nPNG:  {curve}")
+    return 0
+
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    from smartgrpo_fast.train.data import EVAL_PROMPT_SEED
+    from smartgrpo_fast.train.evaluate import EvalConfig
+
+    d = EvalConfig()
+    p = commands.add_parser(
+        "eval",
+        help="mean reward of a model (or its LoRA adapter against the base) on fresh prompts",
+        description=(
+            "Sample each prompt with the ODE from fixed initial noise (Philox, keyed by --seed "
+            "and the prompt's index: the batch size does not change results) and score the "
+            "images with --reward. With --lora, the base model and the adapter are evaluated "
+            "on the same prompts and noise and compared by a paired t statistic (unless "
+            "--no-base). Writes DIR/result.json (config, prompts, reward: one reward per "
+            "prompt of the adapter, else of the model; reward_base when compared; match and "
+            "match_rate: all attributes recognised, for rewards that can tell (tiny); summary: "
+            "mean ± std, paired statistics, match rates; seconds), DIR/grid.png (and "
+            "grid_base.png when compared)."
+        ),
+    )
+    p.add_argument("--model", default="tiny",
+                   help="tiny (embedded) or a StableDiffusion3Pipeline folder / cached repo id "
+                        "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--lora", type=Path, default=None, metavar="PATH",
+                   help="a peft adapter folder (models.lora.save_adapter's) or a trainer "
+                        "checkpoint RUN/checkpoints/step-N holding one in adapter/, to "
+                        "evaluate (default: none, the model alone)")  # fmt: skip
+    p.add_argument("--no-base", action="store_true",
+                   help="with --lora, evaluate only the adapter (default: the base model too, "
+                        "with paired statistics)")  # fmt: skip
+    p.add_argument("--reward", default=DEMO_REWARD, metavar="NAME[:WEIGHT],...",
+                   help="reward, or a weighted sum of rewards by name; names: see "
+                        "smartgrpo_fast.rewards.NAMES (default: %(default)s)")  # fmt: skip
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", metavar="TEXT",
+                     help="a prompt (repeatable; default: none)")  # fmt: skip
+    src.add_argument("--prompts", type=Path, metavar="FILE",
+                     help="a text file, one prompt per line (blank lines and #-comments "
+                          "skipped; default: none)")  # fmt: skip
+    src.add_argument("--num-prompts", type=_int_in(1), default=128, metavar="N",
+                     help="with --model tiny and no prompts given: N prompts sampled from the "
+                          "embedded world with --prompt-seed (default: %(default)s)")  # fmt: skip
+    p.add_argument("--prompt-seed", type=_int_in(0, 2**62), default=EVAL_PROMPT_SEED,
+                   metavar="S",
+                   help="seed of the sampled tiny prompts; the default is the trainer's "
+                        "held-out draw (train.data.EVAL_PROMPT_SEED; its training draws use "
+                        "seeds >= 2**40) (default: %(default)s)")  # fmt: skip
+    p.add_argument("--seed", type=_int_in(0, 2**62), default=d.seed, metavar="S",
+                   help="keys the initial noise (default: %(default)s)")  # fmt: skip
+    p.add_argument("--steps", type=_int_in(1), default=d.steps, metavar="N",
+                   help="ODE steps from t = 1 to 0 (default: %(default)s)")  # fmt: skip
+    p.add_argument("--shift", type=float, default=None,
+                   help="schedule time shift (default: the model's; 3 for tiny, SD3)")  # fmt: skip
+    p.add_argument("--batch", type=_int_in(1), default=d.batch, metavar="B",
+                   help="prompts sampled together (default: %(default)s)")  # fmt: skip
+    p.add_argument("--device", type=_device, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")  # fmt: skip
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=Path("eval_out"), metavar="DIR",
+                   help="folder for result.json and grid.png (default: %(default)s)")  # fmt: skip
+    p.set_defaults(handler=_run_eval, parser=p)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from smartgrpo_fast import models
+    from smartgrpo_fast.rewards import reward_from_spec
+    from smartgrpo_fast.search.report import write_result
+    from smartgrpo_fast.train.evaluate import (
+        EvalConfig,
+        evaluate,
+        paired_comparison,
+        result_dict,
+        save_grid,
+    )
+
+    parser: argparse.ArgumentParser = args.parser
+    device = args.device or _default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"argument --device: {device!r} requested but CUDA is not available")
+    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if args.lora is not None and not args.lora.exists():
+        parser.error(f"argument --lora: {args.lora} does not exist")
+    if args.lora is not None and (args.lora / "adapter" / "adapter_config.json").is_file() \
+            and not (args.lora / "adapter_config.json").exists():  # fmt: skip
+        args.lora = args.lora / "adapter"  # a trainer checkpoint folder
+    if args.no_base and args.lora is None:
+        parser.error("argument --no-base: only with --lora")
+    prompts = _read_prompts(args)
+    try:
+        config = EvalConfig(steps=args.steps, seed=args.seed, batch=args.batch, shift=args.shift)
+        reward = reward_from_spec(args.reward, device=device)
+    except ValueError as err:
+        parser.error(str(err))
+    kw = {"device": device, "dtype": getattr(torch, dtype_name)}
+    try:
+        model = models.load(args.model, **kw, **({"lora": args.lora} if args.lora else {}))
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(" ".join(str(err).split()))
+    compare = args.lora is not None and not args.no_base
+    print(f"{len(prompts)} prompts, {config.steps} ODE steps, reward {args.reward}, {device}"
+          + (f", adapter {args.lora}" + (" vs base" if compare else "") if args.lora else ""),
+          file=sys.stderr)  # fmt: skip
+    base = None
+    if compare:
+        from smartgrpo_fast.models.lora import adapter_disabled
+
+        with adapter_disabled(model):
+            base = evaluate(model, reward, prompts, config, progress=True)
+    res = evaluate(model, reward, prompts, config, progress=True)
+    out: Path = args.out
+    cfg = {"model": args.model, "lora": None if args.lora is None else str(args.lora),
+           "reward": args.reward, "device": device, "dtype": dtype_name,
+           "prompt_seed": args.prompt_seed if args.prompt is None and args.prompts is None
+           else None}  # fmt: skip
+    result = result_dict(res, config, base=base, meta=cfg, extra={"version": __version__})
+    json_path = write_result(result, out / "result.json")
+    grids = [save_grid(res.images, out / "grid.png")]
+    if base is not None:
+        grids.append(save_grid(base.images, out / "grid_base.png"))
+    for name, r in (("base", base), ("adapter" if args.lora else "model", res)):
+        if r is not None:
+            rate = "" if r.match_rate is None else f", prompt-match rate {r.match_rate:.1%}"
+            bad = f", {r.nonfinite} non-finite left out" if r.nonfinite else ""
+            print(f"reward {name:>7}: {r.mean:.4f} ± {r.std:.4f}{rate}{bad}")
+    if base is not None:
+        s = paired_comparison(res, base)
+        t = "nan" if s["t"] != s["t"] else f"{s['t']:.2f}"
+        print(f"adapter_vs_base: mean diff {s['mean_diff']:+.4f}, paired t = {t} "
+              f"(df {s['df']}), wins {s['win_rate']:.0%}")  # fmt: skip
+    print(f"JSON: {json_path}\n" + "\n".join(f"PNG:  {g}" for g in grids))
+    return 0
+
+
+def _add_plot(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "plot",
+        help="training curves of runs: a metric against steps and against wall time",
+        description=(
+            "Read RUN/metrics.jsonl (and RUN/eval.jsonl) of each run and draw two panels: "
+            "--metric against the optimizer step and against the training wall time (the "
+            "cumulative sum of time_step, minutes), one line per run labelled by its folder "
+            "name; eval_METRIC (e.g. eval_reward_mean) as markers where logged."
+        ),
+    )
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN",
+                   help="run folders written by smartgrpo-fast train")  # fmt: skip
+    p.add_argument("--metric", default="reward_mean",
+                   help="the metrics.jsonl key to plot (default: %(default)s)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=Path("runs.png"), metavar="FILE.png",
+                   help="the PNG to write (default: %(default)s)")  # fmt: skip
+    p.set_defaults(handler=_run_plot, parser=p)
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from smartgrpo_fast.train.plot import plot_runs
+
+    try:
+        path = plot_runs(args.runs, args.out, metric=args.metric)
+    except (FileNotFoundError, ValueError) as err:
+        args.parser.error(str(err))
+    except ImportError as err:
+        print(f"error: {err} (pip install 'smartgrpo-fast[bench]')", file=sys.stderr)
+        return 1
+    print(f"PNG:  {path}")
     return 0
 
 
