@@ -92,11 +92,14 @@ class PromptSource:
 
             return sample_prompts(n, derive_seed(self.seed, "prompts", step) | (1 << 40))
         total = len(self.prompts)
+        perms: dict[int, list[int]] = {}
         out = []
         for q in range((step - 1) * n, step * n):
             epoch, pos = divmod(q, total)
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
-            out.append(self.prompts[int(torch.randperm(total, generator=gen)[pos])])
+            if epoch not in perms:
+                gen = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
+                perms[epoch] = torch.randperm(total, generator=gen).tolist()
+            out.append(self.prompts[perms[epoch][pos]])
         return out
 
 
