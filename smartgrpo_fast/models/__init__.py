@@ -28,8 +28,9 @@ def load(name_or_path: str | Path, **kwargs: Any) -> FlowModel:
     """Load a flow model: ``"tiny"`` (embedded), or a StableDiffusion3Pipeline folder or
     HF-cache repo id.
 
-    Keyword arguments go to :meth:`TinyFlowModel.from_pretrained` (device, dtype, graph) or
-    :meth:`SD3FlowModel.from_pretrained` (dtype, device, local_files_only, attention, config).
+    Keyword arguments go to :meth:`TinyFlowModel.from_pretrained` (device, dtype, graph, lora) or
+    :meth:`SD3FlowModel.from_pretrained` (dtype, device, local_files_only, attention, config,
+    lora). ``lora=PATH`` applies a peft adapter folder (:mod:`smartgrpo_fast.models.lora`).
     """
     if str(name_or_path) == "tiny":
         from smartgrpo_fast.models.tiny import TinyFlowModel

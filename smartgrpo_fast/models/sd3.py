@@ -173,13 +173,16 @@ class SD3FlowModel(DiTFlowModel):
         local_files_only: bool = True,
         attention: str | None = None,
         config: SD3Config | None = None,
+        lora: str | Path | None = None,
     ) -> SD3FlowModel:
         """Load a StableDiffusion3Pipeline folder (or a repo id in the HF cache).
 
         The VAE stays in float32 (Flow-GRPO's habit: bf16 decoding bands); the transformer and
         text encoders use ``dtype``. ``attention`` (``sdpa`` or ``xformers``) overrides
         ``config.attention`` when given. A missing file or an unknown layout is a clear error that
-        names the file and the folder.
+        names the file and the folder. ``lora``: a peft adapter folder
+        (:func:`smartgrpo_fast.models.lora.save_adapter`'s) applied to the transformer after
+        loading (:func:`~smartgrpo_fast.models.lora.load_adapter`; adapter weights in float32).
         """
         from diffusers import StableDiffusion3Pipeline
 
@@ -193,7 +196,12 @@ class SD3FlowModel(DiTFlowModel):
         cfg = config or SD3Config()
         if attention is not None:
             cfg = replace(cfg, attention=attention)
-        return cls(pipe, cfg, name=str(path))
+        model = cls(pipe, cfg, name=str(path))
+        if lora is not None:
+            from smartgrpo_fast.models.lora import load_adapter
+
+            load_adapter(model, lora)
+        return model
 
     def _enable_xformers(self) -> None:
         try:

@@ -164,6 +164,7 @@ class TinyFlowModel(DiTFlowModel):
         weights: str = "flow.safetensors",
         guidance_scale: float | None = None,
         time_shift: float | None = None,
+        lora: str | Path | None = None,
     ) -> TinyFlowModel:
         """Load the shipped weights (``path=None``) or a folder written by the trainer.
 
@@ -174,7 +175,9 @@ class TinyFlowModel(DiTFlowModel):
         (all ``<pad>``; models trained with ``--uncond-prob``); default: the folder's
         ``config.json`` ``"guidance_scale"``, else 1 (off). ``time_shift``: the sampling
         schedule's shift (``sde.flow_sigmas``); default ``config.json`` ``"time_shift"`` (the
-        trainer writes the shift its training times had), else 1 (uniform).
+        trainer writes the shift its training times had), else 1 (uniform). ``lora``: a peft
+        adapter folder (:func:`smartgrpo_fast.models.lora.save_adapter`'s) applied after
+        loading (:func:`~smartgrpo_fast.models.lora.load_adapter`, needs peft).
         """
         from safetensors.torch import load_file
 
@@ -200,8 +203,13 @@ class TinyFlowModel(DiTFlowModel):
         if dtype != torch.float32:
             transformer.to(dtype)
         text_encoder.to(device)
-        return cls(transformer, text_encoder, graph=graph, arch=arch,
-                   guidance_scale=guidance_scale, time_shift=time_shift)  # fmt: skip
+        model = cls(transformer, text_encoder, graph=graph, arch=arch,
+                    guidance_scale=guidance_scale, time_shift=time_shift)  # fmt: skip
+        if lora is not None:
+            from smartgrpo_fast.models.lora import load_adapter
+
+            load_adapter(model, lora)
+        return model
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """Conditioning of B prompts: (B, 7, 64) token states and (B, 64) pooled; with
