@@ -26,3 +26,9 @@ python3 -m smartgrpo_fast bench search --model tiny --batch 8 --out "$OUT" 2>&1 
 python3 -m smartgrpo_fast bench search --model sd35-medium --batch 2 --k 16 --rounds 3 \
     --out "$OUT" 2>&1 | tee "$OUT/search_sd35m.txt"
 python3 -m smartgrpo_fast search --out "$OUT/search_demo" 2>&1 | tee "$OUT/search_demo.txt"
+# GRPO steps on the GPU: the split of a step (search, rollout, reward, update), the model calls
+# and the trainer's own overhead, for searched and random noise on the embedded model.
+python3 -m smartgrpo_fast bench train --config tiny --steps 3 --out "$OUT" device=cuda \
+    2>&1 | tee "$OUT/train_tiny_smart.txt"
+python3 -m smartgrpo_fast bench train --config tiny --steps 3 --out "$OUT" device=cuda \
+    noise=random 2>&1 | tee "$OUT/train_tiny_random.txt"

@@ -189,10 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_ops(targets)
     _add_bench_velocity(targets)
     _add_bench_search(targets)
+    from smartgrpo_fast.bench.train import add_bench_train
+
+    add_bench_train(targets)
     _add_grid(commands)
     _add_search(commands)
     _add_eval(commands)
     _add_plot(commands)
+    from smartgrpo_fast.train.cli import add_train_command
+
+    add_train_command(commands)
     return parser
 
 

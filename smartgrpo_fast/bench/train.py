@@ -1,0 +1,211 @@
+"""``bench train``: where the wall time of GRPO steps goes, and the trainer's own overhead.
+
+Runs ``steps`` optimizer steps of a config (eval and checkpoints off) with every model call
+timed (device-synchronised): transformer forwards (rollout, search and training forwards),
+backward passes, decodes and reward calls. Everything else in ``time_step`` is the trainer's
+own overhead: Python, the fused ops, tensor bookkeeping, advantages, the optimizer step. One
+row per step and quantity goes to CSV/JSON (``bench_out/train_*.csv``) through the ops
+benchmark's writers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smartgrpo_fast.bench.ops import collect_run_info
+
+__all__ = ["CallTimers", "TimedReward", "format_train_table", "run_train_bench"]
+
+#: What a step is split into: the trainer's stages, then the model calls inside them.
+STAGES = ("time_search", "time_rollout", "time_reward", "time_update")
+CALLS = ("forward", "backward", "decode", "reward")
+
+
+class CallTimers:
+    """Seconds spent in each kind of model call (synchronised on CUDA)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = dict.fromkeys(CALLS, 0.0)
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def timed(self, kind: str) -> Iterator[None]:
+        """Time the block as ``kind`` (nested blocks count once, in the outermost kind)."""
+        self._depth += 1
+        outer = self._depth == 1
+        if outer and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if outer and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._depth -= 1
+            if outer:
+                self.seconds[kind] += time.perf_counter() - t0
+
+    def wrap(self, kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            with self.timed(kind):
+                return fn(*args, **kwargs)
+
+        return timed_call
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(CALLS, 0.0)
+
+
+class TimedReward:
+    """A reward whose calls (``__call__``, ``prepare``, ``score``, ``matches``) are timed."""
+
+    def __init__(self, reward: Any, timers: CallTimers) -> None:
+        self.reward = reward
+        self.timers = timers
+        for name in ("prepare", "score", "matches"):
+            if callable(getattr(reward, name, None)):
+                setattr(self, name, timers.wrap("reward", getattr(reward, name)))
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        with self.timers.timed("reward"):
+            return self.reward(images, prompts)
+
+
+def run_train_bench(
+    config: Any, *, steps: int = 3, warmup: int = 1, progress: bool = True
+) -> list[dict]:
+    """Time ``warmup + steps`` GRPO steps of ``config`` (a RunConfig); rows of the measured
+    steps: per step, each stage and each call kind in seconds, and the overhead fraction."""
+    from dataclasses import replace
+
+    from smartgrpo_fast.train.trainer import (
+        GRPOTrainer,
+        build_model,
+        build_reward,
+        resolve_device,
+    )
+
+    cfg = replace(
+        config,
+        train=replace(config.train, steps=warmup + steps, async_reward=False),
+        eval=replace(config.eval, every=0),
+        log=replace(config.log, tensorboard=False, progress=False),
+    )
+    device = resolve_device(cfg.device)
+    timers = CallTimers(device)
+    model = build_model(cfg, device)
+    model._forward = timers.wrap("forward", model._forward)
+    model.decode = timers.wrap("decode", model.decode)
+    reward = TimedReward(build_reward(cfg, device), timers)
+    info = collect_run_info(device)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = GRPOTrainer(cfg, Path(tmp) / "run", model=model, reward=reward)
+        trainer.backward_timer = lambda: timers.timed("backward")
+        it = range(warmup + steps)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="bench train", unit="step")
+        try:
+            for i in it:
+                timers.reset()
+                line = trainer.train_step()
+                if i < warmup:
+                    continue
+                calls = dict(timers.seconds)
+                inside = sum(calls.values())
+                base = {
+                    "bench": "train", "step": line["step"], "noise": cfg.noise,
+                    "model": cfg.model.name, "device": str(device),
+                    "device_name": info.device_name, "torch_version": info.torch_version,
+                    "git_commit": info.git_commit,
+                }  # fmt: skip
+                values = {k: line[k] for k in (*STAGES, "time_step")}
+                values |= {f"call_{k}": v for k, v in calls.items()}
+                values["overhead"] = line["time_step"] - inside
+                values["overhead_frac"] = values["overhead"] / line["time_step"]
+                for metric, value in values.items():
+                    unit = "fraction" if metric == "overhead_frac" else "s"
+                    rows.append(base | {"metric": metric, "value": value, "unit": unit})
+        finally:
+            trainer.close()
+    return rows
+
+
+def _median(values: Sequence[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
+def format_train_table(rows: Sequence[dict]) -> str:
+    """Median over the measured steps of each quantity, with its share of the step."""
+    by: dict[str, list[float]] = {}
+    for r in rows:
+        by.setdefault(r["metric"], []).append(float(r["value"]))
+    step = _median(by["time_step"])
+    lines = [f"{'quantity':<16} {'median s':>10} {'of step':>8}"]
+    for metric in (*STAGES, *(f"call_{c}" for c in CALLS), "overhead", "time_step"):
+        med = _median(by[metric])
+        lines.append(f"{metric:<16} {med:>10.3f} {med / step:>8.1%}")
+    lines.append(f"{'overhead_frac':<16} {_median(by['overhead_frac']):>10.3f}")
+    return "\n".join(lines)
+
+
+def add_bench_train(targets: Any) -> None:
+    """Register ``bench train`` on the ``bench`` sub-command parser."""
+    p = targets.add_parser(
+        "train",
+        help="time GRPO steps: stages, model calls and the trainer's own overhead",
+        description=(
+            "Run GRPO steps of a training config (eval and checkpoints off) with every "
+            "transformer forward, backward, decode and reward call timed; print the split of a "
+            "step and the overhead outside those calls; write bench_out/train_*.csv and .json."
+        ),
+        epilog="Overrides as for `smartgrpo-fast train`, e.g. noise=random search.k=4.",
+    )
+    p.add_argument("--config", default="tiny", help="a shipped config or YAML (default: tiny)")
+    p.add_argument("--steps", type=int, default=3, help="measured steps (default: 3)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured first steps (default: 1)")
+    p.add_argument("--out", type=Path, default=Path("bench_out"),
+                   help="output folder (default: bench_out)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.set_defaults(handler=_run_bench_train, parser=p)
+
+
+def _run_bench_train(args: Any) -> int:
+    from smartgrpo_fast.bench.ops import write_csv, write_json
+    from smartgrpo_fast.train.config import ConfigError, load_config
+
+    parser = args.parser
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(f"argument --steps/--warmup: expected >= 1 and >= 0, got {args.steps}, "
+                     f"{args.warmup}")  # fmt: skip
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+    rows = run_train_bench(config, steps=args.steps, warmup=args.warmup,
+                           progress=not args.no_progress)  # fmt: skip
+    first = rows[0]
+    stem = args.out / f"train_{config.noise}_{first['device'].replace(':', '')}"
+    csv_path, json_path = write_csv(rows, stem.with_suffix(".csv")), write_json(
+        rows, stem.with_suffix(".json"))  # fmt: skip
+    print(
+        f"bench train: config {args.config} {' '.join(args.overrides)} noise={config.noise} "
+        f"on {first['device_name']}, torch {first['torch_version']}, commit "
+        f"{first['git_commit']}, median of {args.steps} steps after {args.warmup} warm-up"
+    )
+    print(format_train_table(rows))
+    print(f"\nCSV:  {csv_path}\nJSON: {json_path}")
+    return 0

@@ -1,0 +1,584 @@
+"""The thin GRPO trainer: rollouts with searched noise, the clipped policy loss, the loop.
+
+One optimizer step (:meth:`GRPOTrainer.train_step`):
+
+1. the step's prompts (``sample.prompts_per_step``, sharded contiguously over processes, each
+   group on one process) and its SDE window;
+2. ``group_size`` rollouts per prompt (:func:`~.rollout.sample_rollouts`) with ``noise``
+   ``smart`` / ``random`` / ``bestof`` at the SDE steps, final rewards (optionally scored in the
+   background while the next batch samples);
+3. rewards all-gathered, per-prompt advantages (:func:`~.loss.group_advantages`);
+4. for every micro-batch of rollouts and every SDE step: a training forward at the stored
+   latent, the policy's log-probability of the stored next latent, Flow-GRPO's clipped loss
+   plus ``kl_beta`` times the KL to the adapter-disabled model, backward (accumulated; the
+   gradient is the mean over rollouts and SDE steps, whatever ``micro_batch`` is); DDP
+   averages it over processes;
+5. gradient clipping, AdamW, optional EMA; metrics, checkpoints, evaluation.
+
+``RUN/`` layout (a contract): ``config.yaml``, ``metrics.jsonl`` (one object per optimizer
+step), ``eval.jsonl``, ``samples/step-NNNNNN.png``, ``checkpoints/step-NNNNNN/`` (see
+:mod:`.checkpoint`), ``tensorboard/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from smartgrpo_fast.models.lora import (
+    adapter_disabled,
+    attach_lora,
+    load_adapter,
+    save_adapter,
+    save_diffusers_lora,
+)
+from smartgrpo_fast.sde import flow_sigmas, schedule_shift, sde_log_prob, sde_step
+from smartgrpo_fast.search import NoiseSearch
+from smartgrpo_fast.train.checkpoint import (
+    latest_checkpoint,
+    load_state,
+    save_checkpoint,
+)
+from smartgrpo_fast.train.config import ConfigError, RunConfig, config_to_dict
+from smartgrpo_fast.train.data import PromptSource, derive_seed, eval_prompts
+from smartgrpo_fast.train.evaluate import EvalConfig, evaluate, save_grid
+from smartgrpo_fast.train.loss import group_advantages, policy_terms
+from smartgrpo_fast.train.rollout import Rollouts, sample_rollouts, sde_window
+
+__all__ = ["METRIC_KEYS", "GRPOTrainer", "build_model", "build_reward", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+#: The keys every line of ``metrics.jsonl`` has (outside checks read them).
+METRIC_KEYS = (
+    "step", "reward_mean", "reward_std", "loss", "policy_loss", "kl", "clip_frac", "approx_kl",
+    "logp_diff_max", "grad_norm", "lr", "zero_std_frac", "nonfinite_rewards", "search_gain",
+    "time_search", "time_rollout", "time_reward", "time_update", "time_step", "peak_mem_bytes",
+    "world_size",
+)  # fmt: skip
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: What a checkpoint must agree on with the run that resumes it.
+_IDENTITY = ("model.name", "reward", "lora")
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The torch device of the config's ``device`` (``auto``: CUDA when available) for a
+    process with ``local_rank``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name} requested but torch has no CUDA here")
+    return torch.device(name)
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> Any:
+    """The run's flow model (``model.*``), on ``device``."""
+    from smartgrpo_fast import models
+    from smartgrpo_fast.graphs import GraphConfig
+
+    m = cfg.model
+    dtype = _DTYPES[m.dtype]
+    graph = GraphConfig(backend=m.graph)
+    if m.name == "tiny":
+        kw: dict[str, Any] = {"device": device, "dtype": dtype, "graph": graph}
+        if m.guidance_scale is not None:
+            kw["guidance_scale"] = m.guidance_scale
+        model = models.load("tiny", **kw)
+    else:
+        from smartgrpo_fast.models.sd3 import SD3Config
+
+        sd3 = SD3Config(
+            max_sequence_length=m.max_sequence_length,
+            guidance_scale=1.0 if m.guidance_scale is None else m.guidance_scale,
+            graph=graph,
+            release_text_encoders=m.release_text_encoders,
+            embedding_cache=m.embedding_cache,
+            resolution=m.resolution,
+        )
+        model = models.load(m.name, dtype=dtype, device=device, config=sd3)
+    if m.gradient_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
+    return model
+
+
+def build_reward(cfg: RunConfig, device: torch.device) -> Any:
+    """The run's reward (``reward``, ``reward_args``) on ``device``."""
+    from smartgrpo_fast.rewards import reward_from_spec
+
+    return reward_from_spec(cfg.reward, device=device, **cfg.reward_args)
+
+
+class _Dist:
+    """This process's place in a torch.distributed job (torchrun / accelerate launch env)."""
+
+    def __init__(self, device_name: str) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = resolve_device(device_name, self.local_rank)
+        self.owns_group = False
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend)
+            self.owns_group = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenation over ranks (rank order) of equal-shaped tensors."""
+        if self.world == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return t
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+class GRPOTrainer:
+    """Train ``config``'s model with GRPO into the run folder ``out``.
+
+    Args:
+        config: the run (:class:`~.config.RunConfig`).
+        out: the run folder (created; rank 0 writes it).
+        resume: continue from ``out``'s newest complete checkpoint (incomplete ones ignored;
+            ``metrics.jsonl`` lines after it dropped). A checkpoint of another model, reward or
+            LoRA shape is refused with an error naming the field.
+        model, reward: prebuilt objects (tests); default: built from the config.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        out: str | Path,
+        *,
+        resume: bool = False,
+        model: Any | None = None,
+        reward: Any | None = None,
+    ) -> None:
+        self.cfg = cfg = config
+        self.out = Path(out)
+        self.dist = _Dist(cfg.device)
+        self.device = self.dist.device
+        if cfg.sample.prompts_per_step % self.dist.world:
+            raise ConfigError(
+                f"sample.prompts_per_step: {cfg.sample.prompts_per_step} prompts cannot be "
+                f"shared by {self.dist.world} processes (each group stays on one process)"
+            )
+        if cfg.lora is None and cfg.train.kl_beta > 0:
+            raise ConfigError("train.kl_beta: the KL reference is the adapter-disabled model; "
+                              "full fine-tuning (lora: null) needs kl_beta 0")  # fmt: skip
+        torch.manual_seed(derive_seed(cfg.seed, "init"))
+        self.model = model if model is not None else build_model(cfg, self.device)
+        self.reward = reward if reward is not None else build_reward(cfg, self.device)
+        if cfg.lora is not None:
+            self.params = attach_lora(self.model, cfg.lora)
+        else:
+            self.model.transformer.requires_grad_(True)
+            self.params = [p for p in self.model.transformer.parameters() if p.requires_grad]
+        self.names = [n for n, p in self.model.transformer.named_parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+            weight_decay=cfg.train.weight_decay,
+        )  # fmt: skip
+        self.ema = (
+            [p.detach().clone() for p in self.params] if cfg.train.ema_decay is not None else None
+        )
+        self.ddp = None
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(
+                self.model.transformer, device_ids=ids, broadcast_buffers=False
+            )
+        self.searcher = None
+        if cfg.noise != "random":
+            strategy = "cem" if cfg.noise == "smart" else "best_of"
+            self.searcher = NoiseSearch(self.model, self.reward,
+                                        replace(cfg.search, strategy=strategy))  # fmt: skip
+        shift = cfg.sample.shift if cfg.sample.shift is not None else schedule_shift(self.model)
+        self.sigmas = flow_sigmas(cfg.sample.steps, shift).tolist()
+        self.prompts = PromptSource(cfg.data.prompts, cfg.seed)
+        self.eval_prompts = eval_prompts(cfg.data.eval_prompts, cfg.eval.num_prompts)
+        self.step = 0
+        self.async_reward = None
+        if cfg.train.async_reward:
+            from smartgrpo_fast.rewards.combine import AsyncReward
+
+            self.async_reward = AsyncReward(self.reward)
+        self._tb = None
+        #: A context manager around each backward pass (``bench train`` times them).
+        self.backward_timer: Any = contextlib.nullcontext
+        if resume:
+            self._resume()
+        elif self.dist.main:
+            self._start_run_folder()
+        self.dist.barrier()
+
+    # ------------------------------------------------------------------ run folder
+
+    def _start_run_folder(self) -> None:
+        if (self.out / "metrics.jsonl").exists() and latest_checkpoint(self.out) is not None:
+            raise FileExistsError(
+                f"out: {self.out} already holds a run; resume it with --resume {self.out} "
+                "or choose another folder"
+            )
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "metrics.jsonl").write_text("")
+        (self.out / "eval.jsonl").write_text("")
+        self._write_config()
+
+    def _write_config(self) -> None:
+        text = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
+        (self.out / "config.yaml").write_text(text)
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "model.name": self.cfg.model.name,
+            "reward": self.cfg.reward,
+            "lora": None if self.cfg.lora is None else config_to_dict(self.cfg.lora),
+        }
+
+    def _resume(self) -> None:
+        found = latest_checkpoint(self.out)
+        if found is None:
+            raise FileNotFoundError(f"resume: {self.out} has no complete checkpoint")
+        _, folder = found
+        state = load_state(folder, self.device)
+        for key in _IDENTITY:
+            saved, now = state["identity"].get(key), self._identity()[key]
+            if saved != now:
+                raise ConfigError(f"{key}: the checkpoint {folder} was trained with {saved!r}, "
+                                  f"this run has {now!r}")  # fmt: skip
+        if self.cfg.lora is not None:
+            load_adapter(self.model, folder / "adapter")
+        else:
+            from safetensors.torch import load_file
+
+            weights = load_file(folder / "transformer.safetensors", device=str(self.device))
+            with torch.no_grad():
+                for n, p in zip(self.names, self.params, strict=True):
+                    p.copy_(weights[n])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            for e, saved in zip(self.ema, state["ema"], strict=True):
+                e.copy_(saved)
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
+        self.step = int(state["step"])
+        if self.dist.main:
+            for name in ("metrics.jsonl", "eval.jsonl"):
+                f = self.out / name
+                lines = f.read_text().splitlines() if f.is_file() else []
+                keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= self.step]
+                f.write_text("".join(ln + "\n" for ln in keep))
+            self._write_config()
+        log.info("resumed %s at step %d", folder, self.step)
+
+    def _training_state(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "ema": None if self.ema is None else [e.cpu() for e in self.ema],
+            "rng": rng,
+            "identity": self._identity(),
+            "world_size": self.dist.world,
+        }
+
+    def _write_weights(self, folder: Path) -> None:
+        if self.cfg.lora is not None:
+            save_adapter(self.model, folder / "adapter")
+            if self.cfg.model.name != "tiny":  # SD3: also diffusers' load_lora_weights format
+                save_diffusers_lora(self.model, folder / "adapter")
+            if self.ema is not None:
+                with self._ema_weights():
+                    save_adapter(self.model, folder / "adapter_ema")
+        else:
+            from safetensors.torch import save_file
+
+            state = {n: p.detach().contiguous().cpu() for n, p in zip(self.names, self.params,
+                                                                        strict=True)}  # fmt: skip
+            save_file(state, folder / "transformer.safetensors")
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, e in zip(self.params, self.ema, strict=True):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved, strict=True):
+                    p.copy_(s)
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0; others wait)."""
+        path = None
+        if self.dist.main:
+            path = save_checkpoint(self.out, self.step, write_weights=self._write_weights,
+                                   state=self._training_state(),
+                                   keep_last=self.cfg.train.keep_last)  # fmt: skip
+        self.dist.barrier()
+        return path
+
+    # ------------------------------------------------------------------ one step
+
+    def _lr(self, step: int) -> float:
+        w = self.cfg.train.warmup_steps
+        return self.cfg.train.lr * (min(1.0, step / w) if w else 1.0)
+
+    @contextlib.contextmanager
+    def _policy_forward(self):
+        """Training forwards go through DDP (gradient averaging) when there is one."""
+        if self.ddp is None:
+            yield
+            return
+        inner = self.model.transformer
+        self.model.transformer = self.ddp
+        try:
+            yield
+        finally:
+            self.model.transformer = inner
+
+    def rollouts(self, step: int) -> Rollouts:
+        """The rollouts of optimizer step ``step`` on this process (no update)."""
+        cfg, s = self.cfg, self.cfg.sample
+        per = s.prompts_per_step // self.dist.world
+        prompts = self.prompts.batch(step, s.prompts_per_step)
+        first = self.dist.rank * per
+        window = sde_window(cfg.seed, step, s.sde_window_size, *s.sde_window_range)
+        return sample_rollouts(
+            self.model, self.reward, prompts[first : first + per],
+            first_prompt=first, group_size=s.group_size, step=step, seed=cfg.seed,
+            sigmas=self.sigmas, sde_steps=window, noise=cfg.noise, searcher=self.searcher,
+            noise_level=s.noise_level, sde_type=s.sde_type, batch=s.batch,
+            async_reward=self.async_reward,
+        )  # fmt: skip
+
+    def policy_log_probs(self, ro: Rollouts, rows: slice, j: int) -> tuple[torch.Tensor, Any]:
+        """(n,) log-probability of the stored next latents of ``rows`` at SDE step ``j`` under
+        the current policy, with gradient; and the step's Gaussian."""
+        i = ro.sde_steps[j]
+        s, s_next = ro.sigmas[i], ro.sigmas[i + 1]
+        x = ro.latents[rows, j]
+        c = ro.cond.select(list(range(rows.start, rows.stop)))
+        with self._policy_forward():
+            v = self.model.velocity(x, s, c)
+        st = sde_step(x, v, s, s_next, noise_level=self.cfg.sample.noise_level,
+                      sigma_max=ro.sigmas[1], sde_type=self.cfg.sample.sde_type)  # fmt: skip
+        return sde_log_prob(ro.next_latents[rows, j], st), st
+
+    def _kl(self, ro: Rollouts, rows: slice, j: int, st: Any) -> torch.Tensor:
+        """(n,) KL of the policy's step to the adapter-disabled model's, with gradient through
+        the policy's mean: mean over elements of (mean - mean_ref)^2 / (2 std^2)."""
+        i = ro.sde_steps[j]
+        s, s_next = ro.sigmas[i], ro.sigmas[i + 1]
+        x = ro.latents[rows, j]
+        with torch.no_grad(), adapter_disabled(self.model):
+            v_ref = self.model.velocity(x, s, ro.cond.select(list(range(rows.start, rows.stop))))
+        ref = sde_step(x, v_ref, s, s_next, noise_level=self.cfg.sample.noise_level,
+                       sigma_max=ro.sigmas[1], sde_type=self.cfg.sample.sde_type)  # fmt: skip
+        return ((st.mean - ref.mean) ** 2).flatten(1).mean(1) / (2 * st.std**2)
+
+    def update(self, ro: Rollouts, advantages: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on the rollouts; returns the update's metrics."""
+        cfg = self.cfg.train
+        n_rows, w = ro.size, len(ro.sde_steps)
+        total = n_rows * w
+        sums = torch.zeros(6, dtype=torch.float64, device=self.device)
+        diff_max = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        batches = [slice(lo, min(n_rows, lo + cfg.micro_batch))
+                   for lo in range(0, n_rows, cfg.micro_batch)]  # fmt: skip
+        pairs = [(b, j) for b in batches for j in range(w)]
+        for n, (rows, j) in enumerate(pairs):
+            sync = self.ddp is None or n == len(pairs) - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                logp, st = self.policy_log_probs(ro, rows, j)
+                loss, stats = policy_terms(logp, ro.log_probs[rows, j], advantages[rows],
+                                           cfg.clip_range)  # fmt: skip
+                kl = self._kl(ro, rows, j, st) if cfg.kl_beta > 0 else torch.zeros_like(loss)
+                per_sample = loss + cfg.kl_beta * kl
+                with self.backward_timer():
+                    (per_sample.sum() / total).backward()
+            sums += torch.stack([
+                per_sample.detach().sum(), loss.detach().sum(), kl.detach().sum(),
+                stats["clipped"].sum(), stats["approx_kl"].sum(), stats["ratio"].sum(),
+            ]).double()  # fmt: skip
+            diff_max = torch.maximum(diff_max, stats["logp_diff"].max().double())
+        clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        lr = self._lr(self.step + 1)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        if self.ema is not None and (self.step + 1) % cfg.ema_every == 0:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params],
+                                     1.0 - cfg.ema_decay)  # fmt: skip
+        sums = self.dist.reduce(sums, "sum") / (total * self.dist.world)
+        diff_max = self.dist.reduce(diff_max, "max")
+        return {
+            "loss": float(sums[0]), "policy_loss": float(sums[1]), "kl": float(sums[2]),
+            "clip_frac": float(sums[3]), "approx_kl": float(sums[4]),
+            "ratio_mean": float(sums[5]), "logp_diff_max": float(diff_max),
+            "grad_norm": float(grad_norm), "lr": lr,
+        }  # fmt: skip
+
+    def train_step(self) -> dict[str, Any]:
+        """Rollouts, advantages and one optimizer step; returns the step's metrics line."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        step = self.step + 1
+        ro = self.rollouts(step)
+        rewards = self.dist.gather(ro.rewards)
+        groups = self.dist.gather(ro.groups)
+        adv = group_advantages(rewards, groups, adv_clip=self.cfg.train.adv_clip,
+                               global_std=self.cfg.train.global_std)  # fmt: skip
+        lo = self.dist.rank * ro.size
+        t1 = time.perf_counter()
+        upd = self.update(ro, adv.values[lo : lo + ro.size].to(self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t2 = time.perf_counter()
+        self.step = step
+        finite = rewards[torch.isfinite(rewards)]
+        gain = self.dist.gather(ro.search_gain.mean().reshape(1)).mean()
+        line = {
+            "step": step,
+            "reward_mean": float(finite.mean()) if finite.numel() else float("nan"),
+            "reward_std": float(finite.std(unbiased=False)) if finite.numel() else float("nan"),
+            **upd,
+            "zero_std_frac": adv.zero_std_frac,
+            "nonfinite_rewards": adv.nonfinite,
+            "search_gain": float(gain),
+            "time_search": ro.seconds["search"],
+            "time_rollout": ro.seconds["rollout"],
+            "time_reward": ro.seconds["reward"],
+            "time_update": t2 - t1,
+            "time_step": t2 - t0,
+            "peak_mem_bytes": _peak_memory(self.device),
+            "world_size": self.dist.world,
+            "sde_steps": ro.sde_steps,
+            "model_calls_per_rollout": ro.model_calls,
+        }
+        return line
+
+    # ------------------------------------------------------------------ evaluation, logging
+
+    def evaluate(self) -> dict[str, Any]:
+        """Sample the held-out prompts with the ODE from fixed noise (rank 0), write the grid
+        ``samples/step-NNNNNN.png`` and ``eval.jsonl``; return the eval metrics."""
+        out: dict[str, Any] = {}
+        if self.dist.main:
+            e = self.cfg.eval
+            res = evaluate(self.model, self.reward, self.eval_prompts,
+                           EvalConfig(steps=e.steps, seed=e.seed, batch=e.batch))  # fmt: skip
+            out = {"step": self.step, "eval_reward_mean": res.mean}
+            if res.matches is not None:
+                out["eval_match_rate"] = res.match_rate
+            samples = self.out / "samples"
+            samples.mkdir(exist_ok=True)
+            save_grid(res.images, samples / f"step-{self.step:06d}.png", nrow=8)
+            with open(self.out / "eval.jsonl", "a") as f:
+                f.write(json.dumps(out) + "\n")
+        self.dist.barrier()
+        return out
+
+    def _log(self, line: dict[str, Any]) -> None:
+        if not self.dist.main:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+        if self.cfg.log.tensorboard:
+            if self._tb is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            for k, v in line.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"train/{k}", v, line["step"])
+            self._tb.flush()
+
+    def train(self) -> None:
+        """Run until ``train.steps``, evaluating and checkpointing as configured."""
+        cfg = self.cfg
+        bar = None
+        if self.dist.main and cfg.log.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.train.steps, initial=self.step, desc=f"GRPO {cfg.noise}",
+                       unit="step", dynamic_ncols=True)  # fmt: skip
+        every = cfg.eval.every
+        try:
+            if self.step == 0 and every:
+                self.evaluate()
+            while self.step < cfg.train.steps:
+                line = self.train_step()
+                if every and self.step % every == 0:
+                    line |= {k: v for k, v in self.evaluate().items() if k != "step"}
+                self._log(line)
+                if self.step % cfg.train.save_every == 0 or self.step == cfg.train.steps:
+                    self.save()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{line['reward_mean']:.3f}",
+                                    loss=f"{line['loss']:.2e}")  # fmt: skip
+        finally:
+            if bar is not None:
+                bar.close()
+            self.close()
+
+    def close(self) -> None:
+        """Stop the reward worker and the TensorBoard writer."""
+        if self.async_reward is not None:
+            self.async_reward.close()
+            self.async_reward = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
