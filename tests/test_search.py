@@ -7,6 +7,7 @@ to a per-prompt target — smooth, so that CEM has a direction to find, and chea
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -315,15 +316,15 @@ def fake_graphs(monkeypatch: pytest.MonkeyPatch) -> list:
     return captured
 
 
-# (B, prompts, mean seed, scale, t_next, seed): new prompts, rows, scales, times and seeds per
-# call, two batch sizes interleaved.
+# (B, prompts, mean seed, scale, t_next, seed, row_offset): new prompts, rows, scales, times,
+# seeds and row offsets per call, two batch sizes interleaved.
 GRAPH_CALLS = [
-    (2, ["p0", "p1"], 0, 0.4, 0.5, 8),
-    (2, ["p3", "p2"], 1, 0.3, 0.7, 9),
-    (3, ["p4", "p0", "p2"], 2, 0.5, 0.6, 10),
-    (2, ["p1", "p1"], 3, 0.6, 0.4, 8),
-    (3, ["p1", "p3", "p4"], 4, 0.2, 0.5, 11),
-    (2, ["p4", "p0"], 5, 0.4, 0.9, 12),
+    (2, ["p0", "p1"], 0, 0.4, 0.5, 8, 0),
+    (2, ["p3", "p2"], 1, 0.3, 0.7, 9, 2),
+    (3, ["p4", "p0", "p2"], 2, 0.5, 0.6, 10, 0),
+    (2, ["p1", "p1"], 3, 0.6, 0.4, 8, 7),
+    (3, ["p1", "p3", "p4"], 4, 0.2, 0.5, 11, 3),
+    (2, ["p4", "p0"], 5, 0.4, 0.9, 12, 0),
 ]
 
 
@@ -340,15 +341,17 @@ def test_graph_is_captured_once_per_shape_and_refilled_per_call(fake_graphs, kw:
     cfg = SearchConfig(k=6, rounds=3, top=2, **kw)
     search = NoiseSearch(model, reward, cfg)
     kept = []
-    for b, prompts, mseed, scale, t, seed in GRAPH_CALLS:
+    for b, prompts, mseed, scale, t, seed, offset in GRAPH_CALLS:
         cond = model.encode_prompts(prompts)
         mean = torch.randn((b, *SHAPE), generator=torch.Generator().manual_seed(mseed))
         before = reward.calls
-        got = search.run(mean, scale, t, cond, seed=seed)
+        got = search.run(mean, scale, t, cond, seed=seed, row_offset=offset)
         first = sum(1 for c in GRAPH_CALLS[: len(kept) + 1] if c[0] == b) == 1
         # a new batch size: warm-up round + captured round (both undone), then N replays
         assert reward.calls - before == cfg.rounds + (2 if first else 0)
-        want = search_reference(model, reward, mean, scale, t, cond, cfg, seed=seed)
+        want = search_reference(
+            model, reward, mean, scale, t, cond, cfg, seed=seed, row_offset=offset
+        )
         assert got.graphed
         assert_same(got, want)
         kept.append((got, want))
@@ -417,6 +420,45 @@ def test_graph_capture_failure_is_remembered_per_shape(monkeypatch, fake_graphs)
     assert "not permitted" in search.graph_stats.fallback_reason
     search.reset()  # forgets the failure: B = 2 tries again
     assert search.run(mean2, 0.4, 0.5, cond2, seed=2).graphed
+
+
+@pytest.mark.parametrize("use", ["best", "sample", "mean"])
+def test_row_offset_makes_results_independent_of_batching(use: str) -> None:
+    """Five rollouts searched at once, or in batches each given its first rollout's index as
+    row_offset (one seed for all): the same noise, elites and results per rollout."""
+    model = AnalyticFlow(GRAPH_PROMPTS)
+    reward = PreparedTargetReward(GRAPH_PROMPTS)
+    mean = torch.randn((5, *SHAPE), generator=torch.Generator().manual_seed(6))
+    scale = torch.linspace(0.3, 0.6, 5)
+    cfg = SearchConfig(k=6, rounds=3, top=2, use=use, alpha=0.9)
+    search = NoiseSearch(model, reward, cfg)
+    whole = search.run(mean, scale, 0.6, model.encode_prompts(GRAPH_PROMPTS), seed=4)
+    for bounds in ([0, 2, 5], [0, 1, 2, 3, 4, 5], [0, 4, 5]):
+        parts = []
+        for a, b in itertools.pairwise(bounds):
+            cond = model.encode_prompts(GRAPH_PROMPTS[a:b])
+            got = search.run(mean[a:b], scale[a:b], 0.6, cond, seed=4, row_offset=a)
+            ref = search_reference(
+                model, reward, mean[a:b], scale[a:b], 0.6, cond, cfg, seed=4, row_offset=a
+            )
+            assert_same(got, ref)
+            parts.append(got)
+        for f in ("eps", "mu", "sigma", "best_reward"):
+            joined = torch.cat([getattr(r, f) for r in parts])
+            torch.testing.assert_close(joined, getattr(whole, f), atol=ATOL, rtol=0)
+        joined = torch.cat([r.rounds.best for r in parts], dim=1)
+        torch.testing.assert_close(joined, whole.rounds.best, atol=ATOL, rtol=0)
+    # without the offset, a batch draws the noise of rows 0.. instead: other results
+    shifted = search.run(mean[2:], scale[2:], 0.6, model.encode_prompts(GRAPH_PROMPTS[2:]), seed=4)
+    assert not torch.allclose(shifted.eps, whole.eps[2:])
+
+
+@pytest.mark.parametrize("offset", [-1, True, 1.0, 2**32 - 1])
+def test_row_offset_errors(offset) -> None:
+    model, reward, cond, mean = setup(2)
+    search = NoiseSearch(model, reward, SearchConfig(k=4, rounds=1, top=2))
+    with pytest.raises(ValueError, match=r"row_offset: expected an int with 0 <= row_offset"):
+        search.run(mean, 0.5, 0.5, cond, row_offset=offset)
 
 
 def test_torch_noise_baseline() -> None:

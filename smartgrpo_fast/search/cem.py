@@ -61,6 +61,7 @@ class _State:
     t: torch.Tensor  # (B*K,) float32, the flow time of z
     seed: torch.Tensor  # 0-d int64
     round: torch.Tensor  # 0-d int64
+    row_offset: torch.Tensor  # 0-d int64: row b draws the Philox stream's row b + row_offset
     mu: torch.Tensor  # (B, *S) float32
     sigma: torch.Tensor  # (B, *S) or (B,) float32
     best_reward: torch.Tensor  # (B,) float32, -inf until a finite reward was seen
@@ -226,8 +227,9 @@ class NoiseSearch:
         b, k = st.mean.shape[0], cfg.k
         s = tuple(st.mean.shape[1:])
         z = sample_perturb(
-            st.mean, st.mu, st.sigma, st.scale, k=k, seed=st.seed, round=st.round, validate=False
-        ).view(b * k, *s)
+            st.mean, st.mu, st.sigma, st.scale, k=k, seed=st.seed, round=st.round,
+            row_offset=st.row_offset, validate=False,
+        ).view(b * k, *s)  # fmt: skip
         v = self.model.velocity(z, st.t, cond, k=k)
         x0 = x0_estimate(
             z,
@@ -251,7 +253,7 @@ class NoiseSearch:
         r = finite_or_nan(r.to(st.mean.device, torch.float32).view(b, k))
         idx = topk_select(r, cfg.top)
         common = {"shape": st.mean.shape, "k": k, "seed": st.seed, "round": st.round}
-        common |= {"per_element": cfg.per_element, "validate": False}
+        common |= {"row_offset": st.row_offset, "per_element": cfg.per_element, "validate": False}
         # The best candidate's noise: the mean of a single "elite" with alpha = 1 is that eps,
         # regenerated from Philox like every elite (no (B, K, D) buffer).
         eps1, _ = cem_update(st.mu, st.sigma, idx[:, :1], alpha=1.0, min_sigma=0.0, **common)
@@ -274,7 +276,7 @@ class NoiseSearch:
     # ------------------------------------------------------------------ running
 
     def _initial_state(
-        self, mean: torch.Tensor, scale: torch.Tensor, t_next: float, seed: int
+        self, mean: torch.Tensor, scale: torch.Tensor, t_next: float, seed: int, row_offset: int = 0
     ) -> _State:
         cfg = self.config
         b, dev = mean.shape[0], mean.device
@@ -285,6 +287,7 @@ class NoiseSearch:
             t=torch.full((b * cfg.k,), t_next, device=dev),
             seed=torch.tensor(seed, dtype=torch.int64, device=dev),
             round=torch.zeros((), dtype=torch.int64, device=dev),
+            row_offset=torch.tensor(row_offset, dtype=torch.int64, device=dev),
             mu=torch.full(mean.shape, cfg.mu0, device=dev),
             sigma=torch.full(sigma_shape, cfg.sigma0, device=dev),
             best_reward=torch.full((b,), float("-inf"), device=dev),
@@ -381,6 +384,7 @@ class NoiseSearch:
         cond: Cond,
         *,
         seed: int | None = None,
+        row_offset: int = 0,
         progress: bool = False,
     ) -> SearchResult:
         """Search the noise of one SDE step for B rollouts.
@@ -391,6 +395,10 @@ class NoiseSearch:
             t_next: the flow time the step lands on (the candidates' ``z`` live there).
             cond: the conditioning of the B rollouts' prompts (with their strings).
             seed: overrides ``config.seed`` for this call (use one per searched step).
+            row_offset: the rollouts' global index of row 0: row b draws the noise of row
+                ``b + row_offset`` of the (seed, round) stream, so a set of rollouts searched in
+                batches of any size draws the same noise per rollout as searched at once (give
+                each batch its first rollout's index and one seed for all).
             progress: show a progress bar over the rounds.
 
         Returns:
@@ -402,7 +410,17 @@ class NoiseSearch:
         seed = cfg.seed if seed is None else seed
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
-        init = self._initial_state(mean_f, scale_t, t, seed)
+        b = mean_f.shape[0]
+        if (
+            isinstance(row_offset, bool)
+            or not isinstance(row_offset, int)
+            or not 0 <= row_offset <= 2**32 - b
+        ):
+            raise ValueError(
+                f"row_offset: expected an int with 0 <= row_offset and row_offset + B <= 2**32 "
+                f"(B = {b}), got {row_offset!r}"
+            )
+        init = self._initial_state(mean_f, scale_t, t, seed, row_offset)
         prepared = prepare_prompts(
             self.reward, [p for p in prompts for _ in range(cfg.k)], mean_f.device
         )
@@ -440,7 +458,7 @@ class NoiseSearch:
         else:  # a draw from the final N(mu, sigma^2), on Philox round N
             eps = sample_perturb(
                 torch.zeros_like(st.mean), st.mu, st.sigma, 1.0,
-                k=1, seed=st.seed, round=cfg.rounds, validate=False,
+                k=1, seed=st.seed, round=cfg.rounds, row_offset=st.row_offset, validate=False,
             ).squeeze(1)  # fmt: skip
         if cfg.rescale:
             eps = rescale_rows(eps)

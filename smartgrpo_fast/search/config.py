@@ -40,8 +40,9 @@ class SearchConfig:
             (M = K*N draws from N(mu0, sigma0^2), N rounds of K, no refinement, ``use`` is
             ignored and the best candidate is taken).
         seed: Philox key of the search's noise; a rollout's noise is keyed by (seed, round,
-            row, candidate), so give each searched step (and each batch of rollouts) its own
-            seed, e.g. through ``NoiseSearch.run(..., seed=)``.
+            row, candidate), so give each searched step its own seed (``NoiseSearch.run(...,
+            seed=)``) and each batch of rollouts its global row index
+            (``NoiseSearch.run(..., row_offset=)``), so that batching does not change results.
         decode_size: resize decoded images to this size before the reward (None: the
             decoder's own size; rewards resize to their input size themselves).
         graph: on CUDA, capture one whole round (sample_perturb, velocity, x0_estimate,

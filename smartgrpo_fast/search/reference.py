@@ -33,14 +33,16 @@ def search_reference(
     config: SearchConfig | None = None,
     *,
     seed: int | None = None,
+    row_offset: int = 0,
     noise: str = "philox",
     generator: torch.Generator | None = None,
 ) -> SearchResult:
     """The search of :meth:`NoiseSearch.run`, plainly; same arguments and result.
 
-    ``noise="philox"`` reproduces NoiseSearch's noise exactly; ``noise="torch"`` draws
-    ``torch.randn`` from ``generator`` (the naive baseline; ``use="sample"`` then draws from
-    it too).
+    ``noise="philox"`` reproduces NoiseSearch's noise exactly (rows ``row_offset`` ..
+    ``row_offset + B - 1`` of the stream, as ``NoiseSearch.run(row_offset=)``);
+    ``noise="torch"`` draws ``torch.randn`` from ``generator`` (the naive baseline;
+    ``use="sample"`` then draws from it too, and ``row_offset`` is ignored).
     """
     cfg = config or SearchConfig()
     if noise not in ("philox", "torch"):
@@ -53,7 +55,7 @@ def search_reference(
 
     def draw(shape: tuple[int, ...], rnd: int) -> torch.Tensor:
         if noise == "philox":
-            return philox_normal(shape, seed=seed, round=rnd, device=dev)
+            return philox_normal(shape, seed=seed, round=rnd, device=dev, row_offset=row_offset)
         # Drawn on mean's device (a fair baseline: no host draw and copy per round); a
         # generator must live on that device too.
         return torch.randn(shape, generator=generator, device=dev)

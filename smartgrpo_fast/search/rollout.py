@@ -9,7 +9,11 @@ by the reward:
   must beat at equal model calls);
 * ``searched``: the CEM search's eps* (:class:`~smartgrpo_fast.search.NoiseSearch`).
 
-Everything is keyed by seeds: the same prompts and seed give the same numbers.
+Everything is keyed by seeds and by each prompt's index in the list: the initial noise, the
+random eps and the searches' noise of prompt i are rows i of their Philox streams (one search
+seed for all batches, ``row_offset`` = the batch's first index), so the same prompts and seeds
+give the same per-prompt numbers at any ``batch`` (up to the float rounding of the model at
+another batch size).
 """
 
 from __future__ import annotations
@@ -50,8 +54,9 @@ class RolloutConfig:
         shift: the schedule's time shift; None = the model's (``sde.schedule_shift``: 3 for
             SD3 and for the embedded model, both from their configs).
         noise_level: Flow-GRPO's SDE noise level (0.7).
-        seed: keys the initial noise and the random eps (Philox, per prompt row).
-        batch: prompts searched together (B; the search runs B*K rows per forward).
+        seed: keys the initial noise and the random eps (Philox, row = the prompt's index).
+        batch: prompts searched together (B; the search runs B*K rows per forward). Results
+            per prompt do not depend on it (module docstring).
     """
 
     steps: int = 10
@@ -154,11 +159,12 @@ def compare_noise(
         x = integrate_ode(model, cond, x_t[sl], sigmas[: s_idx + 1])
         step = sde_step(x, model.velocity(x, sigma, cond), sigma, sigma_next,
                         noise_level=rollout.noise_level, sigma_max=sigmas[1])  # fmt: skip
-        seed = search.seed + 7919 * (start + 1)  # a Philox key per batch of rollouts
         eps: dict[str, torch.Tensor] = {"random": eps_random[sl]}
         for key, searcher in (("searched", cem), ("bestof", best_of)):
             t0 = time.perf_counter()
-            res: SearchResult = searcher.run(step.mean, step.std, sigma_next, cond, seed=seed,
+            # one seed for every batch; prompt i draws row i of the stream, whatever the batch
+            res: SearchResult = searcher.run(step.mean, step.std, sigma_next, cond,
+                                             seed=search.seed, row_offset=start,
                                              progress=progress)  # fmt: skip
             eps[key] = res.eps
             if dev.type == "cuda":
