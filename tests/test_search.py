@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from smartgrpo_fast.models.base import Cond, repeat_rows
+from smartgrpo_fast.ops import philox_normal
 from smartgrpo_fast.rewards.base import PreparedPrompts
 from smartgrpo_fast.search import NoiseSearch, SearchConfig, search_reference
 from smartgrpo_fast.search import cem as cem_module
@@ -184,6 +185,74 @@ def test_nan_and_inf_rank_last_and_are_counted() -> None:
     assert bool(torch.isfinite(res.rounds.elite_mean).all())
     assert bool(torch.isfinite(res.best_reward).all())
     assert_same(res, search_reference(model, reward, mean, 0.5, 0.5, cond, cfg, seed=1))
+
+
+def _half_nan_setup(b: int, k: int, all_nan_row: int | None = None):
+    prompts = [f"q{i}" for i in range(b)]
+    model = AnalyticFlow(prompts)
+    reward = PreparedTargetReward(prompts)
+    mask = torch.rand(b, k, generator=torch.Generator().manual_seed(3)) < 0.5
+    if all_nan_row is not None:
+        mask[all_nan_row] = True
+    reward.bad = {int(i): float("nan") for i in mask.flatten().nonzero().flatten()}
+    cond = model.encode_prompts(prompts)
+    mean = torch.randn((b, *SHAPE), generator=torch.Generator().manual_seed(4))
+    return model, reward, cond, mean, mask
+
+
+def test_nan_candidates_never_enter_the_cem_mean() -> None:
+    """64 rollouts, a reward NaN for a random half of the K = 8 candidates (T = 6), one row NaN
+    throughout: after one round (alpha 1) each row's mu is exactly the mean of its finite
+    elites' noise (materialised here from Philox), sigma their std; the all-NaN row keeps
+    mu0 and sigma0."""
+    b, k, top, seed, nan_row = 64, 8, 6, 5, 17
+    model, reward, cond, mean, mask = _half_nan_setup(b, k, nan_row)
+    cfg = SearchConfig(k=k, rounds=1, top=top, use="mean", mu0=0.1, sigma0=0.9)
+    res = NoiseSearch(model, reward, cfg).run(mean, 0.5, 0.6, cond, seed=seed)
+    eps = cfg.mu0 + cfg.sigma0 * philox_normal((b, k, *SHAPE), seed=seed, round=0)
+    cond_k = model.encode_prompts([p for p in cond.prompts for _ in range(k)])
+    mean_k = mean.unsqueeze(1).expand(b, k, *SHAPE).flatten(0, 1)
+    r = one_step_reward(model, reward, cond_k, mean_k, 0.5, 0.6, eps.flatten(0, 1)).view(b, k)
+    assert torch.equal(torch.isnan(r), mask)
+    short = 0
+    for i in range(b):
+        finite = (~mask[i]).nonzero().flatten()
+        if finite.numel() == 0:
+            torch.testing.assert_close(res.mu[i], torch.full(SHAPE, cfg.mu0), atol=0, rtol=0)
+            torch.testing.assert_close(res.sigma[i], torch.full(SHAPE, cfg.sigma0), atol=0, rtol=0)
+            continue
+        best = finite[r[i, finite].argsort(descending=True, stable=True)][:top]
+        short += int(finite.numel() < top)
+        torch.testing.assert_close(res.mu[i], eps[i, best].mean(0), atol=ATOL, rtol=0)
+        sd = eps[i, best].var(0, unbiased=False).sqrt()
+        torch.testing.assert_close(res.sigma[i], sd, atol=ATOL, rtol=0)
+    assert short >= 10  # the case the fix is about: rows with fewer than T finite rewards
+    assert bool(torch.isfinite(res.mu).all()) and bool(torch.isfinite(res.sigma).all())
+
+
+@pytest.mark.parametrize("use", ["best", "mean", "sample"])
+@pytest.mark.parametrize("per_element", [True, False], ids=["per_element", "pooled"])
+def test_rows_with_few_or_no_finite_rewards_match_the_reference(use, per_element) -> None:
+    """The three cases of a round with NaN rewards against search_reference over 3 rounds:
+    rows with fewer than T finite rewards update from those, an all-NaN row keeps mu and
+    sigma, and use='best' never picks a non-finite candidate."""
+    b, k, top = 16, 8, 6
+    model, reward, cond, mean, _ = _half_nan_setup(b, k, all_nan_row=3)
+    cfg = SearchConfig(k=k, rounds=3, top=top, use=use, per_element=per_element, alpha=0.7,
+                       min_sigma=0.05)  # fmt: skip
+    got = NoiseSearch(model, reward, cfg).run(mean, 0.5, 0.6, cond, seed=2, row_offset=5)
+    want = search_reference(model, reward, mean, 0.5, 0.6, cond, cfg, seed=2, row_offset=5)
+    assert_same(got, want)
+    assert bool(torch.isfinite(got.mu).all()) and bool(torch.isfinite(got.sigma).all())
+    torch.testing.assert_close(got.mu[3], torch.zeros(SHAPE), atol=0, rtol=0)  # mu0, sigma0
+    assert bool((got.sigma[3] == 1).all())
+    assert math.isnan(float(got.best_reward[3]))
+    if use == "best":  # every other row's eps is its best finite candidate's
+        clean = PreparedTargetReward(list(cond.prompts))  # the same targets, no NaN
+        again = one_step_reward(model, clean, cond, mean, 0.5, 0.6, got.eps)
+        rows = [i for i in range(b) if i != 3]
+        torch.testing.assert_close(again[rows], got.best_reward[rows], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.eps[3], got.mu[3], atol=0, rtol=0)
 
 
 def test_all_nan_row_falls_back_to_mean() -> None:

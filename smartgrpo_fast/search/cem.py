@@ -6,7 +6,9 @@ One round for B rollouts (DESIGN.md), all on the fused ops:
 2. ``v = model.velocity(z, t_next, cond, k=K)``                one batched forward of B*K rows
 3. ``x0 = x0_estimate(z, v, t_next, scaling, shift)``          the one-step clean estimate
 4. ``r = reward(model.decode(x0), prompts)``                   (B, K); NaN/inf rank last
-5. ``idx = topk_select(r, T)``; ``mu, sigma = cem_update(mu, sigma, idx)``
+5. ``idx = topk_select(r, T)``; ``mu, sigma = cem_update(mu, sigma, idx, counts=...)``: a
+   row updates from its finite elites only (``topk_select`` ranks them first; ``counts`` is
+   how many there are, counted on the device), a row without any keeps mu and sigma
 
 The noise never exists as a (B, K, D) tensor outside ``z``: ``cem_update`` regenerates the
 elites' noise from (seed, round, row, candidate). Every piece of state the round reads or
@@ -261,14 +263,17 @@ class NoiseSearch:
         better = r1 > st.best_reward  # NaN compares False
         st.best_reward.copy_(torch.where(better, r1, st.best_reward))
         st.best_eps.copy_(torch.where(better.view(b, *([1] * len(s))), eps1, st.best_eps))
-        row = torch.stack(
-            [r1, r.gather(1, idx).mean(1), r.nanmean(1), torch.isnan(r).sum(1).float()]
-        )
+        r_elite = r.gather(1, idx)
+        row = torch.stack([r1, r_elite.mean(1), r.nanmean(1), torch.isnan(r).sum(1).float()])
         st.stats.index_copy_(1, st.round.view(1), row.unsqueeze(1))
         if cfg.strategy == "cem":
+            # NaN ranks last: the finite elites come first, and only they update the row (no
+            # host sync: the count stays on the device, a captured round reads it there)
+            counts = torch.isfinite(r_elite).sum(1)
             mu, sigma = cem_update(
-                st.mu, st.sigma, idx, alpha=cfg.alpha, min_sigma=cfg.min_sigma, **common
-            )
+                st.mu, st.sigma, idx, alpha=cfg.alpha, min_sigma=cfg.min_sigma, counts=counts,
+                **common,
+            )  # fmt: skip
             st.mu.copy_(mu)
             st.sigma.copy_(sigma)
         st.round.add_(1)

@@ -23,6 +23,8 @@ class SearchConfig:
         rounds: CEM rounds (N). 3: the model calls per searched step are K*N = 48; on the
             embedded model most of the gain came in the first two rounds.
         top: elites kept per round (T), 1 <= T <= K. 4 = K/4, the usual CEM elite fraction.
+            Non-finite rewards never make elites: a rollout with fewer than T finite rewards
+            in a round updates mu and sigma from those it has, one with none keeps them.
         mu0: initial noise mean; 0 = the policy's own N(0, I), so round 1 is an unbiased draw.
         sigma0: initial noise std, > 0; 1 for the same reason.
         alpha: smoothing in (0, 1] of the mean/std update; 1 is textbook CEM (DESIGN.md).

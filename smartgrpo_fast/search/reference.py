@@ -91,10 +91,16 @@ def search_reference(
         if cfg.strategy == "cem":
             eps_e = eps.gather(1, elite.view(b, cfg.top, *ones).expand(b, cfg.top, *s))
             a = cfg.alpha
-            mu = (1 - a) * mu + a * eps_e.mean(1)
-            var = eps_e.var(1, unbiased=False)
-            spread = var.sqrt() if cfg.per_element else var.flatten(1).mean(1).sqrt()
-            sigma = ((1 - a) * sigma + a * spread).clamp_min(cfg.min_sigma)
+            mu, sigma = mu.clone(), sigma.clone()
+            for i in range(b):  # NaN ranks last: a row's finite elites come first
+                n = int(torch.isfinite(r_elite[i]).sum())
+                if n == 0:
+                    continue  # no finite elite: mu and sigma stay
+                e = eps_e[i, :n]
+                mu[i] = (1 - a) * mu[i] + a * e.mean(0)
+                var = e.var(0, unbiased=False)
+                spread = var.sqrt() if cfg.per_element else var.mean().sqrt()
+                sigma[i] = ((1 - a) * sigma[i] + a * spread).clamp_min(cfg.min_sigma)
     found = torch.isfinite(best_r)
     if cfg.strategy == "best_of" or cfg.use == "best":
         out = torch.where(found.view(b, *ones), best_eps, mu)
