@@ -118,6 +118,11 @@ def sde_step(
         raise ValueError(f"noise_level: expected a finite value > 0, got {noise_level}")
     xf, vf = x.float(), v.float()
     if sde_type == "cps":
+        if not sigma_next > 0:
+            raise ValueError(
+                f"sigma_next: the cps step needs sigma_next > 0 (its std is sigma_next * "
+                f"sin(noise_level pi / 2)), got {sigma_next}; keep the last step an ODE step"
+            )
         std = sigma_next * math.sin(noise_level * math.pi / 2)
         x0 = xf - sigma * vf
         x1 = xf + (1.0 - sigma) * vf

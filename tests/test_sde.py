@@ -85,11 +85,17 @@ def test_sde_step_carries_gradient_to_v() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"), [({"sde_type": "ode"}, "sde_type"), ({"noise_level": 0.0}, "noise_level")]
+    ("kwargs", "match"),
+    [
+        ({"sde_type": "ode"}, "sde_type"),
+        ({"noise_level": 0.0}, "noise_level"),
+        ({"sde_type": "cps", "sigma_next": 0.0}, "sigma_next"),
+    ],
 )
 def test_sde_step_argument_errors(kwargs, match) -> None:
+    kwargs = {"sigma_next": 0.4, **kwargs}
     with pytest.raises(ValueError, match=match):
-        sde_step(torch.zeros(1, 2), torch.zeros(1, 2), 0.5, 0.4, **kwargs)
+        sde_step(torch.zeros(1, 2), torch.zeros(1, 2), 0.5, **kwargs)
 
 
 def test_sde_step_needs_decreasing_time() -> None:

@@ -45,7 +45,7 @@ def test_shipped_configs_parse_and_round_trip() -> None:
 def test_tiny_config_values() -> None:
     cfg = load_config("tiny")
     assert cfg.model.name == "tiny" and cfg.reward == "tiny" and cfg.noise == "smart"
-    assert cfg.train.lr == pytest.approx(1e-3)  # written 1.0e-3 in YAML
+    assert cfg.train.lr == pytest.approx(3e-3)  # written 3.0e-3 in YAML
     assert isinstance(cfg.lora, LoraSpec)
 
 
@@ -83,6 +83,7 @@ def test_overrides_set_nested_values_with_yaml_types() -> None:
         ("sample.group_size=1", "sample.group_size"),
         ("sample.sde_window_range=[4, 5]", "sample.sde_window_range"),
         ("sample.sde_type=ode", "sample.sde_type"),
+        ("sample.sde_type=cps", "sample.sde_window_range"),  # window [0, 5) reaches t = 0
         ("lora.rank=0", "lora.rank"),
         ("model=null", "model"),
         ("log.tensorboard=maybe", "log.tensorboard"),
@@ -91,7 +92,8 @@ def test_overrides_set_nested_values_with_yaml_types() -> None:
 )
 def test_bad_key_or_value_names_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{key}"):
-        load_config("tiny", ["sample.sde_window_size=2", override])
+        load_config("tiny", ["sample.sde_window_size=2", "sample.sde_window_range=[0, 10]",
+                             override])  # fmt: skip
 
 
 def test_unknown_config_file_is_an_error(tmp_path) -> None:

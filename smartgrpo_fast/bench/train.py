@@ -14,12 +14,13 @@ import contextlib
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from smartgrpo_fast.bench.ops import collect_run_info
+from smartgrpo_fast.bench.ops import CSV_FIELDS, collect_run_info, quantile
 
 __all__ = ["CallTimers", "TimedReward", "format_train_table", "run_train_bench"]
 
@@ -106,7 +107,7 @@ def run_train_bench(
     model.decode = timers.wrap("decode", model.decode)
     reward = TimedReward(build_reward(cfg, device), timers)
     info = collect_run_info(device)
-    rows: list[dict] = []
+    samples: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         trainer = GRPOTrainer(cfg, Path(tmp) / "run", model=model, reward=reward)
         trainer.backward_timer = lambda: timers.timed("backward")
@@ -121,43 +122,39 @@ def run_train_bench(
                 line = trainer.train_step()
                 if i < warmup:
                     continue
-                calls = dict(timers.seconds)
-                inside = sum(calls.values())
-                base = {
-                    "bench": "train", "step": line["step"], "noise": cfg.noise,
-                    "model": cfg.model.name, "device": str(device),
-                    "device_name": info.device_name, "torch_version": info.torch_version,
-                    "git_commit": info.git_commit,
-                }  # fmt: skip
                 values = {k: line[k] for k in (*STAGES, "time_step")}
-                values |= {f"call_{k}": v for k, v in calls.items()}
-                values["overhead"] = line["time_step"] - inside
+                values |= {f"call_{k}": v for k, v in timers.seconds.items()}
+                values["overhead"] = line["time_step"] - sum(timers.seconds.values())
                 values["overhead_frac"] = values["overhead"] / line["time_step"]
                 for metric, value in values.items():
-                    unit = "fraction" if metric == "overhead_frac" else "s"
-                    rows.append(base | {"metric": metric, "value": value, "unit": unit})
+                    samples.setdefault(metric, []).append(value)
         finally:
             trainer.close()
+    base = {
+        "op": "grpo_step", "provider": cfg.noise, "mode": "train", "x_name": "rollouts",
+        "x": cfg.sample.prompts_per_step * cfg.sample.group_size, "k": cfg.search.k,
+        "latent": "x".join(map(str, model.latent_shape)), "elites": cfg.search.top,
+        "dtype": cfg.model.dtype, "repeats": steps,
+        **{f.name: getattr(info, f.name) for f in fields(info)},
+    }  # fmt: skip
+    rows = []
+    for metric, values in samples.items():
+        unit = "fraction" if metric == "overhead_frac" else "s"
+        stats = {"median": quantile(values, 0.5), "p20": quantile(values, 0.2),
+                 "p80": quantile(values, 0.8)}  # fmt: skip
+        rows.append({name: (base | {"metric": metric, "unit": unit} | stats)[name]
+                     for name in CSV_FIELDS})  # fmt: skip
     return rows
-
-
-def _median(values: Sequence[float]) -> float:
-    v = sorted(values)
-    n = len(v)
-    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
 def format_train_table(rows: Sequence[dict]) -> str:
     """Median over the measured steps of each quantity, with its share of the step."""
-    by: dict[str, list[float]] = {}
-    for r in rows:
-        by.setdefault(r["metric"], []).append(float(r["value"]))
-    step = _median(by["time_step"])
+    med = {r["metric"]: float(r["median"]) for r in rows}
+    step = med["time_step"]
     lines = [f"{'quantity':<16} {'median s':>10} {'of step':>8}"]
     for metric in (*STAGES, *(f"call_{c}" for c in CALLS), "overhead", "time_step"):
-        med = _median(by[metric])
-        lines.append(f"{metric:<16} {med:>10.3f} {med / step:>8.1%}")
-    lines.append(f"{'overhead_frac':<16} {_median(by['overhead_frac']):>10.3f}")
+        lines.append(f"{metric:<16} {med[metric]:>10.3f} {med[metric] / step:>8.1%}")
+    lines.append(f"{'overhead_frac':<16} {med['overhead_frac']:>10.3f}")
     return "\n".join(lines)
 
 

@@ -152,6 +152,12 @@ class SampleConfig:
                 f"got {self.sde_window_range!r}"
             )
         _finite("noise_level", self.noise_level, 0.0, lo_open=True)
+        if self.sde_type == "cps" and lo_hi[1] > self.steps - 1:
+            raise ValueError(
+                f"sde_window_range: with sde_type cps the last step (to t = 0, where cps has no "
+                f"noise) must stay an ODE step: expected hi <= steps - 1 = {self.steps - 1}, "
+                f"got {self.sde_window_range!r}"
+            )
         if self.sde_type not in SDE_TYPES:
             raise ValueError(f"sde_type: expected one of {', '.join(SDE_TYPES)}, "
                              f"got {self.sde_type!r}")  # fmt: skip
