@@ -75,8 +75,8 @@ from smartgrpo_fast.bench.ops import (
     read_csv,
     summarize,
 )
-from smartgrpo_fast.ops import cem_update, sample_perturb, topk_select, topk_select_reference
-from smartgrpo_fast.ops import x0_estimate as x0_estimate_op
+from smartgrpo_fast.ops import topk_select_reference
+from smartgrpo_fast.rewards.base import prepare_prompts
 from smartgrpo_fast.search import NoiseSearch, SearchConfig, search_reference
 from smartgrpo_fast.search.cem import finite_or_nan
 
@@ -273,54 +273,34 @@ class _StagedRound:
 
 
 class _FusedRound(_StagedRound):
-    """``NoiseSearch._round``, stage by stage, on the state ``NoiseSearch`` starts from."""
+    """``NoiseSearch._round``, stage by stage: its own stage methods, on the state
+    ``NoiseSearch`` starts from."""
 
     def __init__(self, search: NoiseSearch, *args: Any) -> None:
         super().__init__(search.model, search.reward, search.config, *args)
         self.search = search
+        self.prepared = prepare_prompts(search.reward, self.prompts, self.dev)
 
     def reset(self) -> None:
         self.st = self.search._initial_state(self.mean, self.scale, self.t_next, self.cfg.seed)
 
     def sample(self) -> None:
-        st, b, k = self.st, self.b, self.k
-        self.z = sample_perturb(
-            st.mean, st.mu, st.sigma, st.scale, k=k, seed=st.seed, round=st.round, validate=False
-        ).view(b * k, *self.s)
+        self.z = self.search._sample(self.st)
 
     def forward(self) -> None:
-        self.v = self.model.velocity(self.z, self.st.t, self.cond, k=self.k)
+        self.v = self.search._forward(self.st, self.z, self.cond)
 
     def x0(self) -> None:
-        self.x0_latent = x0_estimate_op(
-            self.z, self.v, self.st.t, scaling=self.scaling, shift=self.shift, validate=False
-        )
+        self.x0_latent = self.search._x0(self.st, self.z, self.v)
+
+    def decode(self) -> None:
+        self.images = self.search._decode(self.x0_latent)
 
     def reward(self) -> None:
-        r = self.reward_fn(self.images, self.prompts)
-        self.r = finite_or_nan(r.to(self.dev, torch.float32).view(self.b, self.k))
+        self.r = self.search._score(self.st, self.images, self.prepared)
 
     def select_update(self) -> None:
-        st, cfg, r, b = self.st, self.cfg, self.r, self.b
-        idx = topk_select(r, cfg.top)
-        common = {"shape": st.mean.shape, "k": self.k, "seed": st.seed, "round": st.round}
-        common |= {"per_element": cfg.per_element, "validate": False}
-        eps1, _ = cem_update(st.mu, st.sigma, idx[:, :1], alpha=1.0, min_sigma=0.0, **common)
-        r1 = r.gather(1, idx[:, :1]).squeeze(1)
-        better = r1 > st.best_reward
-        st.best_reward.copy_(torch.where(better, r1, st.best_reward))
-        st.best_eps.copy_(torch.where(better.view(b, *([1] * len(self.s))), eps1, st.best_eps))
-        row = torch.stack(
-            [r1, r.gather(1, idx).mean(1), r.nanmean(1), torch.isnan(r).sum(1).float()]
-        )
-        st.stats.index_copy_(1, st.round.view(1), row.unsqueeze(1))
-        if cfg.strategy == "cem":
-            mu, sigma = cem_update(
-                st.mu, st.sigma, idx, alpha=cfg.alpha, min_sigma=cfg.min_sigma, **common
-            )
-            st.mu.copy_(mu)
-            st.sigma.copy_(sigma)
-        st.round.add_(1)
+        self.search._select_update(self.st, self.r)
 
 
 class _ReferenceRound(_StagedRound):

@@ -224,16 +224,28 @@ class NoiseSearch:
 
     def _round(self, st: _State, cond: Cond, prepared: PreparedPrompts) -> None:
         """One CEM round on ``st``, in place; reads the round number from ``st.round`` and the
-        prompts only through ``cond``'s and ``prepared``'s tensors (graph-safe rewards)."""
-        cfg = self.config
-        b, k = st.mean.shape[0], cfg.k
-        s = tuple(st.mean.shape[1:])
-        z = sample_perturb(
+        prompts only through ``cond``'s and ``prepared``'s tensors (graph-safe rewards). The
+        stages are the methods below (``bench search`` times them one by one)."""
+        z = self._sample(st)
+        x0 = self._x0(st, z, self._forward(st, z, cond))
+        r = self._score(st, self._decode(x0), prepared)
+        self._select_update(st, r)
+
+    def _sample(self, st: _State) -> torch.Tensor:
+        """(B*K, *S) candidates ``z`` of this round (fused sample + perturb, Philox noise)."""
+        b, k = st.mean.shape[0], self.config.k
+        return sample_perturb(
             st.mean, st.mu, st.sigma, st.scale, k=k, seed=st.seed, round=st.round,
             row_offset=st.row_offset, validate=False,
-        ).view(b * k, *s)  # fmt: skip
-        v = self.model.velocity(z, st.t, cond, k=k)
-        x0 = x0_estimate(
+        ).view(b * k, *st.mean.shape[1:])  # fmt: skip
+
+    def _forward(self, st: _State, z: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """(B*K, *S) velocity at the candidates: one batched forward."""
+        return self.model.velocity(z, st.t, cond, k=self.config.k)
+
+    def _x0(self, st: _State, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(B*K, *S) one-step clean estimates, in the decoder's scale."""
+        return x0_estimate(
             z,
             v,
             st.t,
@@ -241,20 +253,29 @@ class NoiseSearch:
             shift=float(getattr(self.model, "shift_factor", 0.0)),
             validate=False,
         )
-        images = (
-            self.model.decode(x0)
-            if cfg.decode_size is None
-            else self.model.decode(x0, size=cfg.decode_size)
-        )
+
+    def _decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """(B*K, 3, H, W) images in [0, 1] (resized to ``decode_size`` when set)."""
+        size = self.config.decode_size
+        return self.model.decode(x0) if size is None else self.model.decode(x0, size=size)
+
+    def _score(self, st: _State, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
+        """(B, K) float32 rewards of the candidates; inf turned into NaN (ranks last)."""
+        b, k = st.mean.shape[0], self.config.k
         r = score_prepared(self.reward, images, prepared)
         if not isinstance(r, torch.Tensor) or r.shape != (b * k,):
             raise ValueError(
                 f"reward: expected a ({b * k},) tensor for {b * k} images, got "
                 f"{tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__}"
             )
-        r = finite_or_nan(r.to(st.mean.device, torch.float32).view(b, k))
+        return finite_or_nan(r.to(st.mean.device, torch.float32).view(b, k))
+
+    def _select_update(self, st: _State, r: torch.Tensor) -> None:
+        """Elites, the best candidate so far, the round's statistics and the CEM update."""
+        cfg = self.config
+        b, s = st.mean.shape[0], tuple(st.mean.shape[1:])
         idx = topk_select(r, cfg.top)
-        common = {"shape": st.mean.shape, "k": k, "seed": st.seed, "round": st.round}
+        common = {"shape": st.mean.shape, "k": cfg.k, "seed": st.seed, "round": st.round}
         common |= {"row_offset": st.row_offset, "per_element": cfg.per_element, "validate": False}
         # The best candidate's noise: the mean of a single "elite" with alpha = 1 is that eps,
         # regenerated from Philox like every elite (no (B, K, D) buffer).
