@@ -252,8 +252,11 @@ def test_two_processes_reproduce_one(tmp_path) -> None:
     wa = load_file(one / "checkpoints" / "step-000001" / "adapter" / "adapter_model.safetensors")
     wb = load_file(two / "checkpoints" / "step-000001" / "adapter" / "adapter_model.safetensors")
     assert wa.keys() == wb.keys()
+    # Adam's first step is lr g / (|g| + eps): where |g| is near eps (1e-8) the order in which
+    # DDP sums the gradient moves that element's step by a fraction of lr; allow lr / 300.
+    lr = load_config(two / "config.yaml").train.lr
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(wa[k], wb[k], atol=lr / 300, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- CLI, configs
