@@ -301,6 +301,9 @@ class RunConfig:
         reward: a reward spec (``tiny``, ``imagereward:1,aesthetic:0.1``, ...).
         reward_args: keyword arguments of the reward loaders (checkpoint paths).
         lora: the adapter trained (None = full fine-tuning of the transformer).
+
+    ``search.seed`` is not used by the trainer: each search is keyed by (seed, step, SDE step)
+    and its rows by the global rollout index.
     """
 
     seed: int = 0

@@ -256,7 +256,10 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ run folder
 
     def _start_run_folder(self) -> None:
-        if (self.out / "metrics.jsonl").exists() and latest_checkpoint(self.out) is not None:
+        metrics = self.out / "metrics.jsonl"
+        if latest_checkpoint(self.out) is not None or (
+            metrics.is_file() and metrics.stat().st_size
+        ):
             raise FileExistsError(
                 f"out: {self.out} already holds a run; resume it with --resume {self.out} "
                 "or choose another folder"
