@@ -6,6 +6,11 @@ elsewhere or when the C++ build fails (``SMARTGRPO_BACKEND=reference|cpp|triton|
 one, see :func:`resolve_backend`; with ``TRITON_INTERPRET=1`` the Triton kernels also run on
 CPU tensors). All noise comes from the one Philox stream defined in
 :mod:`smartgrpo_fast.ops.philox`.
+
+Each op calls a torch operator, ``torch.ops.smartgrpo_fast.<op>`` (with ``<op>_triton``, a
+``triton_op``, for Triton under ``torch.compile``), so ``torch.compile(fullgraph=True)`` traces
+the ops without a graph break; argument validation runs eagerly only. See
+:mod:`smartgrpo_fast.ops._library`.
 """
 
 from smartgrpo_fast.ops._common import BACKEND_ENV, resolve_backend

@@ -8,9 +8,10 @@ hash of the sources, the flags and the torch/Python/platform versions: an edited
 new torch builds anew, an unchanged one is only loaded (a ``built.ok`` stamp marks a complete
 build). Deleting the cache directory forces a rebuild.
 
-The libraries register torch operators ``torch.ops.smartgrpo_fast.*`` (``TORCH_LIBRARY`` in
-``ops_cpu.cpp``; ``bind_cuda.cpp`` adds CUDA kernels to the same ops). Each op writes into
-outputs its caller allocated, so tests can NaN-fill them.
+The libraries register torch operators ``torch.ops.smartgrpo_fast.*_out`` (``TORCH_LIBRARY`` in
+``ops_cpu.cpp``; ``bind_cuda.cpp`` adds CUDA kernels to the same ops; their fake kernels are
+registered from Python once the library is loaded, see :mod:`smartgrpo_fast.ops._library`).
+Each op writes into outputs its caller allocated, so tests can NaN-fill them.
 
 Nothing here runs at import: the first op that resolves the ``cpp`` (or ``cuda``) backend
 builds (tens of seconds, once per machine). A failed build — no compiler, no ninja, a compile
@@ -239,6 +240,10 @@ def cpu_extension() -> Extension:
     """The CPU library, built or loaded on the first call of the process (then cached)."""
     ext = build(cpu_spec())
     report(ext, "the C++ CPU ops", "CPU tensors use the PyTorch reference")
+    if ext.ok:
+        from smartgrpo_fast.ops._library import register_cpp_fakes
+
+        register_cpp_fakes()
     return ext
 
 

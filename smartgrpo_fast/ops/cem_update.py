@@ -40,10 +40,24 @@ from smartgrpo_fast.ops._common import (
     normalize_param,
     resolve_backend,
 )
+from smartgrpo_fast.ops._library import (
+    compiling,
+    define_op,
+    int_arg,
+    int_of,
+    kernel,
+    param_arg,
+    param_of,
+    seed_arg,
+    seed_of,
+    trace_triton,
+)
 from smartgrpo_fast.ops._triton import block_size, tl, triton
 from smartgrpo_fast.ops.philox import normals_reference, seed_args, seed_values, stream_rows
 
 __all__ = ["cem_update", "cem_update_reference"]
+
+_BACKENDS = ("reference", "cpp", "cuda", "triton")
 
 if triton is not None:
     from smartgrpo_fast.ops.philox import (
@@ -292,6 +306,224 @@ def _check_elite_idx(
     return elite_idx, counts
 
 
+def _cem_update(
+    backend: str,
+    p_mu: Param,
+    p_sigma: Param,
+    elite_idx: torch.Tensor,
+    shape: list[int],
+    k: int,
+    seed: int | torch.Tensor,
+    rnd: int | torch.Tensor,
+    row_offset: int | torch.Tensor,
+    alpha: float,
+    min_sigma: float,
+    per_element: bool,
+    counts: torch.Tensor | None,
+    wrap: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (mu_new, sigma_new) of shapes ``shape`` (B, *S) and (B, *S) or (B,) pooled, on
+    ``backend`` (arguments validated by the caller; ``wrap``: launch the Triton kernel through
+    wrap_triton)."""
+    device = elite_idx.device
+    batch = shape[0]
+    numel = math.prod(shape[1:])
+    if backend == "reference":
+        s, r = seed_values(seed, rnd)
+        mu_new, sigma_new = cem_update_reference(
+            p_mu,
+            p_sigma,
+            elite_idx,
+            batch=batch,
+            numel=numel,
+            k=k,
+            seed=s,
+            rnd=r,
+            alpha=alpha,
+            min_sigma=min_sigma,
+            per_element=per_element,
+            row_offset=int(row_offset),
+            counts=counts,
+        )
+        mu_out = alloc(tuple(shape), torch.float32, device)
+        sigma_out = alloc(tuple(shape) if per_element else (batch,), torch.float32, device)
+        mu_out.copy_(mu_new.reshape(mu_out.shape))
+        sigma_out.copy_(sigma_new.reshape(sigma_out.shape))
+        return mu_out, sigma_out
+
+    mu_out = alloc(tuple(shape), torch.float32, device)
+    sigma_out = alloc(tuple(shape) if per_element else (batch,), torch.float32, device)
+    if backend in ("cpp", "cuda"):
+        _cpp.cem_update_out(
+            mu_out,
+            sigma_out,
+            p_mu,
+            p_sigma,
+            elite_idx,
+            k=k,
+            seed=seed,
+            rnd=rnd,
+            alpha=alpha,
+            min_sigma=min_sigma,
+            per_element=per_element,
+            row_offset=row_offset,
+            counts=counts,
+        )
+        return mu_out, sigma_out
+
+    block = block_size(numel, 1024)
+    n_blocks = triton.cdiv(numel, block)
+    # pooled: the kernel writes per-block variance partials, reduced to sigma_out below.
+    # Pointers the kernel does not touch get a dummy that is no output: a traced graph
+    # (wrap_triton) must never see an output passed twice.
+    dummy = torch.empty((1,), dtype=torch.float32, device=device)
+    var_part = dummy if per_element else alloc((batch, n_blocks), torch.float32, device)
+    kernel(_cem_update_kernel, wrap)[(n_blocks * batch,)](
+        mu_out,
+        sigma_out,
+        var_part,
+        p_mu.tensor if p_mu.tensor is not None else dummy,
+        p_sigma.tensor if p_sigma.tensor is not None else dummy,
+        elite_idx,
+        counts if counts is not None else elite_idx,
+        mu_val=p_mu.value,
+        sigma_val=p_sigma.value,
+        alpha=alpha,
+        min_sigma=min_sigma,
+        D=numel,
+        K=k,
+        T=elite_idx.shape[1],
+        n_blocks=n_blocks,
+        stride_mu_b=p_mu.stride_b,
+        stride_mu_e=p_mu.stride_e,
+        stride_sigma_b=p_sigma.stride_b,
+        stride_sigma_e=p_sigma.stride_e,
+        stride_idx_b=elite_idx.stride(0),
+        stride_idx_t=elite_idx.stride(1),
+        stride_counts=counts.stride(0) if counts is not None else 0,
+        MU_MODE=int(p_mu.mode),
+        SIGMA_MODE=int(p_sigma.mode),
+        PER_ELEMENT=per_element,
+        HAS_COUNTS=counts is not None,
+        BLOCK=block,
+        **seed_args(seed, rnd, device, row_offset),
+    )
+    if per_element:
+        return mu_out, sigma_out
+    var_rows = var_part.sum(dim=1) / numel
+    sigma_row = p_sigma.values(batch, 1, device).reshape(-1).expand(batch)
+    floor = torch.tensor(min_sigma, dtype=torch.float32, device=device)
+    sigma_new = torch.maximum((1.0 - alpha) * sigma_row + alpha * var_rows.sqrt(), floor)
+    if counts is not None:
+        sigma_new = torch.where(counts == 0, sigma_row, sigma_new)  # no elite: unchanged
+    sigma_out.copy_(sigma_new)
+    return mu_out, sigma_out
+
+
+def _cem_update_op(
+    mu: torch.Tensor | None,
+    mu_val: float,
+    sigma: torch.Tensor | None,
+    sigma_val: float,
+    elite_idx: torch.Tensor,
+    shape: list[int],
+    k: int,
+    seed_t: torch.Tensor | None,
+    seed_lo: int,
+    seed_hi: int,
+    round_t: torch.Tensor | None,
+    round: int,
+    row_offset_t: torch.Tensor | None,
+    row_offset: int,
+    alpha: float,
+    min_sigma: float,
+    per_element: bool,
+    counts: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``smartgrpo_fast::cem_update`` on the backend :func:`resolve_backend` picks now (see
+    :mod:`smartgrpo_fast.ops._library` for the argument forms)."""
+    return _cem_update(
+        resolve_backend(elite_idx.device),
+        param_of(mu, mu_val),
+        param_of(sigma, sigma_val),
+        elite_idx,
+        shape,
+        k,
+        seed_of(seed_t, seed_lo, seed_hi),
+        int_of(round_t, round),
+        int_of(row_offset_t, row_offset),
+        alpha,
+        min_sigma,
+        per_element,
+        counts,
+    )
+
+
+def _cem_update_fake(
+    mu, mu_val, sigma, sigma_val, elite_idx, shape, k, seed_t, seed_lo, seed_hi, round_t, round,
+    row_offset_t, row_offset, alpha, min_sigma, per_element, counts,
+):  # fmt: skip
+    mu_out = elite_idx.new_empty(shape, dtype=torch.float32)
+    sigma_out = elite_idx.new_empty(shape if per_element else shape[:1], dtype=torch.float32)
+    return mu_out, sigma_out
+
+
+define_op(
+    (
+        "cem_update(Tensor? mu, float mu_val, Tensor? sigma, float sigma_val, "
+        "Tensor elite_idx, SymInt[] shape, SymInt k, "
+        "Tensor? seed_t, SymInt seed_lo, SymInt seed_hi, Tensor? round_t, SymInt round, "
+        "Tensor? row_offset_t, SymInt row_offset, "
+        "float alpha, float min_sigma, bool per_element, Tensor? counts) -> (Tensor, Tensor)"
+    ),
+    _cem_update_op,
+    _cem_update_fake,
+)
+
+
+if triton is not None:
+
+    @torch.library.triton_op("smartgrpo_fast::cem_update_triton", mutates_args=())
+    def _cem_update_triton_op(
+        mu: torch.Tensor | None,
+        mu_val: float,
+        sigma: torch.Tensor | None,
+        sigma_val: float,
+        elite_idx: torch.Tensor,
+        shape: list[int],
+        k: int,
+        seed_t: torch.Tensor | None,
+        seed_lo: int,
+        seed_hi: int,
+        round_t: torch.Tensor | None,
+        round: int,
+        row_offset_t: torch.Tensor | None,
+        row_offset: int,
+        alpha: float,
+        min_sigma: float,
+        per_element: bool,
+        counts: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``smartgrpo_fast::cem_update_triton``: the Triton kernel (what torch.compile traces
+        under the ``triton`` backend)."""
+        return _cem_update(
+            "triton",
+            param_of(mu, mu_val),
+            param_of(sigma, sigma_val),
+            elite_idx,
+            shape,
+            k,
+            seed_of(seed_t, seed_lo, seed_hi),
+            int_of(round_t, round),
+            int_of(row_offset_t, row_offset),
+            alpha,
+            min_sigma,
+            per_element,
+            counts,
+            wrap=True,
+        )
+
+
 def cem_update(
     mu: float | torch.Tensor,
     sigma: float | torch.Tensor,
@@ -340,7 +572,52 @@ def cem_update(
 
     Returns:
         (mu_new, sigma_new): float32 (B, *S) and float32 (B, *S), or (B,) when pooled.
+
+    Calls ``torch.ops.smartgrpo_fast.cem_update`` (under ``torch.compile``, which skips the
+    argument checks, ``cem_update_triton`` when the backend is ``triton``).
     """
+    if not compiling():
+        shape, seed, round, row_offset = _validate(
+            mu, sigma, elite_idx, shape, k, seed, round, alpha, min_sigma, per_element,
+            validate, row_offset, counts,
+        )  # fmt: skip
+    batch, inner = shape[0], tuple(shape[1:])
+    op = torch.ops.smartgrpo_fast.cem_update
+    if compiling() and trace_triton(elite_idx.device, _BACKENDS):
+        op = torch.ops.smartgrpo_fast.cem_update_triton
+    return op(
+        *param_arg(mu, batch, inner),
+        *param_arg(sigma, batch, inner),
+        elite_idx,
+        list(shape),
+        k,
+        *seed_arg(seed),
+        *int_arg(round),
+        *int_arg(row_offset),
+        float(alpha),
+        float(min_sigma),
+        bool(per_element),
+        counts,
+    )
+
+
+def _validate(
+    mu: object,
+    sigma: object,
+    elite_idx: object,
+    shape: object,
+    k: object,
+    seed: object,
+    rnd: object,
+    alpha: object,
+    min_sigma: object,
+    per_element: bool,
+    validate: bool,
+    row_offset: object,
+    counts: object,
+) -> tuple[tuple[int, ...], int | torch.Tensor, int | torch.Tensor, int | torch.Tensor]:
+    """Check cem_update's arguments (see its docstring); the validated shape, seed, round and
+    row offset."""
     shape = check_shape(shape, layout="(B, *S)", min_dims=1)
     batch, inner = shape[0], shape[1:]
     numel = math.prod(inner)
@@ -360,7 +637,7 @@ def cem_update(
         raise ValueError(f"alpha: expected 0 < alpha <= 1, got {alpha}")
     check_finite_values("min_sigma", float(min_sigma), nonnegative=True)
     kw = {"batch": batch, "inner": inner, "device": device, "validate": validate}
-    p_mu = normalize_param("mu", mu, **kw)
+    normalize_param("mu", mu, **kw)
     p_sigma = normalize_param("sigma", sigma, nonnegative=True, **kw)
     if not per_element and p_sigma.mode == Mode.ELEM:
         raise ValueError(
@@ -368,94 +645,6 @@ def cem_update(
             f"float or a 0-d or ({batch},) tensor, got {describe(sigma)}"
         )
     seed = check_seed(seed, device)
-    rnd = check_round(round, device, validate=validate)
+    rnd = check_round(rnd, device, validate=validate)
     row_offset = check_row_offset(row_offset, batch, device, validate=validate)
-    alpha, min_sigma = float(alpha), float(min_sigma)
-
-    backend = resolve_backend(device)
-    mu_out = alloc(shape, torch.float32, device)
-    sigma_out = alloc(shape if per_element else (batch,), torch.float32, device)
-    if backend == "reference":
-        s, r = seed_values(seed, rnd)
-        mu_new, sigma_new = cem_update_reference(
-            p_mu,
-            p_sigma,
-            elite_idx,
-            batch=batch,
-            numel=numel,
-            k=k,
-            seed=s,
-            rnd=r,
-            alpha=alpha,
-            min_sigma=min_sigma,
-            per_element=per_element,
-            row_offset=int(row_offset),
-            counts=counts,
-        )
-        mu_out.copy_(mu_new.reshape(shape))
-        sigma_out.copy_(sigma_new.reshape(sigma_out.shape))
-        return mu_out, sigma_out
-
-    if backend in ("cpp", "cuda"):
-        _cpp.cem_update_out(
-            mu_out,
-            sigma_out,
-            p_mu,
-            p_sigma,
-            elite_idx,
-            k=k,
-            seed=seed,
-            rnd=rnd,
-            alpha=alpha,
-            min_sigma=min_sigma,
-            per_element=per_element,
-            row_offset=row_offset,
-            counts=counts,
-        )
-        return mu_out, sigma_out
-
-    block = block_size(numel, 1024)
-    n_blocks = triton.cdiv(numel, block)
-    # pooled: the kernel writes per-block variance partials, reduced to sigma_out below
-    var_part = mu_out if per_element else alloc((batch, n_blocks), torch.float32, device)
-    dummy = mu_out
-    _cem_update_kernel[(n_blocks * batch,)](
-        mu_out,
-        sigma_out if per_element else mu_out,
-        var_part,
-        p_mu.tensor if p_mu.tensor is not None else dummy,
-        p_sigma.tensor if p_sigma.tensor is not None else dummy,
-        elite_idx,
-        counts if counts is not None else elite_idx,
-        mu_val=p_mu.value,
-        sigma_val=p_sigma.value,
-        alpha=alpha,
-        min_sigma=min_sigma,
-        D=numel,
-        K=k,
-        T=elite_idx.shape[1],
-        n_blocks=n_blocks,
-        stride_mu_b=p_mu.stride_b,
-        stride_mu_e=p_mu.stride_e,
-        stride_sigma_b=p_sigma.stride_b,
-        stride_sigma_e=p_sigma.stride_e,
-        stride_idx_b=elite_idx.stride(0),
-        stride_idx_t=elite_idx.stride(1),
-        stride_counts=counts.stride(0) if counts is not None else 0,
-        MU_MODE=int(p_mu.mode),
-        SIGMA_MODE=int(p_sigma.mode),
-        PER_ELEMENT=per_element,
-        HAS_COUNTS=counts is not None,
-        BLOCK=block,
-        **seed_args(seed, rnd, device, row_offset),
-    )
-    if per_element:
-        return mu_out, sigma_out
-    var_rows = var_part.sum(dim=1) / numel
-    sigma_row = p_sigma.values(batch, 1, device).reshape(-1).expand(batch)
-    floor = torch.tensor(min_sigma, dtype=torch.float32, device=device)
-    sigma_new = torch.maximum((1.0 - alpha) * sigma_row + alpha * var_rows.sqrt(), floor)
-    if counts is not None:
-        sigma_new = torch.where(counts == 0, sigma_row, sigma_new)  # no elite: unchanged
-    sigma_out.copy_(sigma_new)
-    return mu_out, sigma_out
+    return shape, seed, rnd, row_offset

@@ -52,6 +52,16 @@ from smartgrpo_fast.ops._common import (
     resolve_backend,
     seed_words,
 )
+from smartgrpo_fast.ops._library import (
+    compiling,
+    define_op,
+    int_arg,
+    int_of,
+    kernel,
+    seed_arg,
+    seed_of,
+    trace_triton,
+)
 from smartgrpo_fast.ops._triton import block_size, interpret_block_cap, interpreting, tl, triton
 
 __all__ = [
@@ -70,6 +80,7 @@ PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
 PHILOX_W1 = 0xBB67AE85
 _MASK32 = 0xFFFFFFFF
+_BACKENDS = ("reference", "cpp", "cuda", "triton")
 #: 2 pi rounded to float32, the exact constant every backend multiplies by.
 TWO_PI_F32 = 6.2831854820251465
 #: 2**-24: the uniform step.
@@ -323,6 +334,99 @@ def stream_rows(batch: int, row_offset: int | torch.Tensor, device: torch.device
     return torch.arange(batch, dtype=torch.int64, device=device) + int(row_offset)
 
 
+def _philox_normal(
+    backend: str,
+    shape: list[int],
+    seed: int | torch.Tensor,
+    rnd: int | torch.Tensor,
+    row_offset: int | torch.Tensor,
+    device: torch.device,
+    wrap: bool = False,
+) -> torch.Tensor:
+    """float32 ``shape`` (B, k, *S) normals on ``backend`` (arguments validated by the caller;
+    ``wrap``: launch the Triton kernel through wrap_triton)."""
+    batch, k = shape[0], shape[1]
+    numel = math.prod(shape[2:])
+    if backend == "reference":
+        s, r = seed_values(seed, rnd)
+        rows = stream_rows(batch, row_offset, device).view(batch, 1)
+        cands = torch.arange(k, device=device).view(1, k)
+        out = alloc(tuple(shape), torch.float32, device)
+        out.copy_(normals_reference(s, r, rows, cands, numel).reshape(shape))
+        return out  # contiguous, like the fake kernel says
+    out = alloc(tuple(shape), torch.float32, device)
+    if backend in ("cpp", "cuda"):
+        _cpp.philox_normal_out(out, seed, rnd, row_offset)
+        return out
+    block = noise_block_size(numel)
+    n_blocks = triton.cdiv(numel, block)
+    kernel(_philox_normal_kernel, wrap)[(n_blocks * batch * k,)](
+        out,
+        D=numel,
+        K=k,
+        n_blocks=n_blocks,
+        BLOCK=block,
+        **seed_args(seed, rnd, device, row_offset),
+    )
+    return out
+
+
+def _philox_normal_op(
+    shape: list[int],
+    seed_t: torch.Tensor | None,
+    seed_lo: int,
+    seed_hi: int,
+    round_t: torch.Tensor | None,
+    round: int,
+    row_offset_t: torch.Tensor | None,
+    row_offset: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """``smartgrpo_fast::philox_normal`` on the backend :func:`resolve_backend` picks now (see
+    :mod:`smartgrpo_fast.ops._library` for the argument forms)."""
+    seed = seed_of(seed_t, seed_lo, seed_hi)
+    rnd, offset = int_of(round_t, round), int_of(row_offset_t, row_offset)
+    return _philox_normal(resolve_backend(device), shape, seed, rnd, offset, device)
+
+
+def _philox_normal_fake(
+    shape, seed_t, seed_lo, seed_hi, round_t, round, row_offset_t, row_offset, device
+):
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+define_op(
+    (
+        "philox_normal(SymInt[] shape, "
+        "Tensor? seed_t, SymInt seed_lo, SymInt seed_hi, Tensor? round_t, SymInt round, "
+        "Tensor? row_offset_t, SymInt row_offset, Device device) -> Tensor"
+    ),
+    _philox_normal_op,
+    _philox_normal_fake,
+)
+
+
+if triton is not None:
+
+    @torch.library.triton_op("smartgrpo_fast::philox_normal_triton", mutates_args=())
+    def _philox_normal_triton_op(
+        shape: list[int],
+        seed_t: torch.Tensor | None,
+        seed_lo: int,
+        seed_hi: int,
+        round_t: torch.Tensor | None,
+        round: int,
+        row_offset_t: torch.Tensor | None,
+        row_offset: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """``smartgrpo_fast::philox_normal_triton``: the Triton kernel (what torch.compile
+        traces under the ``triton`` backend)."""
+        seed = seed_of(seed_t, seed_lo, seed_hi)
+        rnd, offset = int_of(round_t, round), int_of(row_offset_t, row_offset)
+        return _philox_normal("triton", shape, seed, rnd, offset, device, wrap=True)
+
+
 def philox_normal(
     shape: Sequence[int] | torch.Size,
     *,
@@ -346,38 +450,25 @@ def philox_normal(
     Returns:
         float32 tensor of ``shape``; ``n[b, j]`` is the noise of row ``b + row_offset``,
         candidate j.
+
+    Calls ``torch.ops.smartgrpo_fast.philox_normal`` (under ``torch.compile``, which skips the
+    argument checks, ``philox_normal_triton`` when the backend is ``triton``).
     """
-    shape = check_shape(shape, layout="(B, k, *S)", min_dims=2)
     if device is None:
         device = seed.device if isinstance(seed, torch.Tensor) else torch.device("cpu")
     device = torch.device(device)
-    seed = check_seed(seed, device)
-    rnd = check_round(round, device)
-    batch, k = shape[0], shape[1]
-    numel = math.prod(shape[2:])
-    check_stream_limits(batch, k, numel)
-    row_offset = check_row_offset(row_offset, batch, device)
-    backend = resolve_backend(device)
-    if backend == "reference":
-        s, r = seed_values(seed, rnd)
-        rows = stream_rows(batch, row_offset, device).view(batch, 1)
-        cands = torch.arange(k, device=device).view(1, k)
-        return normals_reference(s, r, rows, cands, numel).reshape(shape)
-    out = alloc(shape, torch.float32, device)
-    if backend in ("cpp", "cuda"):
-        _cpp.philox_normal_out(out, seed, rnd, row_offset)
-        return out
-    block = noise_block_size(numel)
-    n_blocks = triton.cdiv(numel, block)
-    _philox_normal_kernel[(n_blocks * batch * k,)](
-        out,
-        D=numel,
-        K=k,
-        n_blocks=n_blocks,
-        BLOCK=block,
-        **seed_args(seed, rnd, device, row_offset),
-    )
-    return out
+    if not compiling():
+        shape = check_shape(shape, layout="(B, k, *S)", min_dims=2)
+        seed = check_seed(seed, device)
+        rnd = check_round(round, device)
+        check_stream_limits(shape[0], shape[1], math.prod(shape[2:]))
+        row_offset = check_row_offset(row_offset, shape[0], device)
+    else:
+        rnd = round
+    op = torch.ops.smartgrpo_fast.philox_normal
+    if compiling() and trace_triton(device, _BACKENDS):
+        op = torch.ops.smartgrpo_fast.philox_normal_triton
+    return op(list(shape), *seed_arg(seed), *int_arg(rnd), *int_arg(row_offset), device)
 
 
 def philox_bits(counters: torch.Tensor, k0: int, k1: int) -> torch.Tensor:

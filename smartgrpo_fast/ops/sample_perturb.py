@@ -27,6 +27,18 @@ from smartgrpo_fast.ops._common import (
     resolve_backend,
     rows_view,
 )
+from smartgrpo_fast.ops._library import (
+    compiling,
+    define_op,
+    int_arg,
+    int_of,
+    kernel,
+    param_arg,
+    param_of,
+    seed_arg,
+    seed_of,
+    trace_triton,
+)
 from smartgrpo_fast.ops._triton import tl, triton
 from smartgrpo_fast.ops.philox import (
     noise_block_size,
@@ -37,6 +49,8 @@ from smartgrpo_fast.ops.philox import (
 )
 
 __all__ = ["sample_perturb", "sample_perturb_reference"]
+
+_BACKENDS = ("reference", "cpp", "cuda", "triton")
 
 if triton is not None:
     from smartgrpo_fast.ops.philox import (
@@ -175,6 +189,158 @@ def _ptr(p: Param, fallback: torch.Tensor) -> torch.Tensor:
     return p.tensor if p.tensor is not None else fallback
 
 
+def _sample_perturb(
+    backend: str,
+    mean: torch.Tensor,
+    p_mu: Param,
+    p_sigma: Param,
+    p_scale: Param,
+    k: int,
+    seed: int | torch.Tensor,
+    rnd: int | torch.Tensor,
+    row_offset: int | torch.Tensor,
+    wrap: bool = False,
+) -> torch.Tensor:
+    """(B, k, *S) candidates of ``mean`` (B, *S) on ``backend`` (arguments validated by the
+    caller; ``wrap``: launch the Triton kernel through wrap_triton)."""
+    device = mean.device
+    batch, inner = mean.shape[0], tuple(mean.shape[1:])
+    numel = math.prod(inner)
+    mean2, stride_mean_b, stride_mean_e = rows_view("mean", mean, batch, numel)
+    if backend == "reference":
+        s, r = seed_values(seed, rnd)
+        z = sample_perturb_reference(
+            mean2, p_mu, p_sigma, p_scale, k=k, seed=s, rnd=r, row_offset=row_offset
+        )
+        out = alloc((batch, k, *inner), mean.dtype, device)
+        out.copy_(z.reshape(out.shape))
+        return out
+
+    out = alloc((batch, k, *inner), mean.dtype, device)
+    if backend in ("cpp", "cuda"):
+        _cpp.sample_perturb_out(out, mean2, p_mu, p_sigma, p_scale, seed, rnd, row_offset)
+        return out
+    block = noise_block_size(numel)
+    n_blocks = triton.cdiv(numel, block)
+    cands = _candidates_per_program(n_blocks * batch, k)
+    n_chunks = triton.cdiv(k, cands)
+    kernel(_sample_perturb_kernel, wrap)[(n_blocks * n_chunks * batch,)](
+        out,
+        mean2,
+        _ptr(p_mu, mean2),
+        _ptr(p_sigma, mean2),
+        _ptr(p_scale, mean2),
+        mu_val=p_mu.value,
+        sigma_val=p_sigma.value,
+        scale_val=p_scale.value,
+        D=numel,
+        K=k,
+        n_blocks=n_blocks,
+        n_chunks=n_chunks,
+        cands_per_prog=cands,
+        stride_mean_b=stride_mean_b,
+        stride_mean_e=stride_mean_e,
+        stride_mu_b=p_mu.stride_b,
+        stride_mu_e=p_mu.stride_e,
+        stride_sigma_b=p_sigma.stride_b,
+        stride_sigma_e=p_sigma.stride_e,
+        stride_scale_b=p_scale.stride_b,
+        MU_MODE=int(p_mu.mode),
+        SIGMA_MODE=int(p_sigma.mode),
+        SCALE_MODE=int(p_scale.mode),
+        BLOCK=block,
+        **seed_args(seed, rnd, device, row_offset),
+    )
+    return out
+
+
+def _sample_perturb_op(
+    mean: torch.Tensor,
+    mu: torch.Tensor | None,
+    mu_val: float,
+    sigma: torch.Tensor | None,
+    sigma_val: float,
+    scale: torch.Tensor | None,
+    scale_val: float,
+    k: int,
+    seed_t: torch.Tensor | None,
+    seed_lo: int,
+    seed_hi: int,
+    round_t: torch.Tensor | None,
+    round: int,
+    row_offset_t: torch.Tensor | None,
+    row_offset: int,
+) -> torch.Tensor:
+    """``smartgrpo_fast::sample_perturb`` on the backend :func:`resolve_backend` picks now (see
+    :mod:`smartgrpo_fast.ops._library` for the argument forms)."""
+    return _sample_perturb(
+        resolve_backend(mean.device),
+        mean,
+        param_of(mu, mu_val),
+        param_of(sigma, sigma_val),
+        param_of(scale, scale_val),
+        k,
+        seed_of(seed_t, seed_lo, seed_hi),
+        int_of(round_t, round),
+        int_of(row_offset_t, row_offset),
+    )
+
+
+def _sample_perturb_fake(
+    mean, mu, mu_val, sigma, sigma_val, scale, scale_val, k, seed_t, seed_lo, seed_hi, round_t,
+    round, row_offset_t, row_offset,
+):  # fmt: skip
+    return mean.new_empty((mean.shape[0], k, *mean.shape[1:]))
+
+
+define_op(
+    (
+        "sample_perturb(Tensor mean, Tensor? mu, float mu_val, Tensor? sigma, float sigma_val, "
+        "Tensor? scale, float scale_val, SymInt k, "
+        "Tensor? seed_t, SymInt seed_lo, SymInt seed_hi, Tensor? round_t, SymInt round, "
+        "Tensor? row_offset_t, SymInt row_offset) -> Tensor"
+    ),
+    _sample_perturb_op,
+    _sample_perturb_fake,
+)
+
+
+if triton is not None:
+
+    @torch.library.triton_op("smartgrpo_fast::sample_perturb_triton", mutates_args=())
+    def _sample_perturb_triton_op(
+        mean: torch.Tensor,
+        mu: torch.Tensor | None,
+        mu_val: float,
+        sigma: torch.Tensor | None,
+        sigma_val: float,
+        scale: torch.Tensor | None,
+        scale_val: float,
+        k: int,
+        seed_t: torch.Tensor | None,
+        seed_lo: int,
+        seed_hi: int,
+        round_t: torch.Tensor | None,
+        round: int,
+        row_offset_t: torch.Tensor | None,
+        row_offset: int,
+    ) -> torch.Tensor:
+        """``smartgrpo_fast::sample_perturb_triton``: the Triton kernel (what torch.compile
+        traces under the ``triton`` backend)."""
+        return _sample_perturb(
+            "triton",
+            mean,
+            param_of(mu, mu_val),
+            param_of(sigma, sigma_val),
+            param_of(scale, scale_val),
+            k,
+            seed_of(seed_t, seed_lo, seed_hi),
+            int_of(round_t, round),
+            int_of(row_offset_t, row_offset),
+            wrap=True,
+        )
+
+
 def sample_perturb(
     mean: torch.Tensor,
     mu: float | torch.Tensor,
@@ -210,7 +376,43 @@ def sample_perturb(
     Returns:
         z: (B, k, *S) in mean's dtype, computed in float32. ``n`` is
         ``philox_normal((B, k, *S), seed=seed, round=round, row_offset=row_offset)``.
+
+    Calls ``torch.ops.smartgrpo_fast.sample_perturb`` (under ``torch.compile``, which skips the
+    argument checks, ``sample_perturb_triton`` when the backend is ``triton``).
     """
+    if not compiling():
+        seed, round, row_offset = _validate(
+            mean, mu, sigma, scale, k, seed, round, row_offset, validate
+        )
+    batch, inner = mean.shape[0], tuple(mean.shape[1:])
+    op = torch.ops.smartgrpo_fast.sample_perturb
+    if compiling() and trace_triton(mean.device, _BACKENDS):
+        op = torch.ops.smartgrpo_fast.sample_perturb_triton
+    return op(
+        mean,
+        *param_arg(mu, batch, inner),
+        *param_arg(sigma, batch, inner),
+        *param_arg(scale, batch, (1,)),
+        k,
+        *seed_arg(seed),
+        *int_arg(round),
+        *int_arg(row_offset),
+    )
+
+
+def _validate(
+    mean: object,
+    mu: object,
+    sigma: object,
+    scale: object,
+    k: object,
+    seed: object,
+    rnd: object,
+    row_offset: object,
+    validate: bool,
+) -> tuple[int | torch.Tensor, int | torch.Tensor, int | torch.Tensor]:
+    """Check sample_perturb's arguments (see its docstring); the validated seed, round and
+    row offset."""
     check_float_tensor("mean", mean, min_dim=1)
     device = mean.device
     if isinstance(k, bool) or not isinstance(k, int):
@@ -226,57 +428,10 @@ def sample_perturb(
         )
     check_stream_limits(batch, k, numel)
     kw = {"batch": batch, "inner": inner, "device": device, "validate": validate}
-    p_mu = normalize_param("mu", mu, **kw)
-    p_sigma = normalize_param("sigma", sigma, nonnegative=True, **kw)
-    p_scale = normalize_param("scale", scale, allow_elem=False, **kw)
+    normalize_param("mu", mu, **kw)
+    normalize_param("sigma", sigma, nonnegative=True, **kw)
+    normalize_param("scale", scale, allow_elem=False, **kw)
     seed = check_seed(seed, device)
-    rnd = check_round(round, device, validate=validate)
+    rnd = check_round(rnd, device, validate=validate)
     row_offset = check_row_offset(row_offset, batch, device, validate=validate)
-    mean2, stride_mean_b, stride_mean_e = rows_view("mean", mean, batch, numel)
-
-    backend = resolve_backend(device)
-    if backend == "reference":
-        s, r = seed_values(seed, rnd)
-        z = sample_perturb_reference(
-            mean2, p_mu, p_sigma, p_scale, k=k, seed=s, rnd=r, row_offset=row_offset
-        )
-        out = alloc((batch, k, *inner), mean.dtype, device)
-        out.copy_(z.reshape(out.shape))
-        return out
-
-    out = alloc((batch, k, *inner), mean.dtype, device)
-    if backend in ("cpp", "cuda"):
-        _cpp.sample_perturb_out(out, mean2, p_mu, p_sigma, p_scale, seed, rnd, row_offset)
-        return out
-    block = noise_block_size(numel)
-    n_blocks = triton.cdiv(numel, block)
-    cands = _candidates_per_program(n_blocks * batch, k)
-    n_chunks = triton.cdiv(k, cands)
-    _sample_perturb_kernel[(n_blocks * n_chunks * batch,)](
-        out,
-        mean2,
-        _ptr(p_mu, mean2),
-        _ptr(p_sigma, mean2),
-        _ptr(p_scale, mean2),
-        mu_val=p_mu.value,
-        sigma_val=p_sigma.value,
-        scale_val=p_scale.value,
-        D=numel,
-        K=k,
-        n_blocks=n_blocks,
-        n_chunks=n_chunks,
-        cands_per_prog=cands,
-        stride_mean_b=stride_mean_b,
-        stride_mean_e=stride_mean_e,
-        stride_mu_b=p_mu.stride_b,
-        stride_mu_e=p_mu.stride_e,
-        stride_sigma_b=p_sigma.stride_b,
-        stride_sigma_e=p_sigma.stride_e,
-        stride_scale_b=p_scale.stride_b,
-        MU_MODE=int(p_mu.mode),
-        SIGMA_MODE=int(p_sigma.mode),
-        SCALE_MODE=int(p_scale.mode),
-        BLOCK=block,
-        **seed_args(seed, rnd, device, row_offset),
-    )
-    return out
+    return seed, rnd, row_offset

@@ -22,11 +22,13 @@ from smartgrpo_fast.ops._common import (
     describe,
     op_backend,
 )
+from smartgrpo_fast.ops._library import compiling, define_op, kernel, trace_triton
 from smartgrpo_fast.ops._triton import next_power_of_2, tl, triton
 
 __all__ = ["topk_select", "topk_select_reference"]
 
 _MAX_K = 2**20
+_BACKENDS = ("reference", "triton")
 
 if triton is not None:
     _INT32_MIN = tl.constexpr(-(2**31))
@@ -64,6 +66,55 @@ def topk_select_reference(rewards: torch.Tensor, t: int) -> torch.Tensor:
     return order[:, :t].contiguous()
 
 
+def _topk_select(backend: str, rewards: torch.Tensor, t: int, wrap: bool = False) -> torch.Tensor:
+    """(B, t) int64 indices of the best of (B, K) ``rewards`` on ``backend`` (arguments
+    validated by the caller; ``wrap``: launch the Triton kernel through wrap_triton); float64
+    rewards always run the reference."""
+    batch, k = rewards.shape
+    out = alloc((batch, t), torch.int64, rewards.device)
+    if backend == "reference" or rewards.dtype == torch.float64:
+        out.copy_(topk_select_reference(rewards, t))
+        return out
+    block_k = max(16, next_power_of_2(k))
+    kernel(_topk_select_kernel, wrap)[(batch,)](
+        out,
+        rewards,
+        k,
+        t,
+        rewards.stride(0),
+        rewards.stride(1),
+        BLOCK_K=block_k,
+        num_warps=4 if block_k <= 2048 else 8,
+    )
+    return out
+
+
+def _topk_select_op(rewards: torch.Tensor, t: int) -> torch.Tensor:
+    """``smartgrpo_fast::topk_select`` on the backend picked now (arguments validated by the
+    caller)."""
+    return _topk_select(op_backend(rewards.device, _BACKENDS), rewards, t)
+
+
+def _topk_select_fake(rewards, t):
+    return rewards.new_empty((rewards.shape[0], t), dtype=torch.int64)
+
+
+define_op(
+    "topk_select(Tensor rewards, SymInt t) -> Tensor",
+    _topk_select_op,
+    _topk_select_fake,
+)
+
+
+if triton is not None:
+
+    @torch.library.triton_op("smartgrpo_fast::topk_select_triton", mutates_args=())
+    def _topk_select_triton_op(rewards: torch.Tensor, t: int) -> torch.Tensor:
+        """``smartgrpo_fast::topk_select_triton``: the Triton kernel (what torch.compile traces
+        under the ``triton`` backend, float64 rewards excepted)."""
+        return _topk_select("triton", rewards, t, wrap=True)
+
+
 def topk_select(rewards: torch.Tensor, t: int) -> torch.Tensor:
     """Indices of the ``t`` best candidates of each row.
 
@@ -74,7 +125,20 @@ def topk_select(rewards: torch.Tensor, t: int) -> torch.Tensor:
 
     Returns:
         (B, t) int64 indices into K, best first; ties go to the lower index.
+
+    Calls ``torch.ops.smartgrpo_fast.topk_select`` (under ``torch.compile``, which skips the
+    argument checks, ``topk_select_triton`` when the backend is ``triton``).
     """
+    if not compiling():
+        _validate(rewards, t)
+    op = torch.ops.smartgrpo_fast.topk_select
+    if compiling() and rewards.dtype != torch.float64 and trace_triton(rewards.device, _BACKENDS):
+        op = torch.ops.smartgrpo_fast.topk_select_triton
+    return op(rewards, t)
+
+
+def _validate(rewards: object, t: object) -> None:
+    """Check topk_select's arguments (see its docstring)."""
     check_float_tensor("rewards", rewards, dtypes=(*FLOAT_DTYPES, torch.float64))
     if rewards.dim() != 2:
         raise ValueError(f"rewards: expected a (B, K) tensor, got {describe(rewards)}")
@@ -87,22 +151,3 @@ def topk_select(rewards: torch.Tensor, t: int) -> torch.Tensor:
         raise ValueError(f"t: expected 1 <= t <= K = {k}, got {t}")
     if k > _MAX_K:
         raise ValueError(f"rewards: expected K <= {_MAX_K} candidates per row, got {k}")
-
-    backend = op_backend(rewards.device, ("reference", "triton"))
-    if backend == "reference" or rewards.dtype == torch.float64:
-        out = alloc((batch, t), torch.int64, rewards.device)
-        out.copy_(topk_select_reference(rewards, t))
-        return out
-    out = alloc((batch, t), torch.int64, rewards.device)
-    block_k = max(16, next_power_of_2(k))
-    _topk_select_kernel[(batch,)](
-        out,
-        rewards,
-        k,
-        t,
-        rewards.stride(0),
-        rewards.stride(1),
-        BLOCK_K=block_k,
-        num_warps=4 if block_k <= 2048 else 8,
-    )
-    return out

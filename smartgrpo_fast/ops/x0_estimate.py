@@ -2,8 +2,10 @@
 
 ``x0 = (z - t * v) / scaling + shift``: the flow-matching estimate ``z - t v`` fused with the
 VAE un-scaling that diffusers applies before decoding (SD3: ``latents / scaling_factor +
-shift_factor``). Differentiable in z, v and a tensor t. The forward also exists in C++ for
-CPU tensors (backend ``cpp``); under ``cuda`` the Triton kernel runs (no CUDA C++ version).
+shift_factor``). Differentiable in z, v and a tensor t on every backend (the backward of the
+custom operator ``smartgrpo_fast::x0_estimate`` is elementwise PyTorch). The forward also
+exists in C++ for CPU tensors (backend ``cpp``); under ``cuda`` the Triton kernel runs (no
+CUDA C++ version).
 """
 
 from __future__ import annotations
@@ -23,9 +25,20 @@ from smartgrpo_fast.ops._common import (
     op_backend,
     rows_view,
 )
+from smartgrpo_fast.ops._library import (
+    LIB,
+    compiling,
+    define_op,
+    kernel,
+    param_arg,
+    param_of,
+    trace_triton,
+)
 from smartgrpo_fast.ops._triton import block_size, tl, triton
 
 __all__ = ["x0_estimate", "x0_estimate_reference"]
+
+_BACKENDS = ("reference", "triton", "cpp")
 
 if triton is not None:
 
@@ -79,11 +92,12 @@ def _launch_triton(
     scaling: float,
     shift: float,
     out: torch.Tensor,
+    wrap: bool = False,
 ) -> None:
     rows, numel = z2.shape
     block = block_size(numel, 2048)
     n_blocks = triton.cdiv(numel, block)
-    _x0_estimate_kernel[(n_blocks * rows,)](
+    kernel(_x0_estimate_kernel, wrap)[(n_blocks * rows,)](
         out,
         z2,
         v2,
@@ -104,48 +118,104 @@ def _launch_triton(
     )
 
 
-def _launch(
+def _x0_estimate(
     backend: str,
-    z2: torch.Tensor,
-    v2: torch.Tensor,
+    z: torch.Tensor,
+    v: torch.Tensor,
     t: Param,
     scaling: float,
     shift: float,
-    out: torch.Tensor,
-) -> None:
-    """Fill ``out`` (N, D) from the (N, D) views z2, v2 on ``backend`` (``triton`` or ``cpp``)."""
+    wrap: bool = False,
+) -> torch.Tensor:
+    """(N, *S) x0 of ``z``, ``v`` (N, *S) in their promoted dtype on ``backend`` (arguments
+    validated by the caller; ``wrap``: launch the Triton kernel through wrap_triton)."""
+    rows, inner = z.shape[0], tuple(z.shape[1:])
+    numel = math.prod(inner)
+    z2, _, _ = rows_view("z", z, rows, numel)
+    v2, _, _ = rows_view("v", v, rows, numel)
+    out = alloc(tuple(z.shape), torch.promote_types(z.dtype, v.dtype), z.device)
+    if backend == "reference" or rows * numel == 0:
+        # copied into the contiguous output, whatever layout the strided math produced
+        out.copy_(x0_estimate_reference(z2, v2, t, scaling, shift).reshape(z.shape))
+        return out
     if backend == "cpp":
         _cpp.x0_estimate_out(out, z2, v2, t, scaling, shift)
     else:
-        _launch_triton(z2, v2, t, scaling, shift, out)
+        _launch_triton(z2, v2, t, scaling, shift, out, wrap)
+    return out
 
 
-class _X0Estimate(torch.autograd.Function):
-    """Triton or C++ forward; the backward is elementwise: dz = g/s, dv = -t g/s,
-    dt = -sum(v g)/s."""
+def _x0_estimate_op(
+    z: torch.Tensor,
+    v: torch.Tensor,
+    t: torch.Tensor | None,
+    t_val: float,
+    scaling: float,
+    shift: float,
+) -> torch.Tensor:
+    """``smartgrpo_fast::x0_estimate``: (N, *S) ``(z - t v) / scaling + shift`` in the promoted
+    dtype of z and v, with ``t`` an (N,) tensor or None and ``t_val``, on the backend picked now
+    (arguments validated by the caller). Differentiable in z, v and t."""
+    backend = op_backend(z.device, _BACKENDS)
+    return _x0_estimate(backend, z, v, param_of(t, t_val), scaling, shift)
 
-    @staticmethod
-    def forward(ctx, z2, v2, t_tensor, t, scaling, shift, out_dtype, backend):  # type: ignore[override]
-        out = alloc(tuple(z2.shape), out_dtype, z2.device)
-        _launch(backend, z2, v2, t, scaling, shift, out)
-        ctx.save_for_backward(v2, t_tensor)
-        ctx.t, ctx.scaling = t, scaling
-        ctx.dtypes = (z2.dtype, v2.dtype)
-        return out
 
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        v2, t_tensor = ctx.saved_tensors
-        t, scaling = ctx.t, ctx.scaling
-        gf = g.float() / scaling
-        tt = t.values(g.shape[0], 1, g.device)
-        grad_z = gf.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        grad_v = (-tt * gf).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        grad_t = None
-        if ctx.needs_input_grad[2]:
-            per_row = -(v2.float() * gf).sum(dim=1)
-            grad_t = (per_row.sum() if t_tensor.dim() == 0 else per_row).to(t_tensor.dtype)
-        return grad_z, grad_v, grad_t, None, None, None, None, None
+def _x0_estimate_fake(z, v, t, t_val, scaling, shift):
+    return z.new_empty(z.shape, dtype=torch.promote_types(z.dtype, v.dtype))
+
+
+define_op(
+    (
+        "x0_estimate(Tensor z, Tensor v, Tensor? t, float t_val, float scaling, float shift) "
+        "-> Tensor"
+    ),
+    _x0_estimate_op,
+    _x0_estimate_fake,
+)
+
+
+def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    z, v, t, t_val, scaling, _shift = inputs
+    ctx.save_for_backward(v, t)
+    ctx.t_val, ctx.scaling = t_val, scaling
+    ctx.dtypes = (z.dtype, v.dtype)
+
+
+def _backward(ctx, g):  # type: ignore[no-untyped-def]
+    """Elementwise: dz = g/s, dv = -t g/s, dt = -sum(v g)/s per row (float32 math)."""
+    v, t = ctx.saved_tensors
+    rows = g.shape[0]
+    numel = math.prod(g.shape[1:])
+    gf = g.reshape(rows, numel).float() / ctx.scaling
+    tt = param_of(t, ctx.t_val).values(rows, 1, g.device)
+    grad_z = gf.to(ctx.dtypes[0]).reshape(g.shape) if ctx.needs_input_grad[0] else None
+    grad_v = (-tt * gf).to(ctx.dtypes[1]).reshape(g.shape) if ctx.needs_input_grad[1] else None
+    grad_t = None
+    if t is not None and ctx.needs_input_grad[2]:
+        grad_t = (-(v.reshape(rows, numel).float() * gf).sum(dim=1)).to(t.dtype)
+    return grad_z, grad_v, grad_t, None, None, None
+
+
+torch.library.register_autograd(
+    "smartgrpo_fast::x0_estimate", _backward, setup_context=_setup_context, lib=LIB
+)
+
+if triton is not None:
+
+    @torch.library.triton_op("smartgrpo_fast::x0_estimate_triton", mutates_args=())
+    def _x0_estimate_triton_op(
+        z: torch.Tensor,
+        v: torch.Tensor,
+        t: torch.Tensor | None,
+        t_val: float,
+        scaling: float,
+        shift: float,
+    ) -> torch.Tensor:
+        """``smartgrpo_fast::x0_estimate_triton``: the Triton kernel (what torch.compile traces
+        under the ``triton`` backend); differentiable like ``x0_estimate``."""
+        return _x0_estimate("triton", z, v, param_of(t, t_val), scaling, shift, wrap=True)
+
+    _x0_estimate_triton_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def x0_estimate(
@@ -169,8 +239,24 @@ def x0_estimate(
             skipped during graph capture).
 
     Returns:
-        x0: (N, *S) in the promoted dtype of z and v, computed in float32.
+        x0: (N, *S) in the promoted dtype of z and v, computed in float32. Differentiable in
+        z, v and a tensor t.
+
+    Calls ``torch.ops.smartgrpo_fast.x0_estimate`` (under ``torch.compile``, which skips the
+    argument checks, ``x0_estimate_triton`` when the backend is ``triton``).
     """
+    if not compiling():
+        _validate(z, v, t, scaling, shift, validate)
+    op = torch.ops.smartgrpo_fast.x0_estimate
+    if compiling() and trace_triton(z.device, _BACKENDS):
+        op = torch.ops.smartgrpo_fast.x0_estimate_triton
+    return op(z, v, *param_arg(t, z.shape[0], (1,)), float(scaling), float(shift))
+
+
+def _validate(
+    z: object, v: object, t: object, scaling: object, shift: object, validate: bool
+) -> None:
+    """Check x0_estimate's arguments (see its docstring)."""
     check_float_tensor("z", z, min_dim=1)
     check_float_tensor("v", v, min_dim=1)
     if v.device != z.device:
@@ -184,30 +270,6 @@ def x0_estimate(
     if scaling == 0:
         raise ValueError("scaling: expected a non-zero number, got 0")
     rows, inner = z.shape[0], tuple(z.shape[1:])
-    numel = math.prod(inner)
-    p_t = normalize_param(
+    normalize_param(
         "t", t, batch=rows, inner=inner, device=z.device, allow_elem=False, validate=validate
     )
-    z2, _, _ = rows_view("z", z, rows, numel)
-    v2, _, _ = rows_view("v", v, rows, numel)
-    out_dtype = torch.promote_types(z.dtype, v.dtype)
-
-    backend = op_backend(z.device, ("reference", "triton", "cpp"))
-    if backend == "reference" or rows * numel == 0:
-        x0 = x0_estimate_reference(z2, v2, p_t, float(scaling), float(shift))
-        return x0.to(out_dtype).reshape(z.shape)
-
-    t_tensor = p_t.tensor if p_t.tensor is not None else torch.zeros((), device=z.device)
-    needs_grad = torch.is_grad_enabled() and (
-        z.requires_grad or v.requires_grad or t_tensor.requires_grad
-    )
-    if needs_grad:
-        if p_t.tensor is not None and isinstance(t, torch.Tensor):
-            t_tensor = t  # the user's tensor, so its grad has its shape
-        out = _X0Estimate.apply(
-            z2, v2, t_tensor, p_t, float(scaling), float(shift), out_dtype, backend
-        )
-    else:
-        out = alloc((rows, numel), out_dtype, z.device)
-        _launch(backend, z2, v2, p_t, float(scaling), float(shift), out)
-    return out.reshape(z.shape)
