@@ -211,7 +211,7 @@ def cem_update_reference(
         var = torch.where(w, (eps - mean.unsqueeze(1)).square(), 0.0).sum(dim=1) / n_used_f
     mu_new = (1.0 - alpha) * mu_r + alpha * mean
     mu_new = mu_new.expand(batch, numel).clone()
-    floor = torch.tensor(min_sigma, dtype=torch.float32, device=device)
+    floor = torch.full((), min_sigma, dtype=torch.float32, device=device)  # no copy: capturable
     if per_element:
         sigma_new = torch.maximum((1.0 - alpha) * sigma_r + alpha * var.sqrt(), floor)
         sigma_new = sigma_new.expand(batch, numel).clone()
@@ -412,7 +412,7 @@ def _cem_update(
         return mu_out, sigma_out
     var_rows = var_part.sum(dim=1) / numel
     sigma_row = p_sigma.values(batch, 1, device).reshape(-1).expand(batch)
-    floor = torch.tensor(min_sigma, dtype=torch.float32, device=device)
+    floor = torch.full((), min_sigma, dtype=torch.float32, device=device)  # no copy: capturable
     sigma_new = torch.maximum((1.0 - alpha) * sigma_row + alpha * var_rows.sqrt(), floor)
     if counts is not None:
         sigma_new = torch.where(counts == 0, sigma_row, sigma_new)  # no elite: unchanged
