@@ -41,8 +41,9 @@ def search_reference(
 
     ``noise="philox"`` reproduces NoiseSearch's noise exactly (rows ``row_offset`` ..
     ``row_offset + B - 1`` of the stream, as ``NoiseSearch.run(row_offset=)``);
-    ``noise="torch"`` draws ``torch.randn`` from ``generator`` (the naive baseline;
-    ``use="sample"`` then draws from it too, and ``row_offset`` is ignored).
+    ``noise="torch"`` draws ``torch.randn`` on ``mean``'s device from ``generator``, which
+    must live on that device (the naive baseline; ``use="sample"`` then draws from it too, and
+    ``row_offset`` is ignored).
     """
     cfg = config or SearchConfig()
     if noise not in ("philox", "torch"):
