@@ -45,7 +45,7 @@ def test_shipped_configs_parse_and_round_trip() -> None:
 def test_tiny_config_values() -> None:
     cfg = load_config("tiny")
     assert cfg.model.name == "tiny" and cfg.reward == "tiny" and cfg.noise == "smart"
-    assert cfg.train.lr == pytest.approx(3e-3)  # written 3.0e-3 in YAML
+    assert cfg.train.lr == pytest.approx(3e-4)  # written 3.0e-4 in YAML
     assert isinstance(cfg.lora, LoraSpec)
 
 
