@@ -99,7 +99,7 @@ def test_groups_keep_their_spread_and_noise_strategies_differ(tmp_path) -> None:
     assert torch.cdist(flat, flat).fill_diagonal_(1.0).min() > 1e-3
     assert not torch.equal(got["random"].next_latents, r.next_latents)
     assert not torch.equal(got["bestof"].next_latents, r.next_latents)
-    # the same initial noise: latents before the first SDE step agree when it is step 0
+    # random noise has no search, so no search gain; a search never keeps a worse candidate
     assert (got["random"].search_gain == 0).all() and (r.search_gain >= 0).all()
 
 
