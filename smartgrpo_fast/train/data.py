@@ -19,6 +19,7 @@ __all__ = [
     "PromptSource",
     "derive_seed",
     "eval_prompts",
+    "jsonl_objects",
     "read_prompt_file",
 ]
 
@@ -47,26 +48,38 @@ def derive_seed(seed: int, *keys: int | str) -> int:
     return h >> 1
 
 
+def jsonl_objects(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, object) of each non-empty line of a JSONL file; ValueError naming the file
+    and line for a line that is not a JSON object (the caller checks that the file exists)."""
+    path = Path(path)
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append((lineno, row))
+    return rows
+
+
 def read_prompt_file(path: str | Path) -> list[str]:
     """Prompts of a text file (one per non-empty line) or a JSONL file (``.jsonl``: one object
     per line with a ``prompt`` string, what Flow-GRPO's prompt sets look like)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: prompt file not found")
-    lines = path.read_text(encoding="utf-8").splitlines()
     prompts: list[str] = []
     if path.suffix == ".jsonl":
-        for no, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{no}: not a JSON object: {exc}") from exc
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+        for no, obj in jsonl_objects(path):
+            if not isinstance(obj.get("prompt"), str):
                 raise ValueError(f"{path}:{no}: expected an object with a 'prompt' string")
             prompts.append(obj["prompt"])
     else:
+        lines = path.read_text(encoding="utf-8").splitlines()
         prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise ValueError(f"{path}: no prompts")

@@ -10,11 +10,12 @@ checkpoint time are not in it).
 from __future__ import annotations
 
 import bisect
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from smartgrpo_fast.train.data import jsonl_objects
 
 __all__ = ["RunCurves", "plot_runs", "read_jsonl", "read_run"]
 
@@ -30,20 +31,11 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
         raise FileNotFoundError(
             f"{path}: not found (a run folder of smartgrpo-fast train holds it)"
         )
-    rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    rows = jsonl_objects(path)
+    for lineno, row in rows:
         step = row.get("step")
         if isinstance(step, bool) or not isinstance(step, int):
             raise ValueError(f"{path}:{lineno}: expected an integer 'step', got {step!r}")
-        rows.append((lineno, row))
     return rows
 
 
