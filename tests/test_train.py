@@ -84,7 +84,9 @@ def test_rollouts_do_not_depend_on_the_batch_size(tmp_path) -> None:
     a, b = outs
     assert a.prompts == b.prompts and a.sde_steps == b.sde_steps
     torch.testing.assert_close(a.next_latents, b.next_latents, atol=1e-5, rtol=0)
-    torch.testing.assert_close(a.rewards, b.rewards, atol=1e-4, rtol=0)
+    # Rewards reach ~30 and sum many float32 terms whose order follows the batch: a relative
+    # tolerance of 2e-5 (CI saw 6.9e-6) on top of 1e-4 absolute.
+    torch.testing.assert_close(a.rewards, b.rewards, atol=1e-4, rtol=2e-5)
 
 
 def test_groups_keep_their_spread_and_noise_strategies_differ(tmp_path) -> None:
