@@ -6,6 +6,7 @@
 # background while the first (eager/graph) velocity benchmark runs.
 #
 #   DEADLINE=540 bash benchmarks/gpu_lease.sh        # then: tar xzf $OUT/gpu_out.tgz
+#   ONLY="gpu_tests search_demo" bash benchmarks/gpu_lease.sh    # just these steps
 #
 # Wheels the GPU image lacks (diffusers, and the peft this code was written against) travel in
 # .whl/ (see the device tool's README); they are installed into /tmp/site when present.
@@ -28,6 +29,9 @@ pack() { tar czf "$OUT/gpu_out.tgz" -C "$W" . 2>/dev/null; }
 step() {
     local name=$1 limit=$2
     shift 2
+    if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then
+        return
+    fi
     local budget=$(($(left) - 10))
     ((budget < limit)) && limit=$budget
     if ((limit < 15)); then
@@ -63,10 +67,13 @@ step train_smart 60 python3 -m smartgrpo_fast bench train --config tiny --steps 
     device=cuda
 step train_random 50 python3 -m smartgrpo_fast bench train --config tiny --steps 3 --out "$W" \
     device=cuda noise=random
+# A real training run on the GPU (its search's CUDA graph must capture: no warning).
+step train_run 60 python3 -m smartgrpo_fast train --config tiny --out "$W/train_run" \
+    device=cuda train.steps=3 eval.every=0
 step velocity_sd35m 70 python3 -m smartgrpo_fast bench velocity --model sd35-medium \
     --dtype bfloat16 --backends eager graph --batches 1 8 16 --out "$W"
-step search_sd35m 70 python3 -m smartgrpo_fast bench search --model sd35-medium --batch 2 \
-    --k 16 --rounds 3 --out "$W"
+step search_sd35m 120 python3 -m smartgrpo_fast bench search --model sd35-medium --batch 2 \
+    --k 16 --rounds 3 --repeats 2 --warmup 1 --out "$W"
 step velocity_tiny_compile 80 python3 -m smartgrpo_fast bench velocity --model tiny \
     --backends eager compile-reduce-overhead --batches 1 16 64 --out "$W/compile"
 step velocity_sd35m_compile 90 python3 -m smartgrpo_fast bench velocity --model sd35-medium \

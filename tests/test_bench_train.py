@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import csv
+import time
 
-from smartgrpo_fast.bench.train import CALLS, STAGES, run_train_bench
+import pytest
+import torch
+
+from smartgrpo_fast.bench.train import CALLS, STAGES, CallTimers, run_train_bench
 from smartgrpo_fast.cli import main
 from smartgrpo_fast.train.config import load_config
 
@@ -27,6 +31,42 @@ def test_rows_split_the_step_into_calls_and_overhead() -> None:
     assert abs(med["overhead"] - (med["time_step"] - calls)) < 1e-9
     assert med["overhead_frac"] == med["overhead"] / med["time_step"]
     assert calls < med["time_step"]
+    # The search is timed as a whole, inside the trainer's own time_search window.
+    assert med["time_search"] / 2 < med["call_search"] <= med["time_search"] + 1e-3
+
+
+def test_a_failed_call_does_not_stop_the_timers(monkeypatch) -> None:
+    """A synchronize that raised after a call (a failed graph capture inside the search, seen
+    on an H200) left the nesting depth up: every later call went uncounted (all call_* 0)."""
+    syncs = []
+
+    def sync(*_: object) -> None:
+        syncs.append(1)
+        if len(syncs) == 2:
+            raise RuntimeError("operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", sync)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    timers = CallTimers(torch.device("cuda", 0))
+    with pytest.raises(RuntimeError, match="during capture"), timers.timed("search"):
+        pass
+    with timers.timed("decode"):
+        time.sleep(0.002)
+    assert timers.seconds["decode"] >= 0.002 and len(syncs) == 4
+
+
+def test_timers_never_synchronise_inside_a_graph_capture(monkeypatch) -> None:
+    def no_sync(*_: object) -> None:
+        raise AssertionError("synchronize during capture")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    timers = CallTimers(torch.device("cuda", 0))
+    with timers.timed("forward"):
+        pass
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with pytest.raises(AssertionError, match="during capture"), timers.timed("forward"):
+        pass
 
 
 def test_cli_writes_csv_and_prints_the_split(tmp_path, capsys) -> None:

@@ -328,3 +328,38 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match=r"TRITON_INTERPRET=1"):
         resolve_backend(torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "current", "same"),
+    [
+        ("cuda", "cuda:0", 0, True),  # a tensor made with device="cuda" is on cuda:0
+        ("cuda:1", "cuda", 1, True),
+        ("cuda", "cuda:0", 1, False),  # "cuda" is the current device, here cuda:1
+        ("cuda:0", "cuda:1", 0, False),
+        ("cpu", "cpu", 0, True),
+        ("cpu", "cuda:0", 0, False),
+        ("cpu", "meta", 0, False),
+    ],
+)
+def test_same_device_resolves_an_index_free_cuda_device(monkeypatch, a, b, current, same) -> None:
+    from smartgrpo_fast.ops import _common
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    assert _common.same_device(torch.device(a), torch.device(b)) is same
+    assert _common.same_device(torch.device(b), torch.device(a)) is same
+
+
+def test_device_check_accepts_the_current_cuda_device_by_either_name(monkeypatch) -> None:
+    """philox_normal(device="cuda", row_offset=<tensor on cuda:0>) raised before (seen on an
+    H200): the check compared torch.device("cuda") with torch.device("cuda", 0)."""
+    from smartgrpo_fast.ops import _common
+
+    class OnCuda0(torch.Tensor):  # a CPU tensor that says it is on cuda:0
+        device = property(lambda self: torch.device("cuda", 0))
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    offset = torch.tensor(3).as_subclass(OnCuda0)
+    _common.check_same_device(torch.device("cuda"), row_offset=offset)
+    with pytest.raises(ValueError, match=r"row_offset: expected a tensor on cuda:1"):
+        _common.check_same_device(torch.device("cuda", 1), row_offset=offset)

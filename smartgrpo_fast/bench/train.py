@@ -1,11 +1,12 @@
 """``bench train``: where the wall time of GRPO steps goes, and the trainer's own overhead.
 
 Runs ``steps`` optimizer steps of a config (eval and checkpoints off) with every model call
-timed (device-synchronised): transformer forwards (rollout, search and training forwards),
-backward passes, decodes and reward calls. Everything else in ``time_step`` is the trainer's
-own overhead: Python, the fused ops, tensor bookkeeping, advantages, the optimizer step. One
-row per step and quantity goes to CSV/JSON (``bench_out/train_*.csv``) through the ops
-benchmark's writers.
+timed (device-synchronised): transformer forwards (rollout and training forwards), backward
+passes, decodes, reward calls, and each noise search as a whole (its own forwards, decodes,
+rewards and fused ops, or its captured CUDA graph: ``bench search`` splits it). Everything else
+in ``time_step`` is the trainer's own overhead: Python, tensor bookkeeping, advantages, the
+optimizer step. One row per step and quantity goes to CSV/JSON (``bench_out/train_*.csv``)
+through the ops benchmark's writers.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ __all__ = ["CallTimers", "TimedReward", "format_train_table", "run_train_bench"]
 
 #: What a step is split into: the trainer's stages, then the model calls inside them.
 STAGES = ("time_search", "time_rollout", "time_reward", "time_update")
-CALLS = ("forward", "backward", "decode", "reward")
+CALLS = ("forward", "backward", "decode", "reward", "search")
 
 
 class CallTimers:
@@ -39,20 +40,22 @@ class CallTimers:
 
     @contextlib.contextmanager
     def timed(self, kind: str) -> Iterator[None]:
-        """Time the block as ``kind`` (nested blocks count once, in the outermost kind)."""
+        """Time the block as ``kind`` (nested blocks count once, in the outermost kind). Never
+        synchronises inside a CUDA graph capture (that would break the capture)."""
+        sync = self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
         self._depth += 1
         outer = self._depth == 1
-        if outer and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
         try:
-            yield
-        finally:
-            if outer and self.device.type == "cuda":
+            if outer and sync:
                 torch.cuda.synchronize(self.device)
-            self._depth -= 1
+            t0 = time.perf_counter()
+            yield
+            if outer and sync:
+                torch.cuda.synchronize(self.device)
             if outer:
                 self.seconds[kind] += time.perf_counter() - t0
+        finally:
+            self._depth -= 1
 
     def wrap(self, kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed_call(*args: Any, **kwargs: Any) -> Any:
@@ -111,6 +114,8 @@ def run_train_bench(
     with tempfile.TemporaryDirectory() as tmp:
         trainer = GRPOTrainer(cfg, Path(tmp) / "run", model=model, reward=reward)
         trainer.backward_timer = lambda: timers.timed("backward")
+        if trainer.searcher is not None:
+            trainer.searcher.run = timers.wrap("search", trainer.searcher.run)
         it = range(warmup + steps)
         if progress:
             from tqdm.auto import tqdm

@@ -98,10 +98,25 @@ def check_float_tensor(
     return x
 
 
+def _device_index(device: torch.device) -> int | None:
+    """``device``'s index, the current one of its kind when it names none (``cuda`` is the
+    current CUDA device, as for a tensor created with ``device="cuda"``)."""
+    if device.index is not None or device.type != "cuda":
+        return device.index
+    return torch.cuda.current_device()
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether ``a`` and ``b`` are one device: ``cuda`` and ``cuda:0`` are when device 0 is
+    the current one (``torch.device`` equality says they differ)."""
+    return a == b or (a.type == b.type and _device_index(a) == _device_index(b))
+
+
 def check_same_device(device: torch.device, **tensors: object) -> None:
-    """Raise ValueError if any tensor argument is not on ``device``."""
+    """Raise ValueError if any tensor argument is not on ``device`` (``cuda`` without an
+    index means the current CUDA device)."""
     for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.device != device:
+        if isinstance(t, torch.Tensor) and not same_device(t.device, device):
             raise ValueError(
                 f"{name}: expected a tensor on {device} (the device of the op's main input), "
                 f"got {describe(t)}"

@@ -111,7 +111,7 @@ def save_comparison_grid(
         y = head + i * (cell + caption + pad)
         draw.text((4, y + cell // 2 - 6), comp.prompts[i][:48], fill="black")
         for j, (key, _) in enumerate(COLUMNS):
-            img = getattr(comp, f"images_{key}")[i]
+            img = getattr(comp, f"images_{key}")[i].detach().cpu()
             r = float(getattr(comp, f"reward_{key}")[i])
             px = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             tile = Image.fromarray(px)
@@ -145,7 +145,7 @@ def plot_rounds(comp: Comparison, path: str | Path, *, reward: str = "reward") -
          .values, "C1", "-"),
     ]  # fmt: skip
     for label, data, color, style in series:
-        d = data.double()
+        d = data.detach().cpu().double()
         mean, std = d.nanmean(1).numpy(), d.std(1).nan_to_num(0).numpy()
         ax.plot(x, mean, style, color=color, marker="o", label=label)
         if style == "-":
