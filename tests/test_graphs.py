@@ -228,3 +228,21 @@ def test_real_graph_matches_eager_and_sees_in_place_parameter_updates() -> None:
     assert g.stats.captures == 1 and g.stats.replays == 2
     g(torch.randn(8, 8, device="cuda", dtype=torch.float32))
     assert g.stats.captures == 2
+
+
+def test_graphs_import_no_private_name_of_ops() -> None:
+    """graphs/ uses the public smartgrpo_fast.devices, not ops' private modules."""
+    import ast
+    from pathlib import Path
+
+    import smartgrpo_fast.graphs as graphs
+
+    for path in Path(graphs.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                parts = node.module.split(".")
+                private = [p for p in parts[1:] if p.startswith("_")]
+                names = [a.name for a in node.names if a.name.startswith("_")]
+                assert not (parts[:2] == ["smartgrpo_fast", "ops"] and (private or names)), (
+                    f"{path.name}: from {node.module} import ..."
+                )

@@ -343,11 +343,11 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch) -> None:
     ],
 )
 def test_same_device_resolves_an_index_free_cuda_device(monkeypatch, a, b, current, same) -> None:
-    from smartgrpo_fast.ops import _common
+    from smartgrpo_fast.devices import same_device
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
-    assert _common.same_device(torch.device(a), torch.device(b)) is same
-    assert _common.same_device(torch.device(b), torch.device(a)) is same
+    assert same_device(torch.device(a), torch.device(b)) is same
+    assert same_device(torch.device(b), torch.device(a)) is same
 
 
 def test_device_check_accepts_the_current_cuda_device_by_either_name(monkeypatch) -> None:

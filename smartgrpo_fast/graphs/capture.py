@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from smartgrpo_fast.ops._common import is_capturing
+from smartgrpo_fast.devices import is_capturing
 
 __all__ = [
     "BACKENDS",

@@ -23,6 +23,8 @@ from enum import IntEnum
 
 import torch
 
+from smartgrpo_fast.devices import is_capturing, same_device
+
 __all__ = [
     "BACKEND_ENV",
     "FLOAT_DTYPES",
@@ -79,11 +81,6 @@ def alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def is_capturing(device: torch.device) -> bool:
-    """True while a CUDA graph is being captured on the current stream of ``device``."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def check_float_tensor(
     name: str, x: object, *, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES, min_dim: int = 0
 ) -> torch.Tensor:
@@ -96,20 +93,6 @@ def check_float_tensor(
     if x.dim() < min_dim:
         raise ValueError(f"{name}: expected at least {min_dim} dimension(s), got {describe(x)}")
     return x
-
-
-def _device_index(device: torch.device) -> int | None:
-    """``device``'s index, the current one of its kind when it names none (``cuda`` is the
-    current CUDA device, as for a tensor created with ``device="cuda"``)."""
-    if device.index is not None or device.type != "cuda":
-        return device.index
-    return torch.cuda.current_device()
-
-
-def same_device(a: torch.device, b: torch.device) -> bool:
-    """Whether ``a`` and ``b`` are one device: ``cuda`` and ``cuda:0`` are when device 0 is
-    the current one (``torch.device`` equality says they differ)."""
-    return a == b or (a.type == b.type and _device_index(a) == _device_index(b))
 
 
 def check_same_device(device: torch.device, **tensors: object) -> None:

@@ -32,9 +32,10 @@ class SearchConfig:
         per_element: one std per latent element (True) or one pooled std per rollout (False).
         use: which noise the rollout takes: ``"mean"`` (the final CEM mean, DESIGN.md's
             reading), ``"sample"`` (a draw from the final N(mu, sigma^2)) or ``"best"`` (the
-            highest-reward candidate evaluated in any round). Default ``"best"``: on the
-            embedded model (benchmarks/RESULTS.md, search section) it matched or beat
-            ``"mean"`` in 3 of 4 paired runs and ``"sample"`` in every one.
+            highest-reward candidate evaluated in any round). Default ``"best"``: on two
+            earlier weights of the embedded model (benchmarks/RESULTS.md, "Choosing the
+            defaults") it matched or beat ``"mean"`` in 3 of 4 paired runs and ``"sample"``
+            in every one; not yet re-measured on the shipped weights.
         rescale: rescale the chosen noise of each rollout to norm ``sqrt(D)`` (the norm a
             standard normal draw of D elements has on average), so the step injects as much
             noise as the policy's Gaussian assumes.
