@@ -85,6 +85,28 @@ def result_dict(
     })  # fmt: skip
 
 
+#: The attributes a ``matches`` judge reads, in its columns' order (the embedded classifier).
+MATCH_ATTRIBUTES = ("shape", "color", "background")
+
+
+def prompt_match(comp: Comparison, judge: Any) -> dict[str, dict[str, float]]:
+    """Per continuation (random, bestof, searched), the fraction of final images whose
+    attributes ``judge.matches(images, prompts) -> (N, 3) bool`` reads as the prompt's: one
+    rate per attribute and ``all`` (every attribute). For the embedded model's classifier."""
+    out = {}
+    for key, _ in COLUMNS:
+        hits = judge.matches(getattr(comp, f"images_{key}"), comp.prompts).detach().cpu()
+        if hits.shape != (len(comp.prompts), len(MATCH_ATTRIBUTES)):
+            raise ValueError(
+                f"judge.matches: expected a ({len(comp.prompts)}, {len(MATCH_ATTRIBUTES)}) "
+                f"bool tensor, got shape {tuple(hits.shape)}"
+            )
+        rates = hits.double().mean(0).tolist()
+        out[key] = dict(zip(MATCH_ATTRIBUTES, rates, strict=True))
+        out[key]["all"] = float(hits.all(dim=1).double().mean())
+    return out
+
+
 def write_result(result: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
