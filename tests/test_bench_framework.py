@@ -13,7 +13,7 @@ import torch
 from smartgrpo_fast.bench import case, op_cases, ops, report, rows, runinfo, timing
 from smartgrpo_fast.bench.case import CaseShape, OpCase, forced_backend, parse_device
 from smartgrpo_fast.bench.rows import CSV_FIELDS, measurement_rows
-from smartgrpo_fast.bench.runinfo import RunInfo, git_commit
+from smartgrpo_fast.bench.runinfo import COMMIT_ENV, RunInfo, collect_run_info, git_commit
 from smartgrpo_fast.bench.timing import Timing, measure, quantile, summarize
 from smartgrpo_fast.ops import BACKEND_ENV
 
@@ -75,6 +75,26 @@ def test_synchronize_on_cpu_does_nothing() -> None:
 
 
 # ----------------------------------------------------------------------------- run info
+
+
+def test_collect_run_info_takes_the_commit_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setattr(runinfo, "git_commit", lambda: pytest.fail("git must not be asked"))
+    monkeypatch.setenv(COMMIT_ENV, " 0123456789ab \n")
+    info = collect_run_info(CPU)
+    assert info.git_commit == "0123456789ab"
+    assert info.device == "cpu" and info.torch_version == torch.__version__
+
+
+@pytest.mark.parametrize("value", [None, "", "  "])
+def test_collect_run_info_asks_git_when_the_variable_is_unset_or_empty(
+    monkeypatch, value: str | None
+) -> None:
+    monkeypatch.setattr(runinfo, "git_commit", lambda: "fromgit-dirty")
+    if value is None:
+        monkeypatch.delenv(COMMIT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(COMMIT_ENV, value)
+    assert collect_run_info(CPU).git_commit == "fromgit-dirty"
 
 
 def test_git_commit_outside_a_checkout_is_unknown(tmp_path: Path, monkeypatch) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from dataclasses import asdict, dataclass
@@ -12,7 +13,10 @@ import torch
 
 from smartgrpo_fast import __version__
 
-__all__ = ["RunInfo", "collect_run_info", "device_name", "git_commit"]
+__all__ = ["COMMIT_ENV", "RunInfo", "collect_run_info", "device_name", "git_commit"]
+
+#: Environment variable that names the commit of the code under test (see collect_run_info).
+COMMIT_ENV = "SMARTGRPO_COMMIT"
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,14 @@ def git_commit(path: Path | None = None) -> str:
 
 
 def collect_run_info(device: torch.device) -> RunInfo:
-    """The metadata of a run on ``device``, dated now (UTC, ISO 8601)."""
+    """The metadata of a run on ``device``, dated now (UTC, ISO 8601).
+
+    The commit is ``$SMARTGRPO_COMMIT`` (:data:`COMMIT_ENV`) when that is set and not empty,
+    else :func:`git_commit` of the checkout holding this package. Set it when the code runs
+    from a copy whose git metadata is not its own (a tree copied to a GPU machine inside
+    another repository would otherwise report that repository's commit), e.g.
+    ``SMARTGRPO_COMMIT=$(git rev-parse --short=12 HEAD)`` taken where the code was committed.
+    """
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return RunInfo(
@@ -79,6 +90,6 @@ def collect_run_info(device: torch.device) -> RunInfo:
         device_name=device_name(device),
         torch_version=torch.__version__,
         smartgrpo_fast_version=__version__,
-        git_commit=git_commit(),
+        git_commit=os.environ.get(COMMIT_ENV, "").strip() or git_commit(),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
