@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smartgrpo_fast.bench.ops import CPU_SIZES, CUDA_SIZES, DTYPES, MIN_SIZE, parse_device
+from smartgrpo_fast.bench.case import DTYPES, parse_device
+from smartgrpo_fast.bench.op_cases import MIN_SIZE
+from smartgrpo_fast.bench.ops import CPU_SIZES, CUDA_SIZES
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -7,6 +7,8 @@
 #
 #   DEADLINE=540 bash benchmarks/gpu_lease.sh        # then: tar xzf $OUT/gpu_out.tgz
 #   ONLY="gpu_tests search_demo" bash benchmarks/gpu_lease.sh    # just these steps
+#   SMARTGRPO_COMMIT=0123456789ab bash benchmarks/gpu_lease.sh    # on a copied tree: the
+#       commit the tables and CSVs name (else `git rev-parse` of wherever the copy landed)
 #
 # Wheels the GPU image lacks (diffusers, and the peft this code was written against) travel in
 # .whl/ (see the device tool's README); they are installed into /tmp/site when present.

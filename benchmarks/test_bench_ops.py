@@ -3,7 +3,7 @@
     python -m pytest benchmarks --benchmark-only            # timings, grouped by op and size
     python -m pytest benchmarks -q --benchmark-disable      # smoke run: each case once
 
-Each test times one (op, provider, size) case of :func:`smartgrpo_fast.bench.ops.build_case`
+Each test times one (op, provider, size) case of :func:`smartgrpo_fast.bench.op_cases.build_case`
 as complete calls (on CUDA each call ends with a synchronize), the backend providers (cpp,
 reference, triton, cuda) with ``SMARTGRPO_BACKEND`` set to them; a provider that cannot run on
 the device (triton or cuda on CPU, cpp without a compiler) is skipped with the reason.
@@ -18,7 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smartgrpo_fast.bench.ops import OPS, PROVIDERS, build_case, device_name, provider_problem
+from smartgrpo_fast.bench.op_cases import OPS, PROVIDERS, build_case, provider_problem
+from smartgrpo_fast.bench.runinfo import device_name
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

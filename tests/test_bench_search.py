@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from smartgrpo_fast.bench import ops as bench_ops
+from smartgrpo_fast.bench import rows as bench_rows
 from smartgrpo_fast.bench import search as bench_search
 from smartgrpo_fast.cli import main
 from smartgrpo_fast.models.base import Cond, repeat_rows
@@ -109,7 +109,7 @@ def test_split_rows_have_all_six_stages_per_provider(bench) -> None:
                      if r["provider"] == provider and r["metric"] == "stage_fraction"]  # fmt: skip
         assert math.isclose(sum(fractions), 1.0, rel_tol=1e-9)
     # the CSV holds the same rows as the JSON
-    assert len(bench_ops.read_csv(bench.out / f"{STEM}.csv")) == len(bench.rows)
+    assert len(bench_rows.read_csv(bench.out / f"{STEM}.csv")) == len(bench.rows)
 
 
 def test_whole_search_rows_kept(bench) -> None:
@@ -177,7 +177,7 @@ def test_help_names_the_new_option_default(capsys: pytest.CaptureFixture) -> Non
 
 def test_plot_needs_stage_rows(bench, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    path = bench_ops.write_csv([r for r in bench.rows if r["op"] == "search"], tmp_path / "a.csv")
+    path = bench_rows.write_csv([r for r in bench.rows if r["op"] == "search"], tmp_path / "a.csv")
     with pytest.raises(ValueError, match="no 'stage_time' rows"):
         bench_search.plot_stage_split(path)
 

@@ -21,16 +21,9 @@ import pytest
 import torch
 
 import smartgrpo_fast
-from smartgrpo_fast.bench.ops import (
-    BASELINES,
-    CPU_PROVIDERS,
-    CSV_FIELDS,
-    OPS,
-    case_shape,
-    format_table,
-    provider_problem,
-    speedup_rows,
-)
+from smartgrpo_fast.bench.op_cases import OPS, case_shape, provider_problem
+from smartgrpo_fast.bench.ops import BASELINES, CPU_PROVIDERS, format_table, speedup_rows
+from smartgrpo_fast.bench.rows import CSV_FIELDS
 from smartgrpo_fast.cli import main
 
 REQUIRED_COLUMNS = {

@@ -16,7 +16,7 @@ Models: ``tiny`` (the embedded pixel-space model, prompt-matching reward ``tiny`
 build on a GPU). The SD3 models use random conditioning and the analytic ``tiny-color``
 reward on the decoded images, so the timing is the search's own, not a reward model's.
 
-Rows use the ops benchmark's CSV schema (:data:`smartgrpo_fast.bench.ops.CSV_FIELDS`):
+Rows use the benchmarks' CSV schema (:data:`smartgrpo_fast.bench.rows.CSV_FIELDS`):
 
 * op ``search``, x = B*K*N candidates per call: ``time`` (ms per search), ``throughput``
   (candidates/s) and ``speedup`` (reference / provider) rows;
@@ -61,20 +61,11 @@ from typing import Any
 
 import torch
 
-from smartgrpo_fast.bench.ops import (
-    DTYPES,
-    CaseShape,
-    OpCase,
-    RunInfo,
-    collect_run_info,
-    measure,
-    measurement_rows,
-    parse_device,
-    quantile,
-    ratio_row,
-    read_csv,
-    summarize,
-)
+from smartgrpo_fast.bench.case import DTYPES, CaseShape, OpCase, parse_device
+from smartgrpo_fast.bench.report import new_figure, run_caption, save_figure
+from smartgrpo_fast.bench.rows import measurement_rows, ratio_row, read_csv
+from smartgrpo_fast.bench.runinfo import RunInfo, collect_run_info
+from smartgrpo_fast.bench.timing import measure, quantile, summarize, synchronize
 from smartgrpo_fast.ops import topk_select_reference
 from smartgrpo_fast.rewards.base import prepare_prompts
 from smartgrpo_fast.search import NoiseSearch, SearchConfig, search_reference
@@ -366,12 +357,6 @@ def _time_stages(
 ) -> dict[str, list[float]]:
     """Seconds per stage of each of the ``repeats * rounds`` timed rounds (after ``warmup``
     untimed searches), a device synchronize and a timer around each stage."""
-    cuda = device.type == "cuda"
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
-
     stages = staged.stages()
     samples: dict[str, list[float]] = {name: [] for name in STAGES}
     with torch.no_grad():
@@ -379,10 +364,10 @@ def _time_stages(
             staged.reset()
             for _ in range(rounds):
                 for name, stage in zip(STAGES, stages, strict=True):
-                    sync()
+                    synchronize(device)
                     start = time.perf_counter()
                     stage()
-                    sync()
+                    synchronize(device)
                     if i >= warmup:
                         samples[name].append(time.perf_counter() - start)
     return samples
@@ -562,9 +547,6 @@ def plot_stage_split(csv_path: Path | str, png_path: Path | str | None = None) -
 
     Needs matplotlib (``pip install smartgrpo-fast[bench]``); uses the Agg canvas, not pyplot.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     csv_path = Path(csv_path)
     png_path = (
         Path(png_path)
@@ -578,8 +560,7 @@ def plot_stage_split(csv_path: Path | str, png_path: Path | str | None = None) -
     found = list(dict.fromkeys(_stage(r) for r in rows))
     stages = [s for s in STAGES if s in found] + [s for s in found if s not in STAGES]
     ms = {(r["provider"], _stage(r)): 1e3 * r["median"] for r in rows}
-    fig = Figure(figsize=(max(6.4, 3.4 + 1.4 * len(providers)), 4.8), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(max(6.4, 3.4 + 1.4 * len(providers)), 4.8)
     ax = fig.subplots()
     bottom = [0.0] * len(providers)
     for stage in stages:
@@ -601,11 +582,5 @@ def plot_stage_split(csv_path: Path | str, png_path: Path | str | None = None) -
               bbox_to_anchor=(1.0, 1.0), fontsize=8)  # fmt: skip
     ax.margins(y=0.1)
     ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(
-        f"smartgrpo_fast {first['smartgrpo_fast_version']} search on {first['device_name']}\n"
-        f"torch {first['torch_version']}, {first['git_commit']}, {first['date']}",
-        fontsize=8,
-    )
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=110)
-    return png_path
+    fig.suptitle(run_caption(first, "search"), fontsize=8)
+    return save_figure(fig, png_path)

@@ -6,7 +6,7 @@ passes, decodes, reward calls, and each noise search as a whole (its own forward
 rewards and fused ops, or its captured CUDA graph: ``bench search`` splits it). Everything else
 in ``time_step`` is the trainer's own overhead: Python, tensor bookkeeping, advantages, the
 optimizer step. One row per step and quantity goes to CSV/JSON (``bench_out/train_*.csv``)
-through the ops benchmark's writers.
+through the benchmarks' writers (:mod:`smartgrpo_fast.bench.rows`).
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import contextlib
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from smartgrpo_fast.bench.ops import CSV_FIELDS, collect_run_info, quantile
+from smartgrpo_fast.bench.rows import ordered_row, write_csv, write_json
+from smartgrpo_fast.bench.runinfo import collect_run_info
+from smartgrpo_fast.bench.timing import summarize
 
 __all__ = ["CallTimers", "TimedReward", "format_train_table", "run_train_bench"]
 
@@ -140,15 +141,14 @@ def run_train_bench(
         "x": cfg.sample.prompts_per_step * cfg.sample.group_size, "k": cfg.search.k,
         "latent": "x".join(map(str, model.latent_shape)), "elites": cfg.search.top,
         "dtype": cfg.model.dtype, "repeats": steps,
-        **{f.name: getattr(info, f.name) for f in fields(info)},
+        **info.as_row(),
     }  # fmt: skip
     rows = []
     for metric, values in samples.items():
         unit = "fraction" if metric == "overhead_frac" else "s"
-        stats = {"median": quantile(values, 0.5), "p20": quantile(values, 0.2),
-                 "p80": quantile(values, 0.8)}  # fmt: skip
-        rows.append({name: (base | {"metric": metric, "unit": unit} | stats)[name]
-                     for name in CSV_FIELDS})  # fmt: skip
+        t = summarize(values)
+        stats = {"metric": metric, "unit": unit, "median": t.median, "p20": t.p20, "p80": t.p80}
+        rows.append(ordered_row(base | stats))
     return rows
 
 
@@ -186,7 +186,6 @@ def add_bench_train(targets: Any) -> None:
 
 
 def _run_bench_train(args: Any) -> int:
-    from smartgrpo_fast.bench.ops import write_csv, write_json
     from smartgrpo_fast.train.config import ConfigError, load_config
 
     parser = args.parser

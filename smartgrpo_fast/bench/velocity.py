@@ -9,7 +9,7 @@ text width (77 CLIP + ``text_tokens`` T5 tokens), exactly what one search round 
   (16, 64, 64) = 512 px; build it on a GPU);
 * a path: a StableDiffusion3Pipeline folder.
 
-Every backend times the *same* call; rows use the CSV schema of :mod:`smartgrpo_fast.bench.ops`
+Every backend times the *same* call; rows use the CSV schema of :mod:`smartgrpo_fast.bench.rows`
 (op ``velocity``, provider = backend, x = N rows). On CPU the ``graph`` backend falls back to
 eager (a warning says so) and is reported as such.
 """
@@ -21,16 +21,10 @@ from typing import Any
 
 import torch
 
-from smartgrpo_fast.bench.ops import (
-    DTYPES,
-    CaseShape,
-    OpCase,
-    collect_run_info,
-    measure,
-    measurement_rows,
-    parse_device,
-    ratio_row,
-)
+from smartgrpo_fast.bench.case import DTYPES, CaseShape, OpCase, parse_device
+from smartgrpo_fast.bench.rows import measurement_rows, ratio_row
+from smartgrpo_fast.bench.runinfo import collect_run_info
+from smartgrpo_fast.bench.timing import measure
 from smartgrpo_fast.graphs import BACKENDS, GraphConfig
 
 __all__ = [
