@@ -23,6 +23,7 @@ import torch
 from smartgrpo_fast.bench.rows import ordered_row, write_csv, write_json
 from smartgrpo_fast.bench.runinfo import collect_run_info
 from smartgrpo_fast.bench.timing import summarize
+from smartgrpo_fast.devices import is_capturing
 
 __all__ = ["CallTimers", "TimedReward", "format_train_table", "run_train_bench"]
 
@@ -43,7 +44,7 @@ class CallTimers:
     def timed(self, kind: str) -> Iterator[None]:
         """Time the block as ``kind`` (nested blocks count once, in the outermost kind). Never
         synchronises inside a CUDA graph capture (that would break the capture)."""
-        sync = self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+        sync = self.device.type == "cuda" and not is_capturing(self.device)
         self._depth += 1
         outer = self._depth == 1
         try:
