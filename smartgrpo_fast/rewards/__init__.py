@@ -54,11 +54,11 @@ def load(name_or_path: str, **kwargs: Any) -> Reward:
     """A reward by name (see :data:`NAMES`); keyword arguments go to its loader (paths of
     real checkpoints, ``device``, ``dtype``)."""
     if name_or_path in _TINY_MODES:
-        from smartgrpo_fast.rewards import tiny
+        from smartgrpo_fast.shapes import reward as tiny
 
         return tiny.TinyClassifierReward.load(mode=_TINY_MODES[name_or_path], **kwargs)
     if name_or_path == "tiny-color":
-        from smartgrpo_fast.rewards import tiny
+        from smartgrpo_fast.shapes import reward as tiny
 
         kwargs.pop("device", None)  # analytic: runs on the images' device
         kwargs.pop("dtype", None)

@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smartgrpo_fast.models.tiny.data import (
+from smartgrpo_fast.rewards.base import PreparedPrompts, check_images, check_prepared
+from smartgrpo_fast.shapes.data import (
     COLORS,
     IMAGE_SIZE,
     SHAPES,
     attributes_from_prompt,
     sample_batch,
 )
-from smartgrpo_fast.rewards.base import PreparedPrompts, check_images, check_prepared
 
 __all__ = [
     "CLASSIFIER_FILE",
@@ -46,9 +46,7 @@ __all__ = [
     "train_classifier",
 ]
 
-CLASSIFIER_FILE = (
-    Path(__file__).resolve().parents[1] / "models" / "tiny" / "weights" / "classifier.safetensors"
-)
+CLASSIFIER_FILE = Path(__file__).resolve().parent / "weights" / "classifier.safetensors"
 _PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32)
 _CACHE_SIZE = 64
 _MODES = ("logprob", "prob", "min")
@@ -127,7 +125,7 @@ class TinyClassifierReward:
         f = Path(path) if path is not None else CLASSIFIER_FILE
         if not f.is_file():
             raise FileNotFoundError(
-                f"{f}: not found (python -m smartgrpo_fast.rewards.tiny --out FILE writes it)"
+                f"{f}: not found (python -m smartgrpo_fast.shapes.reward --out FILE writes it)"
             )
         net = TinyClassifier()
         net.load_state_dict({k: v.float() for k, v in load_file(f).items()})
@@ -264,7 +262,7 @@ def train_classifier(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m smartgrpo_fast.rewards.tiny``: train the classifier and save it."""
+    """``python -m smartgrpo_fast.shapes.reward``: train the classifier and save it."""
     import argparse
     import time
 
@@ -307,8 +305,8 @@ def generation_accuracy(
 ) -> GenerationReport:  # fmt: skip
     """Sample n prompts, generate one image each (``steps``-step ODE from seeded noise), and
     report the fraction whose classifier arg-max matches the prompt's attributes."""
-    from smartgrpo_fast.models.tiny.data import sample_prompts
     from smartgrpo_fast.sde import sample_ode
+    from smartgrpo_fast.shapes.data import sample_prompts
 
     prompts = sample_prompts(n, seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -328,7 +326,7 @@ def generation_accuracy(
 @torch.no_grad()
 def real_image_accuracy(reward: TinyClassifierReward, *, n: int = 1024, seed: int = 1) -> float:
     """Fraction of fresh procedural images whose three attributes the classifier gets right."""
-    from smartgrpo_fast.models.tiny.data import prompt_of
+    from smartgrpo_fast.shapes.data import prompt_of
 
     images, attrs = sample_batch(n, torch.Generator().manual_seed(seed))
     prompts = [

@@ -1,6 +1,6 @@
 """An image grid of the embedded model: prompts (rows) x seeds (columns), ODE sampling.
 
-python -m smartgrpo_fast.models.tiny.grid --prompts 6 --seeds 6 --steps 40 --out grid.png
+python -m smartgrpo_fast.shapes.grid --prompts 6 --seeds 6 --steps 40 --out grid.png
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from smartgrpo_fast.models.tiny.data import sample_prompts
 from smartgrpo_fast.sde import sample_ode
+from smartgrpo_fast.shapes.data import sample_prompts
 
 __all__ = ["generate", "main", "save_grid"]
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=None, help="a trained weights folder")
     parser.add_argument("--out", type=Path, default=Path("tiny_grid.png"))
     args = parser.parse_args(argv)
-    from smartgrpo_fast.models.tiny.model import TinyFlowModel
+    from smartgrpo_fast.shapes.model import TinyFlowModel
 
     model = TinyFlowModel.from_pretrained(args.weights)
     prompts = sample_prompts(args.prompts, args.prompt_seed)

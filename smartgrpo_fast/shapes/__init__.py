@@ -6,7 +6,7 @@ package, with its procedural world (:mod:`.data`) and training script (:mod:`.tr
 gives valid prompts.
 """
 
-from smartgrpo_fast.models.tiny.data import (
+from smartgrpo_fast.shapes.data import (
     COLORS,
     SHAPES,
     attributes_from_prompt,
@@ -15,7 +15,7 @@ from smartgrpo_fast.models.tiny.data import (
     sample_batch,
     sample_prompts,
 )
-from smartgrpo_fast.models.tiny.model import WEIGHTS_DIR, TinyArch, TinyFlowModel, tokenize
+from smartgrpo_fast.shapes.model import WEIGHTS_DIR, TinyArch, TinyFlowModel, tokenize
 
 __all__ = [
     "COLORS",

@@ -1,7 +1,7 @@
 """Train the embedded flow model with SD3's rectified-flow objective, reproducibly from a seed.
 
-    python -m smartgrpo_fast.models.tiny.train --steps 7000 --seed 0 \
-        --out smartgrpo_fast/models/tiny/weights
+    python -m smartgrpo_fast.shapes.train_model --steps 7000 --seed 0 \
+        --out smartgrpo_fast/shapes/weights
 
 Each step renders a fresh batch of procedural images (nothing is stored or downloaded),
 draws t from the logit-normal distribution SD3 uses, shifted toward noise (``time_shift``),
@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from smartgrpo_fast.models.tiny.data import prompt_of, sample_batch
-from smartgrpo_fast.models.tiny.model import (
+from smartgrpo_fast.sde import check_time_shift, shift_times
+from smartgrpo_fast.shapes.data import prompt_of, sample_batch
+from smartgrpo_fast.shapes.model import (
     WEIGHTS_DIR,
     TinyArch,
     build_modules,
     save_weights,
     tokenize,
 )
-from smartgrpo_fast.sde import check_time_shift, shift_times
 
 __all__ = ["FlowTrainConfig", "main", "train_flow"]
 

@@ -30,8 +30,8 @@ from torch import nn
 
 from smartgrpo_fast.graphs import GraphConfig, GraphedCallable
 from smartgrpo_fast.models.base import Cond, DiTFlowModel
-from smartgrpo_fast.models.tiny.data import COLORS, IMAGE_SIZE, SHAPES
 from smartgrpo_fast.sde import check_time_shift
+from smartgrpo_fast.shapes.data import COLORS, IMAGE_SIZE, SHAPES
 
 __all__ = [
     "VOCAB",
@@ -187,7 +187,7 @@ class TinyFlowModel(DiTFlowModel):
             if not f.is_file():
                 raise FileNotFoundError(
                     f"{f}: not found; expected the embedded model's config.json and {weights} "
-                    f"(python -m smartgrpo_fast.models.tiny.train writes them)"
+                    f"(python -m smartgrpo_fast.shapes.train_model writes them)"
                 )
         meta = json.loads(cfg_file.read_text())
         arch = TinyArch(**meta["arch"])
