@@ -117,7 +117,7 @@ def test_shipped_model_generates_deterministically(tiny) -> None:
 
 def test_shipped_model_follows_its_prompts(tiny) -> None:
     """A quick, loose version of the closing-note measurement: 16 samples, 20 ODE steps."""
-    from smartgrpo_fast.shapes.reward import generation_accuracy
+    from smartgrpo_fast.shapes.evaluate import generation_accuracy
 
     report = generation_accuracy(tiny, rewards.load("tiny"), n=16, seed=3, steps=20)
     assert report.color >= 0.75 and report.background >= 0.75, report
@@ -172,7 +172,7 @@ def test_colour_fidelity_ranks_matching_images_first(which) -> None:
 
 
 def test_classifier_on_real_images() -> None:
-    from smartgrpo_fast.shapes.reward import real_image_accuracy
+    from smartgrpo_fast.shapes.evaluate import real_image_accuracy
 
     assert real_image_accuracy(rewards.load("tiny"), n=256) >= 0.97
 

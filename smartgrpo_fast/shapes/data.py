@@ -2,13 +2,19 @@
 
 An image is 32x32 RGB: a shape (circle, square, triangle, cross) of one colour at a random
 position and size on a background of another colour, rendered with 4x4 supersampled
-anti-aliasing. Its prompt names the three attributes: ``"a red circle on a blue background"``.
-Everything is a pure function of a seed (torch.Generator); nothing is downloaded.
+anti-aliasing. Its prompt names the three attributes: ``"a red circle on a blue background"``;
+:func:`tokenize` turns prompts into ids over the world's :data:`VOCAB`. Everything is a pure
+function of a seed (torch.Generator); nothing is downloaded. The trained weights of the flow
+model and of the classifier ship in :data:`WEIGHTS_DIR`.
+
+This module imports only torch: the rewards (:mod:`.reward`) build on it without the flow
+model or the sampler.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +22,10 @@ import torch.nn.functional as F
 __all__ = [
     "COLORS",
     "IMAGE_SIZE",
+    "PROMPT_WORDS",
     "SHAPES",
+    "VOCAB",
+    "WEIGHTS_DIR",
     "Attributes",
     "attributes_from_prompt",
     "prompt_of",
@@ -24,6 +33,7 @@ __all__ = [
     "sample_attributes",
     "sample_batch",
     "sample_prompts",
+    "tokenize",
 ]
 
 IMAGE_SIZE = 32
@@ -41,6 +51,11 @@ COLORS: dict[str, tuple[float, float, float]] = {
 }
 _COLOR_NAMES = tuple(COLORS)
 _SUPERSAMPLE = 4
+#: The words of the world's prompts; id 0, ``<pad>``, is the null prompt of guidance.
+VOCAB: tuple[str, ...] = ("<pad>", "a", "an", "on", "background", *SHAPES, *COLORS)
+PROMPT_WORDS = 7
+#: The shipped weights: the flow model's config.json and safetensors, the classifier's.
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,13 @@ class Attributes:
 
     def __len__(self) -> int:
         return int(self.shape.shape[0])
+
+    def prompts(self) -> list[str]:
+        """The prompt of each triple (:func:`prompt_of`)."""
+        return [
+            prompt_of(int(s), int(c), int(b))
+            for s, c, b in zip(self.shape, self.color, self.background, strict=True)
+        ]
 
 
 def _article(word: str) -> str:
@@ -85,6 +107,22 @@ def attributes_from_prompt(prompt: str) -> tuple[int, int, int]:
     return SHAPES.index(words[2]), _COLOR_NAMES.index(words[1]), _COLOR_NAMES.index(words[5])
 
 
+def tokenize(prompts: list[str]) -> torch.Tensor:
+    """(B, 7) int64 word ids; a word outside the vocabulary is a ValueError naming it."""
+    ids = []
+    for p in prompts:
+        words = p.strip().lower().split()
+        unknown = [w for w in words if w not in VOCAB]
+        if unknown or len(words) != PROMPT_WORDS:
+            raise ValueError(
+                f"prompts: the embedded model reads 7-word prompts like 'a red circle on a blue "
+                f"background' over the words {', '.join(VOCAB[1:])}; got {p!r}"
+                + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+            )
+        ids.append([VOCAB.index(w) for w in words])
+    return torch.tensor(ids, dtype=torch.int64)
+
+
 def sample_attributes(n: int, generator: torch.Generator) -> Attributes:
     """n random attribute triples; the shape's colour always differs from the background."""
     shape = torch.randint(len(SHAPES), (n,), generator=generator)
@@ -95,11 +133,7 @@ def sample_attributes(n: int, generator: torch.Generator) -> Attributes:
 
 def sample_prompts(n: int, seed: int = 0) -> list[str]:
     """n valid prompts of the embedded model, deterministic from ``seed``."""
-    attrs = sample_attributes(n, torch.Generator().manual_seed(seed))
-    return [
-        prompt_of(int(s), int(c), int(b))
-        for s, c, b in zip(attrs.shape, attrs.color, attrs.background, strict=True)
-    ]
+    return sample_attributes(n, torch.Generator().manual_seed(seed)).prompts()
 
 
 def _masks(shape: torch.Tensor, cx, cy, r, size: int) -> torch.Tensor:

@@ -31,37 +31,9 @@ from torch import nn
 from smartgrpo_fast.graphs import GraphConfig, GraphedCallable
 from smartgrpo_fast.models.base import Cond, DiTFlowModel
 from smartgrpo_fast.sde import check_time_shift
-from smartgrpo_fast.shapes.data import COLORS, IMAGE_SIZE, SHAPES
+from smartgrpo_fast.shapes.data import IMAGE_SIZE, PROMPT_WORDS, VOCAB, WEIGHTS_DIR, tokenize
 
-__all__ = [
-    "VOCAB",
-    "WEIGHTS_DIR",
-    "TinyArch",
-    "TinyFlowModel",
-    "TinyTextEncoder",
-    "build_modules",
-    "tokenize",
-]
-
-VOCAB: tuple[str, ...] = ("<pad>", "a", "an", "on", "background", *SHAPES, *COLORS)
-PROMPT_WORDS = 7
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-
-
-def tokenize(prompts: list[str]) -> torch.Tensor:
-    """(B, 7) int64 word ids; a word outside the vocabulary is a ValueError naming it."""
-    ids = []
-    for p in prompts:
-        words = p.strip().lower().split()
-        unknown = [w for w in words if w not in VOCAB]
-        if unknown or len(words) != PROMPT_WORDS:
-            raise ValueError(
-                f"prompts: the embedded model reads 7-word prompts like 'a red circle on a blue "
-                f"background' over the words {', '.join(VOCAB[1:])}; got {p!r}"
-                + (f" (unknown: {', '.join(unknown)})" if unknown else "")
-            )
-        ids.append([VOCAB.index(w) for w in words])
-    return torch.tensor(ids, dtype=torch.int64)
+__all__ = ["TinyArch", "TinyFlowModel", "TinyTextEncoder", "build_modules", "save_weights"]
 
 
 @dataclass(frozen=True)

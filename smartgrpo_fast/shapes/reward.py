@@ -14,6 +14,11 @@ Both take images (N, 3, H, W) float in [0, 1] and N prompts, and return (N,) flo
 are :class:`~smartgrpo_fast.rewards.base.PreparedReward`: ``prepare`` turns the prompts into
 attribute indices (or colours) on the device, ``score`` reads only tensors, so either runs
 inside a captured search round.
+
+``smartgrpo_fast.rewards.load("tiny")`` (and ``tiny-prob``, ``tiny-min``, ``tiny-color``)
+returns these. This module imports only the world's data (:mod:`.data`) and the reward
+protocol: loading a reward never imports the flow model or the sampler. The classifier is
+trained by :mod:`.train_reward`; generated images are judged by :mod:`.evaluate`.
 """
 
 from __future__ import annotations
@@ -31,22 +36,13 @@ from smartgrpo_fast.shapes.data import (
     COLORS,
     IMAGE_SIZE,
     SHAPES,
+    WEIGHTS_DIR,
     attributes_from_prompt,
-    sample_batch,
 )
 
-__all__ = [
-    "CLASSIFIER_FILE",
-    "ColorFidelityReward",
-    "GenerationReport",
-    "TinyClassifier",
-    "TinyClassifierReward",
-    "generation_accuracy",
-    "real_image_accuracy",
-    "train_classifier",
-]
+__all__ = ["CLASSIFIER_FILE", "ColorFidelityReward", "TinyClassifier", "TinyClassifierReward"]
 
-CLASSIFIER_FILE = Path(__file__).resolve().parent / "weights" / "classifier.safetensors"
+CLASSIFIER_FILE = WEIGHTS_DIR / "classifier.safetensors"
 _PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32)
 _CACHE_SIZE = 64
 _MODES = ("logprob", "prob", "min")
@@ -125,7 +121,8 @@ class TinyClassifierReward:
         f = Path(path) if path is not None else CLASSIFIER_FILE
         if not f.is_file():
             raise FileNotFoundError(
-                f"{f}: not found (python -m smartgrpo_fast.shapes.reward --out FILE writes it)"
+                f"{f}: not found "
+                "(python -m smartgrpo_fast.shapes.train_reward --out FILE writes it)"
             )
         net = TinyClassifier()
         net.load_state_dict({k: v.float() for k, v in load_file(f).items()})
@@ -224,113 +221,3 @@ class ColorFidelityReward:
         penalty = (self.min_cover - cover).clamp_min(0) / self.min_cover
         penalty = penalty + (cover - self.max_cover).clamp_min(0) / (1 - self.max_cover)
         return (fidelity - 0.5 * penalty).float()
-
-
-def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Robustness to generated images: random blur and Gaussian noise."""
-    n = images.shape[0]
-    blur = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    w = torch.rand(n, 1, 1, 1, generator=gen) * 0.7
-    noisy = (1 - w) * images + w * blur
-    sigma = torch.rand(n, 1, 1, 1, generator=gen) * 0.12
-    return (noisy + sigma * torch.randn(noisy.shape, generator=gen)).clamp(0, 1)
-
-
-def train_classifier(
-    *, steps: int = 1500, batch: int = 64, lr: float = 2e-3, seed: int = 0, log=print
-) -> TinyClassifier:
-    """Train the attribute classifier on freshly generated images (deterministic from seed)."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    net = TinyClassifier()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    for step in range(steps):
-        images, attrs = sample_batch(batch, gen)
-        logits = net(_augment(images, gen))
-        loss = sum(
-            F.cross_entropy(lg, t)
-            for lg, t in zip(logits, (attrs.shape, attrs.color, attrs.background), strict=True)
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 250 == 0 or step == steps - 1:
-            log(f"classifier step {step:5d}  loss {float(loss.detach()):.4f}")
-    return net.eval()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m smartgrpo_fast.shapes.reward``: train the classifier and save it."""
-    import argparse
-    import time
-
-    from safetensors.torch import save_file
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=CLASSIFIER_FILE)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    start = time.perf_counter()
-    net = train_classifier(steps=args.steps, seed=args.seed)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.to(torch.float16).contiguous() for k, v in net.state_dict().items()}
-    save_file(state, args.out, metadata={"seed": str(args.seed), "steps": str(args.steps)})
-    print(f"saved {args.out} after {time.perf_counter() - start:.0f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
-@dataclass(frozen=True)
-class GenerationReport:
-    """How often generated images match their prompts, per attribute and all three."""
-
-    n: int
-    shape: float
-    color: float
-    background: float
-    all_three: float
-
-
-@torch.no_grad()
-def generation_accuracy(
-    model, reward: TinyClassifierReward, *, n: int = 256, seed: int = 0, steps: int = 40,
-    batch: int = 64,
-) -> GenerationReport:  # fmt: skip
-    """Sample n prompts, generate one image each (``steps``-step ODE from seeded noise), and
-    report the fraction whose classifier arg-max matches the prompt's attributes."""
-    from smartgrpo_fast.sde import sample_ode
-    from smartgrpo_fast.shapes.data import sample_prompts
-
-    prompts = sample_prompts(n, seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    hits = []
-    for i in range(0, n, batch):
-        chunk = prompts[i : i + batch]
-        z = torch.randn((len(chunk), *model.latent_shape), generator=gen).to(model.device)
-        x0 = sample_ode(model, model.encode_prompts(chunk), z, steps=steps)
-        hits.append(reward.matches(model.decode(x0), chunk).cpu())
-    m = torch.cat(hits).float()
-    return GenerationReport(
-        n, float(m[:, 0].mean()), float(m[:, 1].mean()), float(m[:, 2].mean()),
-        float(m.all(dim=1).float().mean()),
-    )  # fmt: skip
-
-
-@torch.no_grad()
-def real_image_accuracy(reward: TinyClassifierReward, *, n: int = 1024, seed: int = 1) -> float:
-    """Fraction of fresh procedural images whose three attributes the classifier gets right."""
-    from smartgrpo_fast.shapes.data import prompt_of
-
-    images, attrs = sample_batch(n, torch.Generator().manual_seed(seed))
-    prompts = [
-        prompt_of(int(s), int(c), int(b))
-        for s, c, b in zip(attrs.shape, attrs.color, attrs.background, strict=True)
-    ]
-    return float(reward.matches(images, prompts).all(dim=1).float().mean())

@@ -11,7 +11,7 @@ Writes ``config.json`` (the architecture and ``time_shift``, the schedule to sam
 ``flow.safetensors`` (the raw weights) and ``flow_ema.safetensors`` every 1000 steps, with
 ``train_state.pt`` beside them: running the same command again resumes from it and ends with
 the same weights as an uninterrupted run. The guidance scale is measured afterwards
-(``rewards.tiny.generation_accuracy``) and added to ``config.json`` as ``"guidance_scale"``
+(``shapes.evaluate.generation_accuracy``) and added to ``config.json`` as ``"guidance_scale"``
 (the shipped weights: 6; the defaults below are the run that made them, 51.7 min).
 """
 
@@ -29,14 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from smartgrpo_fast.sde import check_time_shift, shift_times
-from smartgrpo_fast.shapes.data import prompt_of, sample_batch
-from smartgrpo_fast.shapes.model import (
-    WEIGHTS_DIR,
-    TinyArch,
-    build_modules,
-    save_weights,
-    tokenize,
-)
+from smartgrpo_fast.shapes.data import WEIGHTS_DIR, sample_batch, tokenize
+from smartgrpo_fast.shapes.model import TinyArch, build_modules, save_weights
 
 __all__ = ["FlowTrainConfig", "main", "train_flow"]
 
@@ -127,10 +121,7 @@ def train_flow(
     start = time.perf_counter()
     for step in range(first, cfg.steps):
         images, attrs = sample_batch(cfg.batch, gen)
-        prompts = [
-            prompt_of(int(s), int(c), int(b))
-            for s, c, b in zip(attrs.shape, attrs.color, attrs.background, strict=True)
-        ]
+        prompts = attrs.prompts()
         x0 = images * 2.0 - 1.0
         eps = torch.randn(x0.shape, generator=gen)
         t = shift_times(torch.sigmoid(torch.randn(cfg.batch, generator=gen)), cfg.time_shift)
