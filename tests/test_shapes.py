@@ -1,13 +1,18 @@
 """The shapes world's layering: loading its rewards imports neither the flow models nor the
-sampler, checked at run time (a fresh interpreter) and in the source (every import)."""
+sampler, checked at run time (a fresh interpreter) and in the source (every import); its old
+import paths still work for one release, with a DeprecationWarning."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import smartgrpo_fast
 
@@ -71,3 +76,26 @@ def test_no_reward_module_imports_models_or_sde() -> None:
         if _forbidden(module)
     ]
     assert not bad, bad
+
+
+@pytest.mark.parametrize(
+    "old, name, new",
+    [
+        ("smartgrpo_fast.models.tiny", "sample_prompts", "smartgrpo_fast.shapes.data"),
+        ("smartgrpo_fast.models.tiny.data", "render", "smartgrpo_fast.shapes.data"),
+        ("smartgrpo_fast.models.tiny.model", "TinyFlowModel", "smartgrpo_fast.shapes.model"),
+        ("smartgrpo_fast.models.tiny.model", "tokenize", "smartgrpo_fast.shapes.data"),
+        ("smartgrpo_fast.models.tiny.train", "train_flow", "smartgrpo_fast.shapes.train_model"),
+        ("smartgrpo_fast.models.tiny.grid", "save_grid", "smartgrpo_fast.shapes.grid"),
+        ("smartgrpo_fast.rewards.tiny", "TinyClassifierReward", "smartgrpo_fast.shapes.reward"),
+        ("smartgrpo_fast.rewards.tiny", "train_classifier", "smartgrpo_fast.shapes.train_reward"),
+        ("smartgrpo_fast.rewards.tiny", "generation_accuracy", "smartgrpo_fast.shapes.evaluate"),
+    ],
+)
+def test_old_paths_warn_and_reexport(monkeypatch, old: str, name: str, new: str) -> None:
+    """The modules of models/tiny/ and rewards/tiny.py are shims for one release."""
+    monkeypatch.delitem(sys.modules, old, raising=False)  # restored after the test
+    with pytest.warns(DeprecationWarning, match=rf"^{re.escape(old)} is deprecated.*shapes"):
+        shim = importlib.import_module(old)
+    assert getattr(shim, name) is getattr(importlib.import_module(new), name)
+    assert name in shim.__all__
