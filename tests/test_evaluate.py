@@ -16,9 +16,9 @@ from PIL import Image
 
 from smartgrpo_fast import models, rewards
 from smartgrpo_fast.cli import build_parser, main
-from smartgrpo_fast.models.tiny import sample_prompts
 from smartgrpo_fast.ops import philox_normal
 from smartgrpo_fast.sde import flow_sigmas, ode_step
+from smartgrpo_fast.shapes import sample_prompts
 from smartgrpo_fast.train.evaluate import (
     EvalConfig,
     EvalResult,
@@ -305,7 +305,7 @@ def test_cli_eval_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture) 
 
 def _has_lora_loading() -> bool:
     pytest.importorskip("peft")
-    from smartgrpo_fast.models.tiny import TinyFlowModel
+    from smartgrpo_fast.shapes import TinyFlowModel
 
     return "lora" in inspect.signature(TinyFlowModel.from_pretrained).parameters
 

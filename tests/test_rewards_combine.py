@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from smartgrpo_fast import rewards
-from smartgrpo_fast.models.tiny.data import prompt_of, sample_batch
 from smartgrpo_fast.rewards.combine import (
     AsyncReward,
     RewardFuture,
     WeightedSum,
     parse_reward_spec,
 )
+from smartgrpo_fast.shapes.data import prompt_of, sample_batch
 
 WAIT = 30.0  # seconds: a safety net against hangs, never a timing assertion
 

@@ -571,7 +571,7 @@ def test_cuda_graph_is_captured_once_across_runs(spec: str, per_element: bool) -
     from dataclasses import replace
 
     from smartgrpo_fast import models, rewards
-    from smartgrpo_fast.models.tiny import sample_prompts
+    from smartgrpo_fast.shapes import sample_prompts
 
     model = models.load("tiny", device="cuda")
     reward = rewards.reward_from_spec(spec, device="cuda")

@@ -13,10 +13,10 @@ from PIL import Image
 
 from smartgrpo_fast import models, rewards
 from smartgrpo_fast.cli import main
-from smartgrpo_fast.models.tiny import sample_prompts
 from smartgrpo_fast.ops import philox_normal
 from smartgrpo_fast.sde import flow_sigmas, ode_step, schedule_shift, sde_step
 from smartgrpo_fast.search import RolloutConfig, SearchConfig, compare_noise, paired_stats
+from smartgrpo_fast.shapes import sample_prompts
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from smartgrpo_fast import models, rewards
-from smartgrpo_fast.models.tiny import (
+from smartgrpo_fast.sde import sample_ode
+from smartgrpo_fast.shapes import (
     COLORS,
     SHAPES,
     TinyArch,
@@ -20,9 +21,8 @@ from smartgrpo_fast.models.tiny import (
     sample_prompts,
     tokenize,
 )
-from smartgrpo_fast.models.tiny.model import build_modules, save_weights
-from smartgrpo_fast.rewards.tiny import ColorFidelityReward, TinyClassifierReward
-from smartgrpo_fast.sde import sample_ode
+from smartgrpo_fast.shapes.model import build_modules, save_weights
+from smartgrpo_fast.shapes.reward import ColorFidelityReward, TinyClassifierReward
 
 pytest.importorskip("diffusers")
 
@@ -117,7 +117,7 @@ def test_shipped_model_generates_deterministically(tiny) -> None:
 
 def test_shipped_model_follows_its_prompts(tiny) -> None:
     """A quick, loose version of the closing-note measurement: 16 samples, 20 ODE steps."""
-    from smartgrpo_fast.rewards.tiny import generation_accuracy
+    from smartgrpo_fast.shapes.evaluate import generation_accuracy
 
     report = generation_accuracy(tiny, rewards.load("tiny"), n=16, seed=3, steps=20)
     assert report.color >= 0.75 and report.background >= 0.75, report
@@ -172,7 +172,7 @@ def test_colour_fidelity_ranks_matching_images_first(which) -> None:
 
 
 def test_classifier_on_real_images() -> None:
-    from smartgrpo_fast.rewards.tiny import real_image_accuracy
+    from smartgrpo_fast.shapes.evaluate import real_image_accuracy
 
     assert real_image_accuracy(rewards.load("tiny"), n=256) >= 0.97
 
@@ -201,7 +201,7 @@ def test_unknown_reward_name() -> None:
 def test_image_grid_png(random_model_dir, tmp_path) -> None:
     from PIL import Image
 
-    from smartgrpo_fast.models.tiny.grid import generate, save_grid
+    from smartgrpo_fast.shapes.grid import generate, save_grid
 
     m = TinyFlowModel.from_pretrained(random_model_dir)
     prompts = sample_prompts(2, seed=0)
@@ -217,7 +217,7 @@ def test_training_runs_and_resumes_to_the_same_weights(tmp_path) -> None:
     """Two chunks of 2 steps end where one run of 4 steps does (the resume state is exact)."""
     from safetensors.torch import load_file
 
-    from smartgrpo_fast.models.tiny.train import FlowTrainConfig, train_flow
+    from smartgrpo_fast.shapes.train_model import FlowTrainConfig, train_flow
 
     cfg = FlowTrainConfig(steps=4, batch=4, warmup=1)
     arch = TinyArch(layers=1, heads=2, head_dim=8)
@@ -237,7 +237,7 @@ def test_training_runs_and_resumes_to_the_same_weights(tmp_path) -> None:
 
 def test_training_times_are_shifted_toward_noise(monkeypatch) -> None:
     """The trainer's t: logit-normal(0, 1) shifted by s t / (1 + (s - 1) t) (SD3's schedule)."""
-    from smartgrpo_fast.models.tiny import train
+    from smartgrpo_fast.shapes import train_model as train
 
     seen: list[torch.Tensor] = []
     real = train.build_modules
@@ -272,14 +272,14 @@ def test_training_times_are_shifted_toward_noise(monkeypatch) -> None:
      (dict(steps=0), "steps"), (dict(decay_fraction=1.5), "decay_fraction")],
 )  # fmt: skip
 def test_train_config_errors(kw: dict, match: str) -> None:
-    from smartgrpo_fast.models.tiny.train import FlowTrainConfig
+    from smartgrpo_fast.shapes.train_model import FlowTrainConfig
 
     with pytest.raises(ValueError, match=match):
         FlowTrainConfig(**kw)
 
 
 def test_lr_schedule_is_constant_then_decays() -> None:
-    from smartgrpo_fast.models.tiny.train import FlowTrainConfig, _lr_factor
+    from smartgrpo_fast.shapes.train_model import FlowTrainConfig, _lr_factor
 
     cfg = FlowTrainConfig(steps=1200, warmup=200, decay_fraction=0.25, final_lr_fraction=0.1)
     f = [_lr_factor(s, cfg) for s in range(cfg.steps)]

@@ -141,7 +141,7 @@ def test_tiny_prompt_source_is_keyed_by_seed_and_step() -> None:
     assert a == PromptSource("tiny", seed=5).batch(3, 4) and len(a) == 4
     assert a != src.batch(4, 4)
     assert eval_prompts("tiny", 6) == eval_prompts("tiny", 6)
-    from smartgrpo_fast.models.tiny import sample_prompts
+    from smartgrpo_fast.shapes import sample_prompts
 
     assert eval_prompts("tiny", 6) == sample_prompts(6, EVAL_PROMPT_SEED)
 

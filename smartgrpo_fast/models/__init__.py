@@ -1,7 +1,7 @@
 """Flow-model adapters behind one protocol, and a loader.
 
 ``load(name_or_path)`` returns a :class:`FlowModel`: ``"tiny"`` is the embedded pixel-space
-model that ships in the package (:mod:`smartgrpo_fast.models.tiny`); a local
+model that ships in the package (:mod:`smartgrpo_fast.shapes.model`); a local
 StableDiffusion3Pipeline folder or a repo id already in the Hugging Face cache gives an
 :class:`SD3FlowModel`.
 """
@@ -33,7 +33,7 @@ def load(name_or_path: str | Path, **kwargs: Any) -> FlowModel:
     lora). ``lora=PATH`` applies a peft adapter folder (:mod:`smartgrpo_fast.models.lora`).
     """
     if str(name_or_path) == "tiny":
-        from smartgrpo_fast.models.tiny import TinyFlowModel
+        from smartgrpo_fast.shapes.model import TinyFlowModel
 
         return TinyFlowModel.from_pretrained(**kwargs)
     from smartgrpo_fast.models.sd3 import SD3FlowModel

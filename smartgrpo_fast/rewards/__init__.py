@@ -4,7 +4,9 @@ Names for :func:`load`:
 
 * ``tiny`` — the embedded prompt-matching classifier: mean log-probability of the prompt's
   shape, colour and background; ``tiny-prob`` its probability form; ``tiny-min`` the
-  log-probability of the least likely attribute; ``tiny-color`` the analytic colour fidelity.
+  log-probability of the least likely attribute; ``tiny-color`` the analytic colour fidelity
+  (:mod:`smartgrpo_fast.shapes.reward`, which imports neither the flow models nor the
+  sampler: nothing in this package does);
 * ``imagereward`` — ImageReward checkpoints on transformers' BLIP (:mod:`.imagereward`);
 * ``aesthetic`` — the LAION aesthetic predictor on CLIP ViT-L/14; ``pickscore``; ``clipscore``
   (:mod:`.clip`).
@@ -54,15 +56,15 @@ def load(name_or_path: str, **kwargs: Any) -> Reward:
     """A reward by name (see :data:`NAMES`); keyword arguments go to its loader (paths of
     real checkpoints, ``device``, ``dtype``)."""
     if name_or_path in _TINY_MODES:
-        from smartgrpo_fast.rewards import tiny
+        from smartgrpo_fast.shapes.reward import TinyClassifierReward
 
-        return tiny.TinyClassifierReward.load(mode=_TINY_MODES[name_or_path], **kwargs)
+        return TinyClassifierReward.load(mode=_TINY_MODES[name_or_path], **kwargs)
     if name_or_path == "tiny-color":
-        from smartgrpo_fast.rewards import tiny
+        from smartgrpo_fast.shapes.reward import ColorFidelityReward
 
         kwargs.pop("device", None)  # analytic: runs on the images' device
         kwargs.pop("dtype", None)
-        return tiny.ColorFidelityReward(**kwargs)
+        return ColorFidelityReward(**kwargs)
     if name_or_path == "imagereward":
         from smartgrpo_fast.rewards.imagereward import load_imagereward
 

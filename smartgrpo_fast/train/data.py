@@ -101,7 +101,7 @@ class PromptSource:
     def batch(self, step: int, n: int) -> list[str]:
         """The ``n`` prompts of optimizer step ``step`` (1-based)."""
         if self.prompts is None:
-            from smartgrpo_fast.models.tiny import sample_prompts
+            from smartgrpo_fast.shapes import sample_prompts
 
             return sample_prompts(n, derive_seed(self.seed, "prompts", step) | (1 << 40))
         total = len(self.prompts)
@@ -120,7 +120,7 @@ def eval_prompts(spec: str, num: int) -> list[str]:
     """The held-out prompts: ``tiny`` -> ``sample_prompts(num, EVAL_PROMPT_SEED)``; a file ->
     its first ``num`` prompts."""
     if spec == "tiny":
-        from smartgrpo_fast.models.tiny import sample_prompts
+        from smartgrpo_fast.shapes import sample_prompts
 
         return sample_prompts(num, EVAL_PROMPT_SEED)
     return read_prompt_file(spec)[:num]

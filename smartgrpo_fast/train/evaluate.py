@@ -276,9 +276,9 @@ def save_grid(
     """Write (N, 3, H, W) images in [0, 1] as a PNG grid of ``nrow`` images per row (the last
     row padded with white), each row labelled (default: the index range of its images, e.g.
     ``0-7``). Tiles are scaled to about ``cell`` pixels: small images up by an integer factor,
-    larger ones down (antialiased). Drawn by :func:`smartgrpo_fast.models.tiny.grid.save_grid`.
+    larger ones down (antialiased). Drawn by :func:`smartgrpo_fast.shapes.grid.save_grid`.
     """
-    from smartgrpo_fast.models.tiny.grid import save_grid as save_rows
+    from smartgrpo_fast.shapes.grid import save_grid as save_rows
 
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 \
             or images.shape[0] < 1:  # fmt: skip
