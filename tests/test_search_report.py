@@ -58,11 +58,10 @@ def test_prompt_match_with_the_embedded_classifier_on_rendered_images() -> None:
     """Renders of the prompts match (the classifier reads real renders right); renders of
     other prompts do not."""
     from smartgrpo_fast import rewards
-    from smartgrpo_fast.models.tiny.data import prompt_of, sample_batch
+    from smartgrpo_fast.shapes.data import sample_batch
 
     images, attrs = sample_batch(32, torch.Generator().manual_seed(3))
-    triples = zip(attrs.shape, attrs.color, attrs.background, strict=True)
-    prompts = [prompt_of(int(s), int(c), int(b)) for s, c, b in triples]
+    prompts = attrs.prompts()
     shuffled = images[torch.roll(torch.arange(32), 1)]
     comp = _comparison({"random": shuffled, "bestof": images, "searched": images}, prompts)
     got = prompt_match(comp, rewards.load("tiny"))
