@@ -67,3 +67,46 @@ def test_prompt_match_with_the_embedded_classifier_on_rendered_images() -> None:
     got = prompt_match(comp, rewards.load("tiny"))
     assert got["searched"]["all"] == got["bestof"]["all"] == 1.0
     assert got["random"]["all"] < 0.5
+
+
+def test_result_model_calls_match_the_calls_made() -> None:
+    """result.json's model-call counts, audited: the transformer rows, decodes and reward
+    images actually passed while comparing the three continuations equal the per-rollout
+    counts summed over strategies, less the shared prefix counted in each."""
+    from smartgrpo_fast import models, rewards
+    from smartgrpo_fast.search import RolloutConfig, SearchConfig, compare_noise
+    from smartgrpo_fast.search.report import result_dict
+
+    model, reward = models.load("tiny"), rewards.load("tiny")
+    seen = {"transformer_rows": 0, "decodes": 0, "reward_images": 0}
+    forward, decode = model._forward, model.decode
+
+    def counted_forward(z, *args, **kwargs):
+        seen["transformer_rows"] += z.shape[0]
+        return forward(z, *args, **kwargs)
+
+    def counted_decode(x, *args, **kwargs):
+        seen["decodes"] += x.shape[0]
+        return decode(x, *args, **kwargs)
+
+    class CountedReward:
+        def __call__(self, images, prompts):
+            seen["reward_images"] += images.shape[0]
+            return reward(images, prompts)
+
+    model._forward, model.decode = counted_forward, counted_decode
+    search = SearchConfig(k=3, rounds=2, top=1, graph=False)
+    rollout = RolloutConfig(steps=5, step=2, batch=2)
+    comp = compare_noise(model, CountedReward(), ["a red circle on a blue background"] * 3,
+                         search, rollout)  # fmt: skip
+    per = comp.calls
+    assert model.guidance_scale > 1 and per["random"]["transformer_rows"] == 2 * 5
+    assert per["bestof"] == per["searched"]
+    prefix_rows = 2 * (rollout.step + 1)  # run once per prompt, counted in all three
+    for what, made in seen.items():
+        counted = sum(per[k][what] for k in per) - (
+            2 * prefix_rows if what == "transformer_rows" else 0
+        )
+        assert made == 3 * counted, what
+    res = result_dict(comp, search, rollout, model="tiny", reward="tiny", device="cpu")
+    assert res["model_calls"]["total"]["searched"]["transformer_rows"] == 3 * 2 * (5 + 6)

@@ -74,6 +74,9 @@ def result_dict(
         "rounds": {"searched": _round_means(comp.rounds),
                    "bestof": _round_means(comp.rounds_bestof),
                    "per_prompt": comp.rounds.as_dict()},
+        "model_calls": {"per_rollout": comp.calls,
+                        "total": {k: {q: v * n for q, v in c.items()}
+                                  for k, c in comp.calls.items()}},
         "throughput": {
             "candidates_per_rollout": comp.candidates,
             "search_seconds": comp.seconds.get("searched"),

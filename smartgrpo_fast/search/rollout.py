@@ -37,7 +37,7 @@ from smartgrpo_fast.sde import (
 from smartgrpo_fast.search.cem import NoiseSearch
 from smartgrpo_fast.search.config import RoundStats, SearchConfig, SearchResult
 
-__all__ = ["Comparison", "RolloutConfig", "compare_noise", "paired_stats"]
+__all__ = ["Comparison", "RolloutConfig", "compare_noise", "model_calls", "paired_stats"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,23 @@ class Comparison:
     seconds: dict[str, float] = field(default_factory=dict)
     candidates: int = 0
     shift: float = 1.0
+    calls: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def model_calls(
+    search: SearchConfig, rollout: RolloutConfig, guidance_scale: float = 1.0
+) -> dict[str, dict[str, int]]:
+    """Model calls per rollout of each continuation (``random``, ``bestof``, ``searched``):
+    ``transformer_rows`` (latents through the transformer; classifier-free guidance doubles
+    each), ``decodes`` and ``reward_images``. Each continuation counts the rollout's shared
+    prefix (the ODE steps to step S and the velocity at S) as if it ran alone, so the three
+    are comparable: best-of-M and the search spend the same, random K*N rows less."""
+    g = 2 if guidance_scale > 1.0 else 1
+    base = rollout.steps  # S prefix steps, the velocity at S, steps - S - 1 after it
+    m = search.model_calls
+    plain = {"transformer_rows": g * base, "decodes": 1, "reward_images": 1}
+    searched = {"transformer_rows": g * (base + m), "decodes": 1 + m, "reward_images": 1 + m}
+    return {"random": plain, "bestof": dict(searched), "searched": searched}
 
 
 def paired_stats(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -189,4 +206,5 @@ def compare_noise(
         rounds_bestof=_cat_stats(stats["bestof"]),
         seconds=seconds,
         candidates=search.model_calls,
+        calls=model_calls(search, rollout, float(getattr(model, "guidance_scale", 1.0))),
     )
