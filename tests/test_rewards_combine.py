@@ -68,7 +68,7 @@ def _swapped(prepared: rewards.PreparedPrompts) -> rewards.PreparedPrompts:
 
 
 @pytest.mark.parametrize("n", [1, 5])
-@pytest.mark.parametrize("spec", ["tiny", "tiny-prob", "tiny-min", "tiny-color",
+@pytest.mark.parametrize("spec", ["tiny", "tiny-prob", "tiny-min", "tiny-margin", "tiny-color",
                                   "tiny:1,tiny-color:0.5"])  # fmt: skip
 def test_prepare_then_score_equals_the_call(spec: str, n: int) -> None:
     reward = rewards.reward_from_spec(spec)

@@ -150,7 +150,7 @@ def _mismatch(attrs, which: str) -> list[str]:
     return [prompt_of(int(x), int(y), int(z)) for x, y, z in zip(s, c, b, strict=True)]
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-prob", "tiny-min"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-prob", "tiny-min", "tiny-margin"])
 @pytest.mark.parametrize("which", ["shape", "color", "background"])
 def test_classifier_reward_ranks_matching_images_first(name, which) -> None:
     reward = rewards.load(name)
@@ -338,3 +338,19 @@ def test_time_shift_from_config_drives_sampling(random_model_dir, tmp_path) -> N
     assert not torch.allclose(default, sample_ode(shifted, cond, z, steps=3, shift=1.0))
     with pytest.raises(ValueError, match="time_shift: expected a finite value > 0"):
         TinyFlowModel.from_pretrained(tmp_path, time_shift=-1.0)
+
+
+def test_margin_is_positive_exactly_where_each_attribute_is_read_right() -> None:
+    """tiny-margin: per attribute, the prompt's logit over the best other one; its mean over the
+    three attributes, and each term > 0 iff matches() reads that attribute right."""
+    reward = rewards.load("tiny-margin")
+    images, attrs, prompts = _real(64, seed=13)
+    bad = _mismatch(attrs, "shape")
+    prepared = reward.prepare(bad)
+    heads, tgt = reward._heads(images, prepared)
+    per = torch.stack([h.gather(1, tgt[:, i : i + 1]).squeeze(1)
+                       - h.scatter(1, tgt[:, i : i + 1], float("-inf")).amax(1)
+                       for i, h in enumerate(heads)], dim=1)  # fmt: skip
+    torch.testing.assert_close(reward(images, bad), per.mean(1), rtol=0, atol=1e-6)
+    assert torch.equal(per > 0, reward.matches(images, bad))
+    assert float((reward(images, prompts) > 0).float().mean()) >= 0.95

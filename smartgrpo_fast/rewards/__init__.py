@@ -46,10 +46,10 @@ __all__ = [
 ]
 
 NAMES = (
-    "tiny", "tiny-prob", "tiny-min", "tiny-color", "imagereward", "aesthetic", "pickscore",
-    "clipscore",
+    "tiny", "tiny-prob", "tiny-min", "tiny-margin", "tiny-color", "imagereward", "aesthetic",
+    "pickscore", "clipscore",
 )  # fmt: skip
-_TINY_MODES = {"tiny": "logprob", "tiny-prob": "prob", "tiny-min": "min"}
+_TINY_MODES = {"tiny": "logprob", "tiny-prob": "prob", "tiny-min": "min", "tiny-margin": "margin"}
 
 
 def load(name_or_path: str, **kwargs: Any) -> Reward:

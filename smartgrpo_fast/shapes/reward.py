@@ -5,7 +5,9 @@
   is the mean over the three attributes of the log-probability (``mode="logprob"``, in
   (-inf, 0]) or of the probability (``mode="prob"``, in [0, 1]) of the prompt's value, or the
   log-probability of the least likely one (``mode="min"``: an image is only as good as its
-  worst attribute).
+  worst attribute), or the mean over the attributes of the logit margin of the prompt's value
+  over the best other value (``mode="margin"``: > 0 exactly where the attribute is read right,
+  and unbounded above, so candidates that all read right still rank by how clearly).
 * :class:`ColorFidelityReward`: no weights; how well the image is made of the prompt's two
   colours, in the right proportions: ``1 - mean_pixel min(|p - c_shape|, |p - c_bg|) / sqrt(3)``
   minus a penalty when the shape colour covers less than 2% or more than 60% of the image.
@@ -15,7 +17,8 @@ are :class:`~smartgrpo_fast.rewards.base.PreparedReward`: ``prepare`` turns the 
 attribute indices (or colours) on the device, ``score`` reads only tensors, so either runs
 inside a captured search round.
 
-``smartgrpo_fast.rewards.load("tiny")`` (and ``tiny-prob``, ``tiny-min``, ``tiny-color``)
+``smartgrpo_fast.rewards.load("tiny")`` (and ``tiny-prob``, ``tiny-min``, ``tiny-margin``,
+``tiny-color``)
 returns these. This module imports only the world's data (:mod:`.data`) and the reward
 protocol: loading a reward never imports the flow model or the sampler. The classifier is
 trained by :mod:`.train_reward`; generated images are judged by :mod:`.evaluate`.
@@ -45,7 +48,7 @@ __all__ = ["CLASSIFIER_FILE", "ColorFidelityReward", "TinyClassifier", "TinyClas
 CLASSIFIER_FILE = WEIGHTS_DIR / "classifier.safetensors"
 _PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32)
 _CACHE_SIZE = 64
-_MODES = ("logprob", "prob", "min")
+_MODES = ("logprob", "prob", "min", "margin")
 
 
 class TinyClassifier(nn.Module):
@@ -97,6 +100,13 @@ def _resize(images: torch.Tensor) -> torch.Tensor:
     if images.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE):
         return images
     return F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True)
+
+
+def _margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(N,) logit of ``target`` (N,) int64 minus the largest other logit of ``logits`` (N, C)."""
+    idx = target.unsqueeze(1)
+    others = logits.float().scatter(1, idx, float("-inf"))
+    return logits.float().gather(1, idx).squeeze(1) - others.amax(dim=1)
 
 
 @dataclass
@@ -166,6 +176,10 @@ class TinyClassifierReward:
 
     def score(self, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
         """(N,) float32 on the images' device; reads no prompt strings (graph-safe)."""
+        if self.mode == "margin":
+            heads, tgt = self._heads(images, prepared)
+            margins = [_margin(h, tgt[:, i]) for i, h in enumerate(heads)]
+            return torch.stack(margins, dim=1).mean(dim=1).float().to(images.device)
         lp = self._log_probs(images, prepared)
         if self.mode == "logprob":
             out = lp.mean(dim=1)
