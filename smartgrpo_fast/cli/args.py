@@ -8,6 +8,7 @@ turn into (a device, a model, a reward, prompts, a batch size) is :mod:`.build`'
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ __all__ = [
     "add_reward",
     "add_seed",
     "device",
+    "float_at_least",
     "int_in",
 ]
 
@@ -45,6 +47,21 @@ def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
         if value < lo or (hi is not None and value >= hi):
             bound = f">= {lo}" if hi is None else f"in [{lo}, {hi})"
             raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def float_at_least(lo: float) -> Callable[[str], float]:
+    """argparse type: a finite float >= ``lo``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and value >= lo):
+            raise argparse.ArgumentTypeError(f"expected a finite number >= {lo:g}, got {text!r}")
         return value
 
     return parse
@@ -94,9 +111,9 @@ def add_progress(p: argparse.ArgumentParser) -> None:
                    help="no progress bar on stderr (default: shown)")  # fmt: skip
 
 
-def add_batch(p: argparse.ArgumentParser, what: str, default: int) -> None:
-    p.add_argument("--batch", type=int_in(1), default=default, metavar="B",
-                   help=f"{what} (default: %(default)s)")  # fmt: skip
+def add_batch(p: argparse.ArgumentParser, what: str, default: str) -> None:
+    p.add_argument("--batch", type=int_in(1), default=None, metavar="B",
+                   help=f"{what} (default: {default.replace('%', '%%')})")  # fmt: skip
 
 
 def add_cem(p: argparse.ArgumentParser, k: int, rounds: int, top: int) -> None:
@@ -110,10 +127,24 @@ def add_cem(p: argparse.ArgumentParser, k: int, rounds: int, top: int) -> None:
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
-    """--model and its --dtype."""
+    """--model and the options of how it is loaded (SD3 resolution, guidance, backend)."""
+    from smartgrpo_fast.graphs import BACKENDS
+
     p.add_argument("--model", default="tiny",
                    help="tiny (embedded) or a StableDiffusion3Pipeline folder / cached repo id "
                         "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--resolution", type=int_in(1), default=None, metavar="PX",
+                   help="SD3 image side in pixels, a multiple of the VAE factor times the patch "
+                        "size (16 for SD3/SD3.5; Flow-GRPO trains at 512) (default: the "
+                        "model's, 1024 for SD3/SD3.5)")  # fmt: skip
+    p.add_argument("--guidance", type=float_at_least(1.0), default=None, metavar="W",
+                   help="classifier-free guidance scale, >= 1; 1 = off, > 1 doubles every "
+                        "forward's rows (default: the model's: tiny's config.json, SD3 "
+                        "off)")  # fmt: skip
+    p.add_argument("--backend", choices=BACKENDS, default="eager",
+                   help="how the transformer forward runs: eager, graph (CUDA graphs per "
+                        "batch bucket; eager with a warning off CUDA) or a torch.compile "
+                        "mode (default: %(default)s)")  # fmt: skip
     add_dtype(p)
 
 

@@ -56,7 +56,8 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
                    help="ODE steps from t = 1 to 0 (default: %(default)s)")  # fmt: skip
     p.add_argument("--shift", type=float, default=None,
                    help="schedule time shift (default: the model's; 3 for tiny, SD3)")  # fmt: skip
-    cli_args.add_batch(p, "prompts sampled together (one decode of B rows)", d.batch)
+    cli_args.add_batch(p, "prompts sampled together (one decode of B rows)",
+                       build.batch_rule("B"))  # fmt: skip
     cli_args.add_device(p)
     cli_args.add_progress(p)
     cli_args.add_out(p, "eval_out", "folder for result.json and grid.png")
@@ -91,11 +92,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     lora = args.lora = _lora(args)
     device, dtype, prompts = build.inputs(args)
     try:
-        config = EvalConfig(steps=args.steps, seed=args.seed, batch=args.batch, shift=args.shift)
+        config = EvalConfig(steps=args.steps, seed=args.seed, shift=args.shift)
     except ValueError as err:
         parser.error(str(err))
     reward = build.build_reward(args, device)
     model = build.load_model(args, device, dtype, **({"lora": lora} if lora else {}))
+    batch = build.resolve_batch(args, model, device, default=config.batch)
+    config = EvalConfig(steps=config.steps, seed=config.seed, batch=batch, shift=config.shift)
     compare = lora is not None and not args.no_base
     print(f"{len(prompts)} prompts, {config.steps} ODE steps, reward {args.reward}, {device}"
           + (f", adapter {lora}" + (" vs base" if compare else "") if lora else ""),
@@ -111,7 +114,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     cfg = {"model": args.model, "lora": None if lora is None else str(lora),
            "reward": args.reward, "device": device, "dtype": dtype,
            "prompt_seed": args.prompt_seed if args.prompt is None and args.prompts is None
-           else None}  # fmt: skip
+           else None, "model_options": build.model_options(args, model, dtype)}  # fmt: skip
     result = result_dict(res, config, base=base, meta=cfg, extra={"version": __version__})
     out: Path = args.out
     json_path = write_result(result, out / "result.json")

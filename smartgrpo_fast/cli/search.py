@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from smartgrpo_fast import __version__
@@ -30,7 +31,7 @@ def add_search(commands: argparse._SubParsersAction) -> None:
             "finished by the ODE and scored by --reward. Writes DIR/result.json (config, "
             "prompts, reward_searched, reward_random, reward_bestof: one final reward per "
             "prompt in prompt order; summary with paired t statistics; rounds: per-round "
-            "statistics; throughput), DIR/grid.png (random | best-of-M | "
+            "statistics; throughput; model_options), DIR/grid.png (random | best-of-M | "
             "searched per prompt) and DIR/rounds.png (the per-round reward curve)."
         ),
     )
@@ -50,6 +51,10 @@ def add_search(commands: argparse._SubParsersAction) -> None:
                    help="one CEM std per rollout (default: one per element)")  # fmt: skip
     p.add_argument("--rescale", action="store_true",
                    help="rescale the chosen noise to norm sqrt(D) (default: off)")  # fmt: skip
+    p.add_argument("--decode-size", type=int_in(1), default=sd.decode_size, metavar="PX",
+                   help="resize each decoded candidate to PX x PX before the reward (the "
+                        "decode itself runs at the model's size; default: no resize, rewards "
+                        "resize to their input size themselves)")  # fmt: skip
     p.add_argument("--step", type=int_in(0), default=rd.step, metavar="S",
                    help="the searched SDE step, 0 <= S < --steps "
                         "(default: %(default)s)")  # fmt: skip
@@ -60,7 +65,7 @@ def add_search(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--noise-level", type=float, default=rd.noise_level,
                    help="Flow-GRPO SDE noise level (default: %(default)s)")  # fmt: skip
     cli_args.add_batch(p, "rollouts searched together; a forward and a decode have B*K rows",
-                       rd.batch)  # fmt: skip
+                       build.batch_rule())  # fmt: skip
     cli_args.add_seed(p, 0, "keys the prompts (tiny), initial noise, random noise and the search")
     cli_args.add_device(p)
     p.add_argument("--no-graph", action="store_true",
@@ -86,21 +91,23 @@ def _run_search(args: argparse.Namespace) -> int:
         search = SearchConfig(
             k=args.k, rounds=args.rounds, top=args.top, use=args.use, alpha=args.alpha,
             min_sigma=args.min_sigma, per_element=not args.pooled_sigma, rescale=args.rescale,
-            seed=args.seed, graph=not args.no_graph,
+            seed=args.seed, graph=not args.no_graph, decode_size=args.decode_size,
         )  # fmt: skip
         rollout = RolloutConfig(steps=args.steps, step=args.step, shift=args.shift,
-                                noise_level=args.noise_level, seed=args.seed,
-                                batch=args.batch)  # fmt: skip
+                                noise_level=args.noise_level, seed=args.seed)  # fmt: skip
     except ValueError as err:
         parser.error(str(err))
     reward = build.build_reward(args, device)
     model = build.load_model(args, device, dtype)
-    print(f"{len(prompts)} prompts, K={search.k} N={search.rounds} T={search.top} "
+    batch = build.resolve_batch(args, model, device, k=search.k, default=rollout.batch)
+    rollout = replace(rollout, batch=batch)
+    print(f"{len(prompts)} prompts, K={search.k} N={search.rounds} T={search.top} B={batch} "
           f"use={search.use}, SDE step {rollout.step}/{rollout.steps}, reward {args.reward}, "
           f"{device}", file=sys.stderr)  # fmt: skip
     comp = compare_noise(model, reward, prompts, search, rollout, progress=not args.no_progress)
+    extra = {"version": __version__, "model_options": build.model_options(args, model, dtype)}
     result = result_dict(comp, search, rollout, model=args.model, reward=args.reward,
-                         device=device, extra={"version": __version__})  # fmt: skip
+                         device=device, extra=extra)  # fmt: skip
     out: Path = args.out
     json_path = write_result(result, out / "result.json")
     grid = save_comparison_grid(comp, out / "grid.png")
