@@ -1,6 +1,6 @@
 """The options that make ``smartgrpo-fast search`` (and ``eval``) drive an SD3 model: resolution,
-guidance, decode size, backend, the memory-aware default batch, and one-line argument errors
-for missing files. SD3 runs use the tiny random pipeline saved
+guidance, decode size, backend, per-reward loader arguments, the memory-aware default batch,
+and one-line argument errors for missing files. SD3 runs use the tiny random pipeline saved
 with save_pretrained (models.sd3_configs.save_tiny_sd3_pipeline), on CPU."""
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from smartgrpo_fast.cli import main
+from smartgrpo_fast.cli import build_parser, main
 from smartgrpo_fast.cli.build import (
     CPU_ROWS,
     DECODE_BYTES_PER_PIXEL,
     FORWARD_BYTES_PER_PIXEL,
     MEMORY_FRACTION,
+    build_reward,
     default_batch,
     fitting_rows,
 )
@@ -68,7 +69,7 @@ def test_search_sd3_resolution_guidance_decode_size_backend(
         assert main(argv) == 0
     res = json.loads((out / "result.json").read_text())
     assert res["model_options"] == {"resolution": 32, "guidance": 2.0, "backend": "graph",
-                                    "dtype": "float32"}  # fmt: skip
+                                    "dtype": "float32", "reward_args": []}  # fmt: skip
     assert res["config"]["search"]["decode_size"] == 16
     assert res["config"]["rollout"]["batch"] == CPU_ROWS // 2  # B*K <= 16 rows off CUDA
     assert f"note: --batch {CPU_ROWS // 2}: {CPU_ROWS} rows of 32 px" in capsys.readouterr().err
@@ -128,9 +129,61 @@ def test_model_folder_without_a_pipeline(tmp_path: Path, capsys) -> None:
     assert f"{tmp_path / 'model_index.json'}: not found" in last
 
 
+def test_missing_reward_checkpoint(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "classifier.safetensors"
+    last = _error(["search", "--num-prompts", "1", *SMALL, "--reward-arg",
+                   f"tiny.path={missing}"], capsys)  # fmt: skip
+    assert "argument --reward: tiny:" in last and str(missing) in last
+
+
 def test_missing_prompt_file(capsys: pytest.CaptureFixture) -> None:
     last = _error(["search", "--prompts", "/nonexistent/prompts.txt"], capsys)
     assert last.endswith("argument --prompts: /nonexistent/prompts.txt is not a file")
+
+
+# ---------------------------------------------------------------------------- --reward-arg
+
+
+@pytest.mark.parametrize(
+    "reward, args, match",
+    [
+        ("tiny", ["foo"], "argument --reward-arg: expected NAME.KEY=VALUE"),
+        ("tiny", ["tiny=3"], "argument --reward-arg: expected NAME.KEY=VALUE"),
+        ("tiny", [".path=x"], "argument --reward-arg: expected NAME.KEY=VALUE"),
+        ("tiny", ["tiny.=x"], "argument --reward-arg: expected NAME.KEY=VALUE"),
+        ("tiny", ["tiny.device=cpu"], "the reward's device is set by --device"),
+        ("tiny", ["imagereward.checkpoint=x"],
+         "argument --reward-arg: 'imagereward.checkpoint=x': 'imagereward' is not a reward of "
+         "--reward 'tiny'"),
+        ("tiny", ["tiny.path=a", "tiny.path=b"], "argument --reward-arg: tiny.path given twice"),
+        ("tiny", ["tiny.nope=1"], "argument --reward-arg: reward 'tiny' does not take 'nope'"),
+        ("tiny:1,tiny-color:1", ["tiny-color.checkpoint=x"],
+         "argument --reward-arg: reward 'tiny-color' does not take 'checkpoint'"),
+        ("tiny", ["tiny.dtype=int8"], "expected a dtype of float32, bfloat16, float16"),
+    ],
+)  # fmt: skip
+def test_reward_arg_errors(reward: str, args: list[str], match: str, capsys) -> None:
+    argv = ["search", "--num-prompts", "1", *SMALL, "--reward", reward]
+    for a in args:
+        argv += ["--reward-arg", a]
+    assert match in _error(argv, capsys)
+
+
+def _reward(*argv: str):
+    args = build_parser().parse_args(["search", *argv])
+    return build_reward(args, "cpu")
+
+
+def test_reward_arg_reaches_its_loader_only() -> None:
+    """Each component gets its own keywords; VALUE is read as YAML."""
+    from smartgrpo_fast.rewards.combine import WeightedSum
+
+    alone = _reward("--reward", "tiny-color", "--reward-arg", "tiny-color.min_cover=0.05")
+    assert alone.min_cover == 0.05 and isinstance(alone.min_cover, float)
+    both = _reward("--reward", "tiny:1,tiny-color:0.5",
+                   "--reward-arg", "tiny-color.max_cover=0.5")  # fmt: skip
+    assert isinstance(both, WeightedSum) and both.rewards["tiny-color"].max_cover == 0.5
+    assert both.rewards["tiny-color"].min_cover == 0.02  # its default: nothing else leaked
 
 
 # ---------------------------------------------------------------------------- batch rule

@@ -11,9 +11,11 @@ import argparse
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 __all__ = [
     "DTYPES",
+    "RewardArg",
     "add_batch",
     "add_cem",
     "add_device",
@@ -27,6 +29,7 @@ __all__ = [
     "device",
     "float_at_least",
     "int_in",
+    "reward_arg",
 ]
 
 #: Model dtypes the commands take.
@@ -74,6 +77,36 @@ def device(text: str) -> str:
     if name == "cpu" or (head == "cuda" and (not index or index.isdigit())):
         return name
     raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+
+
+class RewardArg(NamedTuple):
+    """One ``--reward-arg NAME.KEY=VALUE``: VALUE read as YAML (numbers, true/false, null;
+    anything else stays a string)."""
+
+    name: str
+    key: str
+    value: Any
+    text: str
+
+
+def reward_arg(text: str) -> RewardArg:
+    """argparse type of --reward-arg: ``NAME.KEY=VALUE``."""
+    import yaml
+
+    target, sep, raw = text.partition("=")
+    name, dot, key = target.strip().rpartition(".")
+    name, key = name.strip(), key.strip()
+    if not (sep and dot and name and key.isidentifier()):
+        raise argparse.ArgumentTypeError(
+            f"expected NAME.KEY=VALUE (e.g. imagereward.checkpoint=PATH), got {text!r}"
+        )
+    if key == "device":
+        raise argparse.ArgumentTypeError(f"{text!r}: the reward's device is set by --device")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    return RewardArg(name, key, value, text)
 
 
 # ------------------------------------------------------------------------------ groups
@@ -149,10 +182,17 @@ def add_model(p: argparse.ArgumentParser) -> None:
 
 
 def add_reward(p: argparse.ArgumentParser, example: str = "") -> None:
-    """--reward."""
+    """--reward and --reward-arg."""
     p.add_argument("--reward", default=DEMO_REWARD, metavar="NAME[:WEIGHT],...",
                    help=f"reward, or a weighted sum of rewards by name{example}; names: see "
                         "smartgrpo_fast.rewards.NAMES (default: %(default)s)")  # fmt: skip
+    p.add_argument("--reward-arg", type=reward_arg, action="append", default=[],
+                   metavar="NAME.KEY=VALUE",
+                   help="a keyword argument of the loader of reward NAME of --reward, VALUE "
+                        "read as YAML (repeatable; e.g. imagereward.checkpoint=PATH, "
+                        "imagereward.med_config=PATH, aesthetic.head=PATH, "
+                        "imagereward.dtype=bfloat16) (default: none: checkpoints from the "
+                        "Hugging Face cache)")  # fmt: skip
 
 
 def add_prompts(p: argparse.ArgumentParser, *, num_default: int, seed_flag: str) -> None:

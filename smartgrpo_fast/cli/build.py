@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from smartgrpo_fast.cli.args import DTYPES, RewardArg
+
 __all__ = [
     "CPU_ROWS",
     "DECODE_BYTES_PER_PIXEL",
@@ -102,14 +104,55 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 # ------------------------------------------------------------------------------ reward
 
 
-def build_reward(args: argparse.Namespace, device: str) -> Any:
-    """The reward of --reward."""
-    from smartgrpo_fast.rewards import reward_from_spec
+def _reward_kwargs(
+    parser: argparse.ArgumentParser, spec: str, names: list[str], given: list[RewardArg]
+) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {name: {} for name in names}
+    for arg in given:
+        if arg.name not in out:
+            parser.error(f"argument --reward-arg: {arg.text!r}: {arg.name!r} is not a reward "
+                         f"of --reward {spec!r}")  # fmt: skip
+        if arg.key in out[arg.name]:
+            parser.error(f"argument --reward-arg: {arg.name}.{arg.key} given twice")
+        value = arg.value
+        if arg.key == "dtype":
+            if value not in DTYPES:
+                parser.error(f"argument --reward-arg: {arg.text!r}: expected a dtype of "
+                             f"{', '.join(DTYPES)}")  # fmt: skip
+            value = getattr(torch, value)
+        out[arg.name][arg.key] = value
+    return out
 
+
+def build_reward(args: argparse.Namespace, device: str) -> Any:
+    """The reward of --reward, each component loaded with its --reward-arg keywords."""
+    from smartgrpo_fast.rewards import load
+    from smartgrpo_fast.rewards.combine import WeightedSum, parse_reward_spec
+
+    parser: argparse.ArgumentParser = args.parser
     try:
-        return reward_from_spec(args.reward, device=device)
-    except (FileNotFoundError, ValueError) as err:
-        args.parser.error(f"argument --reward: {one_line(err)}")
+        weights = parse_reward_spec(args.reward)
+    except ValueError as err:
+        parser.error(f"argument --reward: {one_line(err)}")
+    kwargs = _reward_kwargs(parser, args.reward, list(weights), args.reward_arg)
+    rewards = {}
+    for name, kw in kwargs.items():
+        try:
+            rewards[name] = load(name, device=device, **kw)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(f"argument --reward: {name}: {one_line(err)}")
+        except TypeError as err:
+            if not kw:
+                raise
+            bad = [k for k in kw if f"unexpected keyword argument '{k}'" in str(err)]
+            what = f"does not take {bad[0]!r}" if bad else "rejects its arguments"
+            parser.error(f"argument --reward-arg: reward {name!r} {what} ({one_line(err)})")
+    if len(weights) == 1 and next(iter(weights.values())) == 1.0:
+        return next(iter(rewards.values()))
+    try:
+        return WeightedSum(weights, rewards=rewards)
+    except ValueError as err:
+        parser.error(f"argument --reward: {one_line(err)}")
 
 
 # ------------------------------------------------------------------------------- model
@@ -158,7 +201,8 @@ def load_model(args: argparse.Namespace, device: str, dtype: str, **kwargs: Any)
 def model_options(args: argparse.Namespace, model: Any, dtype: str) -> dict[str, Any]:
     """How the model ran, for result.json."""
     return {"resolution": getattr(model, "image_size", None), "guidance": model.guidance_scale,
-            "backend": args.backend, "dtype": dtype}  # fmt: skip
+            "backend": args.backend, "dtype": dtype,
+            "reward_args": [a.text for a in args.reward_arg]}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- batch
