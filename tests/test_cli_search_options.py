@@ -134,6 +134,7 @@ def test_missing_reward_checkpoint(tmp_path: Path, capsys) -> None:
     last = _error(["search", "--num-prompts", "1", *SMALL, "--reward-arg",
                    f"tiny.path={missing}"], capsys)  # fmt: skip
     assert "argument --reward: tiny:" in last and str(missing) in last
+    assert last.endswith("(the loader's KEY=PATH arguments: --reward-arg tiny.KEY=PATH)")
 
 
 def test_missing_prompt_file(capsys: pytest.CaptureFixture) -> None:

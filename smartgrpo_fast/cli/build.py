@@ -139,7 +139,10 @@ def build_reward(args: argparse.Namespace, device: str) -> Any:
     for name, kw in kwargs.items():
         try:
             rewards[name] = load(name, device=device, **kw)
-        except (FileNotFoundError, ValueError) as err:
+        except FileNotFoundError as err:
+            parser.error(f"argument --reward: {name}: {one_line(err)} (the loader's KEY=PATH "
+                         f"arguments: --reward-arg {name}.KEY=PATH)")  # fmt: skip
+        except ValueError as err:
             parser.error(f"argument --reward: {name}: {one_line(err)}")
         except TypeError as err:
             if not kw:
