@@ -5,6 +5,7 @@ Nothing here depends on a measured time: only on the rows, files and messages th
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import functools
@@ -24,7 +25,7 @@ import smartgrpo_fast
 from smartgrpo_fast.bench.op_cases import OPS, case_shape, provider_problem
 from smartgrpo_fast.bench.ops import BASELINES, CPU_PROVIDERS, format_table, speedup_rows
 from smartgrpo_fast.bench.rows import CSV_FIELDS
-from smartgrpo_fast.cli import main
+from smartgrpo_fast.cli import build_parser, main
 
 REQUIRED_COLUMNS = {
     "op",
@@ -309,3 +310,37 @@ def test_speedup_rows_divide_baseline_by_provider() -> None:
         ("reference", "unfused/reference"): 0.25,
         ("cpp", "reference/cpp"): 8.0,
     }
+
+
+def _subparsers(parser: argparse.ArgumentParser, prefix: str = "") -> list:
+    """(command path, parser) of every sub-command of ``parser``, recursively."""
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out += [(f"{prefix}{name}", sub), *_subparsers(sub, f"{prefix}{name} ")]
+    return out
+
+
+def test_every_option_of_every_command_names_its_default() -> None:
+    """Every option's help says its default (or that it is required); flags say 'off' or
+    what happens without them. -h and --version are argparse's own."""
+    commands = _subparsers(build_parser())
+    assert {"bench ops", "bench velocity", "bench search", "bench train", "grid", "search",
+            "eval", "plot", "train"} <= {name for name, _ in commands}  # fmt: skip
+    missing = [
+        f"{name} {'/'.join(action.option_strings)}"
+        for name, sub in commands
+        for action in sub._actions
+        if action.option_strings
+        and not isinstance(action, (argparse._HelpAction, argparse._VersionAction))
+        and not any(word in (action.help or "") for word in ("default", "required"))
+    ]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("command", ["grid", "search", "eval", "bench velocity", "bench search"])
+def test_help_of_every_command_renders(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*command.split(), "--help"])
+    assert exc.value.code == 0 and "default" in capsys.readouterr().out

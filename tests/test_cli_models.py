@@ -18,6 +18,24 @@ def test_grid_writes_a_png(tmp_path, capsys) -> None:
     assert str(out) in capsys.readouterr().out
 
 
+def test_grid_weights(tmp_path, capsys) -> None:
+    """--weights reaches the model (grid no longer re-parses its arguments with a parser of
+    its own that the command line could not reach)."""
+    from smartgrpo_fast.shapes.data import WEIGHTS_DIR
+
+    out = tmp_path / "g.png"
+    argv = ["grid", "--prompts", "1", "--seeds", "1", "--steps", "1", "--device", "cpu"]
+    assert main([*argv, "--weights", str(WEIGHTS_DIR), "--out", str(out)]) == 0
+    assert out.is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--weights", str(tmp_path / "none")])
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    want = f"smartgrpo-fast grid: error: argument --weights: {tmp_path / 'none'}"
+    assert last.startswith(want) and "config.json" in last
+
+
 def test_bench_velocity_rows(tmp_path, capsys) -> None:
     argv = ["bench", "velocity", "--backends", "eager", "--batches", "2", "--repeats", "1",
             "--warmup", "1", "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import itertools
 import json
@@ -15,7 +14,7 @@ from helpers import assert_close
 from PIL import Image
 
 from smartgrpo_fast import models, rewards
-from smartgrpo_fast.cli import build_parser, main
+from smartgrpo_fast.cli import main
 from smartgrpo_fast.ops import philox_normal
 from smartgrpo_fast.sde import flow_sigmas, ode_step
 from smartgrpo_fast.shapes import sample_prompts
@@ -376,12 +375,3 @@ def test_cli_eval_lora_folder_without_adapter(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--num-prompts", "1", "--steps", "1", "--lora", str(tmp_path)])
     assert exc.value.code == 2 and "adapter_config.json" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("command", ["eval", "plot"])
-def test_cli_every_option_names_its_default(command: str) -> None:
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for action in sub.choices[command]._actions:
-        if action.option_strings and action.dest != "help":
-            assert "default" in (action.help or ""), action.option_strings

@@ -5,13 +5,11 @@ python -m smartgrpo_fast.shapes.grid --prompts 6 --seeds 6 --steps 40 --out grid
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 from smartgrpo_fast.sde import sample_ode
-from smartgrpo_fast.shapes.data import sample_prompts
 
 __all__ = ["generate", "main", "save_grid"]
 
@@ -54,21 +52,12 @@ def save_grid(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Image grid of the embedded model.")
-    parser.add_argument("--prompts", type=int, default=6, help="number of sampled prompts")
-    parser.add_argument("--prompt-seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, default=6, help="initial noises per prompt")
-    parser.add_argument("--steps", type=int, default=40, help="ODE steps")
-    parser.add_argument("--weights", type=Path, default=None, help="a trained weights folder")
-    parser.add_argument("--out", type=Path, default=Path("tiny_grid.png"))
-    args = parser.parse_args(argv)
-    from smartgrpo_fast.shapes.model import TinyFlowModel
+    """``python -m smartgrpo_fast.shapes.grid ARGS`` = ``smartgrpo-fast grid ARGS``."""
+    import sys
 
-    model = TinyFlowModel.from_pretrained(args.weights)
-    prompts = sample_prompts(args.prompts, args.prompt_seed)
-    images = generate(model, prompts, list(range(args.seeds)), steps=args.steps)
-    print(save_grid(images, prompts, args.out))
-    return 0
+    from smartgrpo_fast.cli import main as cli_main
+
+    return cli_main(["grid", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
