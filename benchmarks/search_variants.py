@@ -1,0 +1,146 @@
+"""Search variants against best-of-M at equal model calls, on the embedded model (issue 14).
+
+For each variant (a guiding reward and a SearchConfig), :func:`compare_noise` runs the three
+continuations of every prompt's rollout (random noise, best-of-M, the CEM search; best-of-M
+and the search guided by the same reward, at the same K*N one-step-scored candidates). The
+final images are then judged three ways, none of which the search needs to have seen:
+
+* ``logprob``: the classifier's mean log-probability of the prompt's attributes (``tiny``);
+* ``match``: the fraction of images whose three attributes the classifier reads right;
+* ``judge``: the same fraction read by an independent judge (``--judge``, e.g. the analytic
+  shapes judge built from the rendering rules), when one is given.
+
+Each comparison is a paired t statistic over prompts (df = prompts - 1; for the match columns
+on the per-prompt 0/1 outcomes). One JSON line per variant goes to ``--out`` and a markdown
+table is printed. Choose on development prompts (one ``--prompt-seed``), confirm once on
+held-out prompts (another).
+
+    python3 benchmarks/search_variants.py --prompt-seed 100 --num-prompts 128 --out dev.jsonl
+    python3 benchmarks/search_variants.py --prompt-seed 200 --num-prompts 128 \\
+        --variants default margin --out heldout.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from smartgrpo_fast import models, rewards
+from smartgrpo_fast.search import RolloutConfig, SearchConfig, compare_noise, paired_stats
+from smartgrpo_fast.shapes import sample_prompts
+
+BASE = SearchConfig()
+#: name -> (guiding reward, search config): every variant spends K*N = 48 candidates.
+VARIANTS: dict[str, tuple[str, SearchConfig]] = {
+    "default": ("tiny", BASE),
+    "prob": ("tiny-prob", BASE),
+    "min": ("tiny-min", BASE),
+    "margin": ("tiny-margin", BASE),
+    "margin-k8n6": ("tiny-margin", replace(BASE, k=8, rounds=6, top=2)),
+    "margin-k24n2": ("tiny-margin", replace(BASE, k=24, rounds=2, top=6)),
+    "margin-alpha0.5": ("tiny-margin", replace(BASE, alpha=0.5, min_sigma=0.3)),
+    "margin-mean": ("tiny-margin", replace(BASE, use="mean")),
+}
+KEYS = ("random", "bestof", "searched")
+
+
+def judge_final_images(comp, classifier, judge) -> dict[str, dict[str, torch.Tensor]]:
+    """Per continuation: (P,) classifier log-prob, (P,) classifier all-match, judge all-match."""
+    out = {}
+    for key in KEYS:
+        images = getattr(comp, f"images_{key}")
+        scores = {
+            "logprob": classifier(images, comp.prompts).double().cpu(),
+            "match": classifier.matches(images, comp.prompts).all(dim=1).double().cpu(),
+        }
+        if judge is not None:
+            scores["judge"] = judge.matches(images, comp.prompts).all(dim=1).double().cpu()
+        out[key] = scores
+    return out
+
+
+def run_variant(name: str, model, prompts, rollout, classifier, judge, images_dir=None) -> dict:
+    guide, search = VARIANTS[name]
+    t0 = time.perf_counter()
+    comp = compare_noise(model, rewards.load(guide), prompts, search, rollout)
+    seconds = time.perf_counter() - t0
+    if images_dir is not None:  # to judge again later: {key: (P, 3, H, W) uint8}, prompts
+        images = {k: (getattr(comp, f"images_{k}") * 255).round().to(torch.uint8) for k in KEYS}
+        torch.save({"prompts": comp.prompts, **images}, images_dir / f"{name}.pt")
+    scores = judge_final_images(comp, classifier, judge)
+    row = {"variant": name, "guide": guide, "search": asdict(search), "prompts": len(prompts),
+           "calls_per_rollout": comp.calls, "seconds": seconds,
+           "search_seconds": comp.seconds}  # fmt: skip
+    for metric in scores["searched"]:
+        row[metric] = {key: float(scores[key][metric].mean()) for key in KEYS}
+        for other in ("bestof", "random"):
+            st = paired_stats(scores["searched"][metric], scores[other][metric])
+            row[metric][f"t_vs_{other}"] = st["t"]
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    metrics = [m for m in ("logprob", "match", "judge") if m in rows[0]]
+    head = ["variant", "guide", "K, N, T", "rows/rollout"]
+    for m in metrics:
+        head += [f"{m} rnd / bo / s", f"t vs bo ({m})"]
+    head += ["s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        s = r["search"]
+        cells = [r["variant"], r["guide"], f"{s['k']}, {s['rounds']}, {s['top']}",
+                 str(r["calls_per_rollout"]["searched"]["transformer_rows"])]  # fmt: skip
+        for m in metrics:
+            v = r[m]
+            fmt = "{:.3f}" if m == "logprob" else "{:.2f}"
+            cells.append(" / ".join(fmt.format(v[k]) for k in KEYS))
+            cells.append(f"{v['t_vs_bestof']:.2f}")
+        cells.append(f"{r['seconds']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="variants to run (default: all)")  # fmt: skip
+    p.add_argument("--num-prompts", type=int, default=128, help="prompts (default: 128)")
+    p.add_argument("--prompt-seed", type=int, required=True,
+                   help="sample_prompts seed: one for choosing, another for held-out")  # fmt: skip
+    p.add_argument("--step", type=int, default=RolloutConfig().step,
+                   help="the searched SDE step (default: %(default)s)")  # fmt: skip
+    p.add_argument("--judge", default=None,
+                   help="a reward with matches(): a second judge (default: none)")  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="JSON lines, one per variant")
+    p.add_argument("--save-images", type=Path, default=None, metavar="DIR",
+                   help="save final images as DIR/VARIANT.pt (default: off)")  # fmt: skip
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    model = models.load("tiny")
+    classifier = rewards.load("tiny")
+    judge = rewards.load(args.judge) if args.judge else None
+    prompts = sample_prompts(args.num_prompts, args.prompt_seed)
+    rollout = RolloutConfig(step=args.step)
+    rows = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.save_images is not None:
+        args.save_images.mkdir(parents=True, exist_ok=True)
+    for name in args.variants:
+        row = run_variant(name, model, prompts, rollout, classifier, judge, args.save_images)
+        row |= {"prompt_seed": args.prompt_seed, "step": args.step, "judge_name": args.judge}
+        rows.append(row)
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{name}: {row['seconds']:.0f} s", file=sys.stderr)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
