@@ -1,8 +1,10 @@
-"""Comparison helpers for the op tests."""
+"""Comparison helpers for the op tests, and prompts for the reward tests."""
 
 from __future__ import annotations
 
 import torch
+
+from smartgrpo_fast.shapes import COLORS, SHAPES, prompt_of
 
 #: (atol, rtol) per output dtype: float32 math everywhere, so the storage rounding dominates.
 TOL: dict[torch.dtype, tuple[float, float]] = {
@@ -40,3 +42,18 @@ def assert_close(
             f"rtol={rtol}); max abs diff {float((a - e).abs().nan_to_num(0).max()):.3g}; "
             f"NaN in output: {int(torch.isnan(a).sum())}\n" + "\n".join(lines)
         )
+
+
+def mismatched_prompts(attrs, which: str) -> list[str]:
+    """Prompts with one attribute changed (colour changes keep colour != background)."""
+    s, c, b = attrs.shape.clone(), attrs.color.clone(), attrs.background.clone()
+    n_col = len(COLORS)
+    if which == "shape":
+        s = (s + 1) % len(SHAPES)
+    elif which == "color":
+        c = (c + 1) % n_col
+        c = torch.where(c == b, (c + 1) % n_col, c)
+    else:
+        b = (b + 1) % n_col
+        b = torch.where(b == c, (b + 1) % n_col, b)
+    return [prompt_of(int(x), int(y), int(z)) for x, y, z in zip(s, c, b, strict=True)]

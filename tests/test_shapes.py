@@ -47,7 +47,7 @@ def test_loading_the_rewards_imports_neither_models_nor_sde() -> None:
         "import importlib, pkgutil, sys, warnings\n"
         "warnings.simplefilter('ignore', DeprecationWarning)\n"
         "import smartgrpo_fast.rewards as r\n"
-        "for name in ('tiny', 'tiny-prob', 'tiny-min', 'tiny-color'):\n"
+        "for name in ('tiny', 'tiny-prob', 'tiny-min', 'tiny-color', 'shapes-judge'):\n"
         "    r.load(name)\n"
         "for m in pkgutil.iter_modules(r.__path__):\n"
         "    importlib.import_module(f'smartgrpo_fast.rewards.{m.name}')\n"
@@ -67,7 +67,7 @@ def test_no_reward_module_imports_models_or_sde() -> None:
     """The source of every module of rewards/, and of the shapes modules the rewards load."""
     files = [(p, "smartgrpo_fast.rewards") for p in sorted((PACKAGE / "rewards").rglob("*.py"))]
     files += [(PACKAGE / "shapes" / f, "smartgrpo_fast.shapes") for f in
-              ("__init__.py", "data.py", "reward.py")]  # fmt: skip
+              ("__init__.py", "data.py", "reward.py", "judge.py")]  # fmt: skip
     assert len(files) > 6
     bad = [
         f"{path.relative_to(PACKAGE)}:{line}: {module}"

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from helpers import mismatched_prompts
 
 from smartgrpo_fast import models, rewards
 from smartgrpo_fast.sde import sample_ode
@@ -135,28 +136,13 @@ def _real(n: int, seed: int):
     return images, attrs, prompts
 
 
-def _mismatch(attrs, which: str) -> list[str]:
-    """Prompts with one attribute changed (colour changes keep colour != background)."""
-    s, c, b = attrs.shape.clone(), attrs.color.clone(), attrs.background.clone()
-    n_col = len(COLORS)
-    if which == "shape":
-        s = (s + 1) % len(SHAPES)
-    elif which == "color":
-        c = (c + 1) % n_col
-        c = torch.where(c == b, (c + 1) % n_col, c)
-    else:
-        b = (b + 1) % n_col
-        b = torch.where(b == c, (b + 1) % n_col, b)
-    return [prompt_of(int(x), int(y), int(z)) for x, y, z in zip(s, c, b, strict=True)]
-
-
 @pytest.mark.parametrize("name", ["tiny", "tiny-prob", "tiny-min", "tiny-margin"])
 @pytest.mark.parametrize("which", ["shape", "color", "background"])
 def test_classifier_reward_ranks_matching_images_first(name, which) -> None:
     reward = rewards.load(name)
     images, attrs, prompts = _real(128, seed=11)
     good = reward(images, prompts)
-    bad = reward(images, _mismatch(attrs, which))
+    bad = reward(images, mismatched_prompts(attrs, which))
     assert good.shape == (128,) and good.dtype == torch.float32
     assert float((good > bad).float().mean()) >= 0.95
 
@@ -166,7 +152,7 @@ def test_colour_fidelity_ranks_matching_images_first(which) -> None:
     reward = rewards.load("tiny-color")
     images, attrs, prompts = _real(128, seed=12)
     good = reward(images, prompts)
-    bad = reward(images, _mismatch(attrs, which))
+    bad = reward(images, mismatched_prompts(attrs, which))
     assert float((good > bad).float().mean()) >= 0.95
     assert float(good.min()) > 0.9  # exact colours, exact proportions
 
@@ -345,7 +331,7 @@ def test_margin_is_positive_exactly_where_each_attribute_is_read_right() -> None
     three attributes, and each term > 0 iff matches() reads that attribute right."""
     reward = rewards.load("tiny-margin")
     images, attrs, prompts = _real(64, seed=13)
-    bad = _mismatch(attrs, "shape")
+    bad = mismatched_prompts(attrs, "shape")
     prepared = reward.prepare(bad)
     heads, tgt = reward._heads(images, prepared)
     per = torch.stack([h.gather(1, tgt[:, i : i + 1]).squeeze(1)

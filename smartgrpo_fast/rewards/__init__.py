@@ -7,6 +7,9 @@ Names for :func:`load`:
   log-probability of the least likely attribute; ``tiny-color`` the analytic colour fidelity
   (:mod:`smartgrpo_fast.shapes.reward`, which imports neither the flow models nor the
   sampler: nothing in this package does);
+* ``shapes-judge`` — the embedded world's analytic judge, read from the rendering rules: the
+  fraction of the prompt's three attributes the image shows, for judging what the classifier
+  guided (:mod:`smartgrpo_fast.shapes.judge`);
 * ``imagereward`` — ImageReward checkpoints on transformers' BLIP (:mod:`.imagereward`);
 * ``aesthetic`` — the LAION aesthetic predictor on CLIP ViT-L/14; ``pickscore``; ``clipscore``
   (:mod:`.clip`).
@@ -46,7 +49,8 @@ __all__ = [
 ]
 
 NAMES = (
-    "tiny", "tiny-prob", "tiny-min", "tiny-margin", "tiny-color", "imagereward", "aesthetic",
+    "tiny", "tiny-prob", "tiny-min", "tiny-margin", "tiny-color", "shapes-judge", "imagereward",
+    "aesthetic",
     "pickscore", "clipscore",
 )  # fmt: skip
 _TINY_MODES = {"tiny": "logprob", "tiny-prob": "prob", "tiny-min": "min", "tiny-margin": "margin"}
@@ -59,12 +63,13 @@ def load(name_or_path: str, **kwargs: Any) -> Reward:
         from smartgrpo_fast.shapes.reward import TinyClassifierReward
 
         return TinyClassifierReward.load(mode=_TINY_MODES[name_or_path], **kwargs)
-    if name_or_path == "tiny-color":
-        from smartgrpo_fast.shapes.reward import ColorFidelityReward
+    if name_or_path in ("tiny-color", "shapes-judge"):
+        from smartgrpo_fast.shapes import judge, reward
 
         kwargs.pop("device", None)  # analytic: runs on the images' device
         kwargs.pop("dtype", None)
-        return ColorFidelityReward(**kwargs)
+        cls = reward.ColorFidelityReward if name_or_path == "tiny-color" else judge.ShapesJudge
+        return cls(**kwargs)
     if name_or_path == "imagereward":
         from smartgrpo_fast.rewards.imagereward import load_imagereward
 

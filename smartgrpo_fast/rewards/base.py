@@ -19,6 +19,7 @@ __all__ = [
     "PreparedPrompts",
     "PreparedReward",
     "Reward",
+    "check_image_tensor",
     "check_images",
     "check_prepared",
     "prepare_prompts",
@@ -124,9 +125,27 @@ def check_prepared(images: object, prepared: object) -> None:
             )
 
 
-def check_images(images: object, prompts: object) -> None:
-    """Raise a clear error unless ``images`` is (N, 3, H, W) float in [0, 1] without NaN and
+def check_images(images: object, prompts: object, *, allow_nan: bool = False) -> None:
+    """Raise a clear error unless ``images`` is (N, 3, H, W) float in [0, 1] without NaN
+    (NaN allowed with ``allow_nan``: the range is then checked on the other values) and
     ``prompts`` is a list of N strings. Values are not read while a CUDA graph is captured."""
+    _check_layout(images)
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts: expected a list of strings, got {type(prompts).__name__}")
+    if len(prompts) != images.shape[0]:
+        raise ValueError(
+            f"prompts: expected {images.shape[0]} prompts (one per image), got {len(prompts)}"
+        )
+    _check_values(images, allow_nan)
+
+
+def check_image_tensor(images: object, *, allow_nan: bool = False) -> None:
+    """:func:`check_images` for images without prompts."""
+    _check_layout(images)
+    _check_values(images, allow_nan)
+
+
+def _check_layout(images: object) -> None:
     if not isinstance(images, torch.Tensor) or not images.dtype.is_floating_point:
         got = f"{type(images).__name__}" + (
             f" of dtype {images.dtype}" if isinstance(images, torch.Tensor) else ""
@@ -134,17 +153,18 @@ def check_images(images: object, prompts: object) -> None:
         raise TypeError(f"images: expected a float tensor (N, 3, H, W) in [0, 1], got {got}")
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images: expected shape (N, 3, H, W), got {tuple(images.shape)}")
-    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"prompts: expected a list of strings, got {type(prompts).__name__}")
-    if len(prompts) != images.shape[0]:
-        raise ValueError(
-            f"prompts: expected {images.shape[0]} prompts (one per image), got {len(prompts)}"
-        )
+
+
+def _check_values(images: torch.Tensor, allow_nan: bool) -> None:
     if images.is_cuda and torch.cuda.is_current_stream_capturing():
         return  # value checks read the tensor (a sync): not allowed while capturing a graph
-    if images.numel():
-        if bool(torch.isnan(images).any()):
-            raise ValueError(f"images: {int(torch.isnan(images).sum())} NaN values")
-        lo, hi = float(images.min()), float(images.max())
-        if lo < 0.0 or hi > 1.0:
-            raise ValueError(f"images: expected values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+    if not images.numel():
+        return
+    nan = torch.isnan(images)
+    if bool(nan.any()):
+        if not allow_nan:
+            raise ValueError(f"images: {int(nan.sum())} NaN values")
+        images = images.masked_fill(nan, 0.5)  # the range of the other values
+    lo, hi = float(images.min()), float(images.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"images: expected values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")

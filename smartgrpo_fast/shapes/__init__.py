@@ -6,8 +6,10 @@ the trainers of both and the shipped weights (``weights/``).
 * :mod:`.model` — :class:`TinyFlowModel`, ``smartgrpo_fast.models.load("tiny")``;
 * :mod:`.reward` — the classifier and colour rewards, ``smartgrpo_fast.rewards.load("tiny")``
   (also ``tiny-prob``, ``tiny-min``, ``tiny-color``);
+* :mod:`.judge` — :class:`ShapesJudge`, an analytic judge read off the rendering rules, that
+  shares nothing with the classifier (``smartgrpo_fast.rewards.load("shapes-judge")``);
 * :mod:`.train_model`, :mod:`.train_reward` — the two trainers (``python -m``);
-* :mod:`.evaluate` — how often generated images match their prompts;
+* :mod:`.evaluate` — how often generated images match their prompts, by either judge;
 * :mod:`.grid` — an image grid of prompts x seeds (``python -m``).
 
 Importing this package loads only :mod:`.data`; the other names here are imported on first
@@ -39,7 +41,13 @@ from smartgrpo_fast.shapes.data import (
 _LAZY = {
     "model": ("TinyArch", "TinyFlowModel", "TinyTextEncoder"),
     "reward": ("ColorFidelityReward", "TinyClassifier", "TinyClassifierReward"),
-    "evaluate": ("GenerationReport", "generation_accuracy", "real_image_accuracy"),
+    "judge": ("ShapesJudge",),
+    "evaluate": (
+        "GenerationReport",
+        "generation_accuracy",
+        "generation_matches",
+        "real_image_accuracy",
+    ),
 }
 _LAZY_MODULE = {name: module for module, names in _LAZY.items() for name in names}
 
@@ -52,6 +60,7 @@ __all__ = [
     "Attributes",
     "ColorFidelityReward",
     "GenerationReport",
+    "ShapesJudge",
     "TinyArch",
     "TinyClassifier",
     "TinyClassifierReward",
@@ -59,6 +68,7 @@ __all__ = [
     "TinyTextEncoder",
     "attributes_from_prompt",
     "generation_accuracy",
+    "generation_matches",
     "prompt_of",
     "real_image_accuracy",
     "render",

@@ -30,9 +30,11 @@ __all__ = [
     "attributes_from_prompt",
     "prompt_of",
     "render",
+    "resize",
     "sample_attributes",
     "sample_batch",
     "sample_prompts",
+    "shape_mask",
     "tokenize",
 ]
 
@@ -136,20 +138,29 @@ def sample_prompts(n: int, seed: int = 0) -> list[str]:
     return sample_attributes(n, torch.Generator().manual_seed(seed)).prompts()
 
 
-def _masks(shape: torch.Tensor, cx, cy, r, size: int) -> torch.Tensor:
-    """(N, size, size) float coverage of each shape on a size x size grid (pixel units)."""
-    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size * IMAGE_SIZE
+def shape_mask(shape: int, cx: torch.Tensor, cy: torch.Tensor, r: torch.Tensor,
+               size: int) -> torch.Tensor:  # fmt: skip
+    """(N, size, size) bool: which points of a size x size grid over the 32 x 32 image lie in
+    the shape ``SHAPES[shape]`` of centre (cx, cy) and radius r (each (N,), pixel units)."""
+    coords = (torch.arange(size, dtype=torch.float32, device=cx.device) + 0.5) / size * IMAGE_SIZE
     y, x = torch.meshgrid(coords, coords, indexing="ij")
     dx = x[None] - cx[:, None, None]
     dy = y[None] - cy[:, None, None]
     r = r[:, None, None]
-    circle = dx.square() + dy.square() <= r.square()
-    square = torch.maximum(dx.abs(), dy.abs()) <= 0.8 * r
-    # an upward triangle: base at cy + 0.7 r, apex at cy - r
-    tri = (dy <= 0.7 * r) & (2.0 * dx.abs() <= (dy + r) * 1.0)
-    arm = 0.33 * r
-    cross = ((dx.abs() <= arm) & (dy.abs() <= r)) | ((dy.abs() <= arm) & (dx.abs() <= r))
-    masks = torch.stack([circle, square, tri, cross], dim=1).float()  # (N, 4, S, S)
+    if SHAPES[shape] == "circle":
+        return dx.square() + dy.square() <= r.square()
+    if SHAPES[shape] == "square":
+        return torch.maximum(dx.abs(), dy.abs()) <= 0.8 * r
+    if SHAPES[shape] == "triangle":  # upward: base at cy + 0.7 r, apex at cy - r
+        return (dy <= 0.7 * r) & (2.0 * dx.abs() <= (dy + r) * 1.0)
+    arm = 0.33 * r  # the cross
+    return ((dx.abs() <= arm) & (dy.abs() <= r)) | ((dy.abs() <= arm) & (dx.abs() <= r))
+
+
+def _masks(shape: torch.Tensor, cx, cy, r, size: int) -> torch.Tensor:
+    """(N, size, size) float coverage of each shape on a size x size grid (pixel units)."""
+    each = [shape_mask(s, cx, cy, r, size) for s in range(len(SHAPES))]
+    masks = torch.stack(each, dim=1).float()  # (N, 4, S, S)
     return masks.gather(1, shape.view(-1, 1, 1, 1).expand(-1, 1, size, size))[:, 0]
 
 
@@ -166,6 +177,13 @@ def render(attrs: Attributes, generator: torch.Generator) -> torch.Tensor:
     fg = palette[attrs.color].view(n, 3, 1, 1)
     bg = palette[attrs.background].view(n, 3, 1, 1)
     return cover * fg + (1.0 - cover) * bg
+
+
+def resize(images: torch.Tensor) -> torch.Tensor:
+    """Images (N, C, H, W) at the world's 32 x 32 (bilinear, antialiased); 32 x 32 unchanged."""
+    if images.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE):
+        return images
+    return F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True)
 
 
 def sample_batch(n: int, generator: torch.Generator) -> tuple[torch.Tensor, Attributes]:

@@ -37,10 +37,10 @@ from torch import nn
 from smartgrpo_fast.rewards.base import PreparedPrompts, check_images, check_prepared
 from smartgrpo_fast.shapes.data import (
     COLORS,
-    IMAGE_SIZE,
     SHAPES,
     WEIGHTS_DIR,
     attributes_from_prompt,
+    resize,
 )
 
 __all__ = ["CLASSIFIER_FILE", "ColorFidelityReward", "TinyClassifier", "TinyClassifierReward"]
@@ -94,12 +94,6 @@ def _targets(prompts: list[str], device: torch.device, cache: dict) -> torch.Ten
             cache.pop(next(iter(cache)))
         hit = cache[key] = torch.tensor([attributes_from_prompt(p) for p in prompts], device=device)
     return hit
-
-
-def _resize(images: torch.Tensor) -> torch.Tensor:
-    if images.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE):
-        return images
-    return F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True)
 
 
 def _margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -157,7 +151,7 @@ class TinyClassifierReward:
     def _heads(self, images: torch.Tensor, prepared: PreparedPrompts) -> tuple[tuple, torch.Tensor]:
         """The classifier's three logit heads and the prompts' (N, 3) attribute indices."""
         check_prepared(images, prepared)
-        heads = self.classifier(_resize(images.to(self.device, torch.float32)))
+        heads = self.classifier(resize(images.to(self.device, torch.float32)))
         return heads, prepared.tensors["targets"]
 
     def _log_probs(self, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
