@@ -135,10 +135,11 @@ def test_cli_search_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture
     assert res["config"]["search"]["k"] == 4 and res["config"]["reward"] == "tiny:1,tiny-color:0.5"
     assert len(res["rounds"]["searched"]) == 2 and len(res["rounds"]["per_prompt"]) == 2
     assert res["summary"]["searched_vs_random"]["n"] == 3
-    match = res["prompt_match"]["classifier"]  # the embedded model: read by its classifier
-    assert set(match) == {"random", "bestof", "searched"}
-    assert all(0 <= v <= 1 for rates in match.values() for v in rates.values())
-    assert set(match["searched"]) == {"shape", "color", "background", "all"}
+    assert set(res["prompt_match"]) == {"classifier", "analytic"}  # the embedded model's judges
+    for match in res["prompt_match"].values():
+        assert set(match) == {"random", "bestof", "searched"}
+        assert all(0 <= v <= 1 for rates in match.values() for v in rates.values())
+        assert set(match["searched"]) == {"shape", "color", "background", "all"}
     calls = res["model_calls"]["per_rollout"]
     assert calls["searched"] == calls["bestof"] and calls["searched"]["decodes"] == 1 + 4 * 2
     for png in ("grid.png", "rounds.png"):

@@ -111,7 +111,9 @@ def _run_search(args: argparse.Namespace) -> int:
         from smartgrpo_fast import rewards
 
         extra["prompt_match"] = {
-            "classifier": prompt_match(comp, rewards.load("tiny", device=device))
+            "classifier": prompt_match(comp, rewards.load("tiny", device=device)),
+            # from the rendering rules: a judge the search never sees (issue 14)
+            "analytic": prompt_match(comp, rewards.load("shapes-judge")),
         }
     result = result_dict(comp, search, rollout, model=args.model, reward=args.reward,
                          device=device, extra=extra)  # fmt: skip
