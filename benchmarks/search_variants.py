@@ -85,6 +85,21 @@ def run_variant(name: str, model, prompts, rollout, classifier, judge, images_di
     return row
 
 
+def rejudge(rows: list[dict], images_dir: Path, judge) -> list[dict]:
+    """Add the ``judge`` columns to rows run without one, from their saved final images
+    (uint8, so the judge reads them quantised to 8 bits as a PNG would hold them)."""
+    out = []
+    for row in rows:
+        saved = torch.load(images_dir / f"{row['variant']}.pt")
+        hits = {k: judge.matches(saved[k].float() / 255, saved["prompts"]).all(dim=1).double()
+                for k in KEYS}  # fmt: skip
+        col = {k: float(hits[k].mean()) for k in KEYS}
+        for other in ("bestof", "random"):
+            col[f"t_vs_{other}"] = paired_stats(hits["searched"], hits[other])["t"]
+        out.append(row | {"judge": col})
+    return out
+
+
 def table(rows: list[dict]) -> str:
     metrics = [m for m in ("logprob", "match", "judge") if m in rows[0]]
     head = ["variant", "guide", "K, N, T", "rows/rollout"]
@@ -118,9 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--judge", default=None,
                    help="a reward with matches(): a second judge (default: none)")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="JSON lines, one per variant")
+    p.add_argument("--rejudge", type=Path, default=None, metavar="JSONL",
+                   help="judge the rows of JSONL again with --judge, from --save-images DIR "
+                        "(default: off; writes the rows with judge columns to --out)")  # fmt: skip
     p.add_argument("--save-images", type=Path, default=None, metavar="DIR",
                    help="save final images as DIR/VARIANT.pt (default: off)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.rejudge is not None:
+        if args.judge is None or args.save_images is None:
+            p.error("argument --rejudge: needs --judge and --save-images DIR")
+        old = [json.loads(line) for line in args.rejudge.read_text().splitlines() if line]
+        rows = rejudge(old, args.save_images, rewards.load(args.judge))
+        args.out.write_text("".join(json.dumps(r | {"judge_name": args.judge}) + "\n"
+                                    for r in rows))  # fmt: skip
+        print(table(rows))
+        return 0
     torch.manual_seed(0)
     model = models.load("tiny")
     classifier = rewards.load("tiny")
