@@ -5,6 +5,7 @@ continuations of every prompt's rollout (random noise, best-of-M, the CEM search
 and the search guided by the same reward, at the same K*N one-step-scored candidates). The
 final images are then judged three ways, none of which the search needs to have seen:
 
+* ``guided``: the guiding reward itself (what best-of-M and the search maximised);
 * ``logprob``: the classifier's mean log-probability of the prompt's attributes (``tiny``);
 * ``match``: the fraction of images whose three attributes the classifier reads right;
 * ``judge``: the same fraction read by an independent judge (``--judge``, e.g. the analytic
@@ -74,34 +75,42 @@ def run_variant(name: str, model, prompts, rollout, classifier, judge, images_di
         images = {k: (getattr(comp, f"images_{k}") * 255).round().to(torch.uint8) for k in KEYS}
         torch.save({"prompts": comp.prompts, **images}, images_dir / f"{name}.pt")
     scores = judge_final_images(comp, classifier, judge)
+    for key in KEYS:
+        scores[key]["guided"] = getattr(comp, f"reward_{key}").double().cpu()
     row = {"variant": name, "guide": guide, "search": asdict(search), "prompts": len(prompts),
            "calls_per_rollout": comp.calls, "seconds": seconds,
            "search_seconds": comp.seconds}  # fmt: skip
     for metric in scores["searched"]:
-        row[metric] = {key: float(scores[key][metric].mean()) for key in KEYS}
-        for other in ("bestof", "random"):
-            st = paired_stats(scores["searched"][metric], scores[other][metric])
-            row[metric][f"t_vs_{other}"] = st["t"]
+        row[metric] = _column({key: scores[key][metric] for key in KEYS})
     return row
 
 
+def _column(per_key: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Means of a metric per continuation and the searched-vs-other paired t statistics."""
+    col = {k: float(per_key[k].mean()) for k in KEYS}
+    for other in ("bestof", "random"):
+        col[f"t_vs_{other}"] = paired_stats(per_key["searched"], per_key[other])["t"]
+    return col
+
+
 def rejudge(rows: list[dict], images_dir: Path, judge) -> list[dict]:
-    """Add the ``judge`` columns to rows run without one, from their saved final images
-    (uint8, so the judge reads them quantised to 8 bits as a PNG would hold them)."""
+    """Add the ``judge`` columns (and ``guided`` where missing) to rows run without them, from
+    their saved final images (uint8: read quantised to 8 bits, as a PNG would hold them)."""
     out = []
     for row in rows:
         saved = torch.load(images_dir / f"{row['variant']}.pt")
-        hits = {k: judge.matches(saved[k].float() / 255, saved["prompts"]).all(dim=1).double()
-                for k in KEYS}  # fmt: skip
-        col = {k: float(hits[k].mean()) for k in KEYS}
-        for other in ("bestof", "random"):
-            col[f"t_vs_{other}"] = paired_stats(hits["searched"], hits[other])["t"]
-        out.append(row | {"judge": col})
+        images = {k: saved[k].float() / 255 for k in KEYS}
+        hits = {k: judge.matches(images[k], saved["prompts"]).all(dim=1).double() for k in KEYS}
+        row = row | {"judge": _column(hits)}
+        if "guided" not in row:
+            guide = rewards.load(row["guide"])
+            row["guided"] = _column({k: guide(images[k], saved["prompts"]).double() for k in KEYS})
+        out.append(row)
     return out
 
 
 def table(rows: list[dict]) -> str:
-    metrics = [m for m in ("logprob", "match", "judge") if m in rows[0]]
+    metrics = [m for m in ("guided", "logprob", "match", "judge") if m in rows[0]]
     head = ["variant", "guide", "K, N, T", "rows/rollout"]
     for m in metrics:
         head += [f"{m} rnd / bo / s", f"t vs bo ({m})"]
@@ -113,7 +122,7 @@ def table(rows: list[dict]) -> str:
                  str(r["calls_per_rollout"]["searched"]["transformer_rows"])]  # fmt: skip
         for m in metrics:
             v = r[m]
-            fmt = "{:.3f}" if m == "logprob" else "{:.2f}"
+            fmt = "{:.2f}" if m in ("match", "judge") else "{:.3f}"
             cells.append(" / ".join(fmt.format(v[k]) for k in KEYS))
             cells.append(f"{v['t_vs_bestof']:.2f}")
         cells.append(f"{r['seconds']:.0f}")
