@@ -1,0 +1,48 @@
+"""benchmarks/search_variants.py on 2 prompts: its rows, its table and --rejudge."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "search_variants.py"
+
+
+@pytest.fixture(scope="module")
+def sv():
+    spec = importlib.util.spec_from_file_location("search_variants", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rows_table_and_rejudge(sv, tmp_path, capsys, monkeypatch) -> None:
+    small = sv.replace(sv.BASE, k=2, rounds=2, top=1, graph=False)
+    monkeypatch.setitem(sv.VARIANTS, "small", ("tiny-margin", small))
+    out, images = tmp_path / "rows.jsonl", tmp_path / "img"
+    argv = ["--prompt-seed", "3", "--num-prompts", "2", "--variants", "small", "--out", str(out),
+            "--save-images", str(images)]  # fmt: skip
+    assert sv.main(argv) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["variant"] == "small" and row["guide"] == "tiny-margin" and row["prompts"] == 2
+    assert row["calls_per_rollout"]["searched"] == row["calls_per_rollout"]["bestof"]
+    for metric in ("guided", "logprob", "match"):
+        assert set(row[metric]) == {"random", "bestof", "searched", "t_vs_bestof", "t_vs_random"}
+    assert 0 <= row["match"]["searched"] <= 1 and "judge" not in row
+    assert "| small | tiny-margin | 2, 2, 1 |" in capsys.readouterr().out
+    judged = tmp_path / "judged.jsonl"
+    assert sv.main(["--prompt-seed", "3", "--rejudge", str(out), "--judge", "shapes-judge",
+                    "--save-images", str(images), "--out", str(judged)]) == 0  # fmt: skip
+    (again,) = [json.loads(line) for line in judged.read_text().splitlines()]
+    assert 0 <= again["judge"]["searched"] <= 1 and again["judge_name"] == "shapes-judge"
+    assert again["guided"] == row["guided"]  # kept: only rows without it get it from images
+
+
+def test_rejudge_needs_a_judge_and_images(sv, tmp_path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        sv.main(["--prompt-seed", "1", "--rejudge", str(tmp_path / "x.jsonl"),
+                 "--out", str(tmp_path / "y.jsonl")])  # fmt: skip
+    assert exc.value.code == 2
