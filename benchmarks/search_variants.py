@@ -96,14 +96,16 @@ def _column(per_key: dict[str, torch.Tensor]) -> dict[str, float]:
 def rejudge(rows: list[dict], images_dir: Path, judge) -> list[dict]:
     """Add the ``judge`` columns (and ``guided`` where missing) to rows run without them, from
     their saved final images (uint8: read quantised to 8 bits, as a PNG would hold them)."""
-    out = []
+    out, guides = [], {}  # each guiding reward loaded once, however many rows it guided
     for row in rows:
         saved = torch.load(images_dir / f"{row['variant']}.pt")
         images = {k: saved[k].float() / 255 for k in KEYS}
         hits = {k: judge.matches(images[k], saved["prompts"]).all(dim=1).double() for k in KEYS}
         row = row | {"judge": _column(hits)}
         if "guided" not in row:
-            guide = rewards.load(row["guide"])
+            if row["guide"] not in guides:
+                guides[row["guide"]] = rewards.load(row["guide"])
+            guide = guides[row["guide"]]
             row["guided"] = _column({k: guide(images[k], saved["prompts"]).double() for k in KEYS})
         out.append(row)
     return out
