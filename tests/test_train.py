@@ -96,13 +96,36 @@ def test_groups_keep_their_spread_and_noise_strategies_differ(tmp_path) -> None:
         got[noise] = t.rollouts(1)
         t.close()
     r = got["smart"]
-    # each rollout of a group has its own x_T and search: no two rows share a trajectory
+    # each rollout of a group has its own search: no two rows share a trajectory
     flat = r.next_latents[:, 0].flatten(1)
     assert torch.cdist(flat, flat).fill_diagonal_(1.0).min() > 1e-3
     assert not torch.equal(got["random"].next_latents, r.next_latents)
     assert not torch.equal(got["bestof"].next_latents, r.next_latents)
     # random noise has no search, so no search gain; a search never keeps a worse candidate
     assert (got["random"].search_gain == 0).all() and (r.search_gain >= 0).all()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_initial_noise_gives_each_group_one_x_t(tmp_path, shared) -> None:
+    """With the option the rows of a group reach the first SDE step from one x_T (the ODE
+    steps before it are deterministic) and still part there; without it no two rows meet."""
+    t = _trainer(tmp_path, "noise=random", f"sample.shared_initial_noise={str(shared).lower()}",
+                 "sample.batch=3")  # fmt: skip
+    try:
+        ro = t.rollouts(1)
+    finally:
+        t.close()
+    g = t.cfg.sample.group_size
+    first = ro.latents[:, 0].flatten(1).view(-1, g, ro.latents[0, 0].numel())  # (P, G, D)
+    spread = (first - first[:, :1]).abs().amax(dim=(1, 2))  # (P,) within each group
+    between = (first[0, 0] - first[1, 0]).abs().amax()
+    assert between > 1e-2
+    if shared:
+        assert spread.max() < 1e-6  # rows of a group may sit in different batches
+    else:
+        assert spread.min() > 1e-2
+    after = ro.next_latents[:, 0].flatten(1)
+    assert torch.cdist(after, after).fill_diagonal_(1.0).min() > 1e-3
 
 
 def test_kl_to_the_base_model_carries_gradient(tmp_path) -> None:

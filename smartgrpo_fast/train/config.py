@@ -120,6 +120,9 @@ class SampleConfig:
         shift: the schedule's time shift; None = the model's (``sde.schedule_shift``).
         batch: rollouts generated together (rows per rollout forward); the results do not
             depend on it (every draw is keyed by global indices).
+        shared_initial_noise: the G rollouts of a prompt start from one x_T (DanceGRPO's
+            choice) instead of one each (Flow-GRPO's, the default): a group's spread then comes
+            from the SDE steps alone, the only steps whose log-probability the update credits.
     """
 
     prompts_per_step: int = 4
@@ -131,6 +134,7 @@ class SampleConfig:
     sde_type: str = "sde"
     shift: float | None = None
     batch: int = 64
+    shared_initial_noise: bool = False
 
     def __post_init__(self) -> None:
         _positive_int("prompts_per_step", self.prompts_per_step)

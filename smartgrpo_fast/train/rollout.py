@@ -12,12 +12,14 @@ step the noise ``eps`` is
 
 * ``random``: ``philox_normal`` rows (plain Flow-GRPO);
 * ``smart``: :class:`~smartgrpo_fast.search.NoiseSearch` (CEM), one independent search per
-  rollout (each row is its own search: a group keeps its spread);
+  rollout (each row is its own search with its own seed: a group keeps its spread, also when
+  its rollouts share x_T);
 * ``bestof``: the same search object with ``strategy="best_of"`` (M = K*N draws, equal calls),
 
 and ``x_next = mean + std * eps`` gets the log-probability of the policy's own Gaussian
 N(mean, std^2) (``sde.sde_log_prob``), whatever chose eps. Latents and log-probabilities are
-float32 whatever the model's dtype.
+float32 whatever the model's dtype. Each rollout starts from its own x_T (keyed by its global
+row), or with ``shared_initial_noise`` from its prompt's (keyed by the prompt's global index).
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ def sample_rollouts(
     sde_type: str = "sde",
     batch: int = 64,
     async_reward: Any | None = None,
+    shared_initial_noise: bool = False,
 ) -> Rollouts:
     """Sample ``group_size`` rollouts of each prompt (module docstring).
 
@@ -126,6 +129,8 @@ def sample_rollouts(
         batch: rollouts sampled together (does not change the result).
         async_reward: an :class:`~smartgrpo_fast.rewards.combine.AsyncReward` around ``reward``
             to score a batch's images while the next batch is sampled, or None.
+        shared_initial_noise: one x_T per prompt (keyed by the prompt's global index) for all
+            its G rollouts, instead of one per rollout (keyed by the global row).
     """
     if noise in ("smart", "bestof") and searcher is None:
         raise ValueError(f"searcher: noise={noise!r} needs a NoiseSearch")
@@ -137,8 +142,13 @@ def sample_rollouts(
     row_index = torch.arange(len(prompts), device=dev).repeat_interleave(group_size)
     cond = cond_prompts.select(row_index)
     row_prompts = [p for p in prompts for _ in range(group_size)]
-    x_t = philox_normal((n_rows, 1, *shape), seed=derive_seed(seed, "x_T", step), round=0,
-                        device=dev, row_offset=row0).squeeze(1)  # fmt: skip
+    if shared_initial_noise:
+        x_t = philox_normal((len(prompts), 1, *shape), seed=derive_seed(seed, "x_T", step),
+                            round=1, device=dev, row_offset=first_prompt)  # fmt: skip
+        x_t = x_t.squeeze(1).repeat_interleave(group_size, dim=0)
+    else:
+        x_t = philox_normal((n_rows, 1, *shape), seed=derive_seed(seed, "x_T", step), round=0,
+                            device=dev, row_offset=row0).squeeze(1)  # fmt: skip
     w = len(sde_steps)
     latents = torch.empty((n_rows, w, *shape), device=dev)
     next_latents = torch.empty_like(latents)

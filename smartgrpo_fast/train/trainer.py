@@ -399,7 +399,7 @@ class GRPOTrainer:
             first_prompt=first, group_size=s.group_size, step=step, seed=cfg.seed,
             sigmas=self.sigmas, sde_steps=window, noise=cfg.noise, searcher=self.searcher,
             noise_level=s.noise_level, sde_type=s.sde_type, batch=s.batch,
-            async_reward=self.async_reward,
+            async_reward=self.async_reward, shared_initial_noise=s.shared_initial_noise,
         )  # fmt: skip
 
     def policy_log_probs(self, ro: Rollouts, rows: slice, j: int) -> tuple[torch.Tensor, Any]:
