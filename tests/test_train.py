@@ -277,11 +277,15 @@ def test_two_processes_reproduce_one(tmp_path) -> None:
     wa = load_file(one / "checkpoints" / "step-000001" / "adapter" / "adapter_model.safetensors")
     wb = load_file(two / "checkpoints" / "step-000001" / "adapter" / "adapter_model.safetensors")
     assert wa.keys() == wb.keys()
-    # Adam's first step is lr g / (|g| + eps): where |g| is near eps (1e-8) the order in which
-    # DDP sums the gradient moves that element's step by a fraction of lr; allow lr / 300.
+    # Adam's first step is lr g / (|g| + eps), about +-lr per element: where |g| is near eps
+    # (1e-8) the order in which DDP sums the gradient moves that element's step by a fraction
+    # of lr (CI saw lr / 188 on 2 of 512 elements). A wrong gradient flips the sign of most
+    # steps (differences near 2 lr); require lr / 300 on all but 1% and lr everywhere.
     lr = load_config(two / "config.yaml").train.lr
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=lr / 300, rtol=1e-4)
+        diff = (wa[k] - wb[k]).abs()
+        assert float((diff > lr / 300).float().mean()) < 0.01, k
+        assert float(diff.max()) < lr, k
 
 
 # ----------------------------------------------------------------------------- CLI, configs
