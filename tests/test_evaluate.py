@@ -72,10 +72,13 @@ class PlainReward(FakeReward):
 PROMPTS = ["a", "bb", "ccc", "dddd", "eeeee"]
 
 
-def hand_ode(model, prompts: list[str], seed: int, steps: int, shift: float) -> torch.Tensor:
-    """The evaluation computed step by step: noise row i, Euler along flow_sigmas, decode."""
-    x = philox_normal((len(prompts), 1, *model.latent_shape), seed=seed, round=0).squeeze(1)
-    cond = model.encode_prompts(prompts)
+def hand_ode(
+    model, prompts: list[str], seed: int, steps: int, shift: float, m: int = 1
+) -> torch.Tensor:
+    """The evaluation computed step by step: noise (row i, candidate j) for image j of prompt
+    i, prompt-major, Euler along flow_sigmas, decode: (N*M, ...)."""
+    x = philox_normal((len(prompts), m, *model.latent_shape), seed=seed, round=0).flatten(0, 1)
+    cond = model.encode_prompts([p for p in prompts for _ in range(m)])
     for s, s_next in itertools.pairwise(flow_sigmas(steps, shift).tolist()):
         x = ode_step(x, model.velocity(x, s, cond), s, s_next)
     return model.decode(x)
@@ -106,6 +109,46 @@ def test_evaluate_is_deterministic_and_keyed_by_seed() -> None:
     # Prompt i keeps its noise row when prompts are appended: results are per index.
     d = evaluate(model, reward, [*PROMPTS, "ffffff"], EvalConfig(steps=2, seed=3))
     assert torch.equal(d.rewards[:5], a.rewards)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 15, 64])
+def test_images_per_prompt_are_prompt_major_and_averaged(batch: int) -> None:
+    """M = 3: image j of prompt i is the ODE from noise (i, j), rows i*M + j; the prompt's
+    reward is its images' mean; image 0 of each prompt is the M = 1 evaluation's image."""
+    model, reward, m = FakeModel(time_shift=2.0), FakeReward(), 3
+    res = evaluate(model, reward, PROMPTS, EvalConfig(steps=3, seed=7, batch=batch,
+                                                      images_per_prompt=m))  # fmt: skip
+    images = hand_ode(model, PROMPTS, 7, 3, 2.0, m)
+    assert res.images.shape == (15, 3, 4, 4) and res.images_per_prompt == m
+    assert_close(res.images, images, atol=1e-6, rtol=1e-6, name="images")
+    per_image = reward(images, [p for p in PROMPTS for _ in range(m)])
+    assert res.image_rewards is not None and res.image_rewards.shape == (15,)
+    assert_close(res.image_rewards, per_image, atol=1e-6, rtol=1e-6, name="image rewards")
+    assert res.rewards.shape == (5,)
+    assert_close(res.rewards, per_image.view(5, m).mean(1), atol=1e-6, rtol=1e-6, name="means")
+    assert not torch.allclose(images[0::m], images[1::m])  # the M noises differ
+    one = evaluate(model, reward, PROMPTS, EvalConfig(steps=3, seed=7, batch=batch))
+    assert torch.equal(res.images[0::m], one.images) and one.image_rewards is None
+    assert res.matches is not None and res.matches.shape == (15,)
+    want = reward.matches(images, [p for p in PROMPTS for _ in range(m)]).all(dim=1)
+    assert torch.equal(res.matches, want)
+    assert res.match_rate == pytest.approx(float(want.double().mean()))
+    out = result_dict(res, EvalConfig(images_per_prompt=m), base=res)
+    assert out["config"]["eval"]["images_per_prompt"] == m
+    assert len(out["reward_images"]) == 15 and len(out["reward_images_base"]) == 15
+    assert len(out["reward"]) == 5 and len(out["match"]) == 15
+    with pytest.raises(ValueError, match="b: expected 3 images per prompt like a, got 1"):
+        paired_comparison(res, one)
+
+
+def test_images_per_prompt_nonfinite_image_makes_its_prompt_nan() -> None:
+    model, reward = FakeModel(), FakeReward()
+    prompts = ["a", "nan here", "bb"]
+    with pytest.warns(RuntimeWarning, match=r"1 of 3 rewards are not finite \(2 of 6 images\)"):
+        res = evaluate(model, reward, prompts, EvalConfig(steps=2, images_per_prompt=2))
+    assert res.nonfinite == 1 and math.isnan(res.rewards[1])
+    assert res.image_rewards is not None and int(res.image_rewards.isnan().sum()) == 2
+    assert res.mean == pytest.approx(float(res.rewards[[0, 2]].double().mean()))
 
 
 def test_evaluate_runs_the_transformer_in_eval_mode() -> None:
@@ -181,7 +224,9 @@ def test_paired_comparison_skips_nonfinite_pairs() -> None:
 def test_result_dict_with_base() -> None:
     a, b = _result([1.0, 2.0, 4.0]), _result([0.0, 1.0, 1.0])
     out = result_dict(a, EvalConfig(), base=b, meta={"model": "m"}, extra={"version": "v"})
-    assert out["config"]["eval"] == {"steps": 20, "seed": 0, "batch": 32, "shift": 1.0}
+    assert out["config"]["eval"] == {"steps": 20, "seed": 0, "batch": 32, "shift": 1.0,
+                                     "images_per_prompt": 1}  # fmt: skip
+    assert "reward_images" not in out and "reward_images_base" not in out
     assert out["config"]["model"] == "m" and out["version"] == "v"
     assert out["reward"] == [1.0, 2.0, 4.0] and out["reward_base"] == [0.0, 1.0, 1.0]
     s = out["summary"]
@@ -196,7 +241,9 @@ def test_result_dict_with_base() -> None:
     [(dict(steps=0), "steps: expected an integer >= 1"), (dict(steps=2.0), "steps"),
      (dict(batch=0), "batch: expected an integer >= 1"), (dict(seed=-1), "seed: expected 0"),
      (dict(seed=2**62), "seed"), (dict(seed=True), "seed: expected an integer"),
-     (dict(shift=0.0), "shift: expected a finite"), (dict(shift=float("inf")), "shift")],
+     (dict(shift=0.0), "shift: expected a finite"), (dict(shift=float("inf")), "shift"),
+     (dict(images_per_prompt=0), "images_per_prompt: expected an integer >= 1, got 0"),
+     (dict(images_per_prompt=True), "images_per_prompt: expected an integer")],
 )  # fmt: skip
 def test_eval_config_errors(kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -300,6 +347,27 @@ def test_cli_eval_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture) 
         assert im.width > 300 and im.height >= 128
     printed = capsys.readouterr().out
     assert "prompt-match rate" in printed and "result.json" in printed
+
+
+def test_cli_eval_images_per_prompt(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--images-per-prompt 2: per-image rewards and matches, per-prompt means; image 0 of
+    each prompt is the one-image evaluation's."""
+    common = ["--num-prompts", "3", "--steps", "2", "--device", "cpu", "--no-progress"]
+    assert main(["eval", *common, "--images-per-prompt", "2", "--out", str(tmp_path / "m2")]) == 0
+    assert "3 prompts x 2 images" in capsys.readouterr().err
+    assert main(["eval", *common, "--out", str(tmp_path / "m1")]) == 0
+    two = json.loads((tmp_path / "m2" / "result.json").read_text())
+    one = json.loads((tmp_path / "m1" / "result.json").read_text())
+    assert two["config"]["eval"]["images_per_prompt"] == 2 and "reward_images" not in one
+    assert len(two["reward_images"]) == 6 and len(two["match"]) == 6 and len(two["reward"]) == 3
+    for i in range(3):
+        pair = two["reward_images"][2 * i : 2 * i + 2]
+        assert two["reward"][i] == pytest.approx(sum(pair) / 2, rel=1e-6)
+        assert pair[0] == pytest.approx(one["reward"][i], abs=5e-4)  # batch of 6 vs 3 rows
+    assert two["match_rate"] == pytest.approx(sum(two["match"]) / 6)
+    with pytest.raises(SystemExit):
+        main(["eval", *common, "--images-per-prompt", "0"])
+    assert "--images-per-prompt" in capsys.readouterr().err
 
 
 def _has_lora_loading() -> bool:

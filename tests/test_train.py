@@ -151,6 +151,26 @@ def test_kl_to_the_base_model_carries_gradient(tmp_path) -> None:
 # ----------------------------------------------------------------------------- run folder
 
 
+def test_eval_images_per_prompt(tmp_path) -> None:
+    """eval.images_per_prompt 2: the logged mean is evaluate()'s over 2 images a prompt, the
+    grid shows every image (4 prompts x 2 on one row of 8)."""
+    from PIL import Image
+
+    from smartgrpo_fast.train.evaluate import EvalConfig, evaluate
+
+    t = _trainer(tmp_path, "eval.images_per_prompt=2")
+    out = t.evaluate()
+    want = evaluate(t.model, t.reward, t.eval_prompts,
+                    EvalConfig(steps=2, seed=t.cfg.eval.seed, images_per_prompt=2))  # fmt: skip
+    assert out["eval_reward_mean"] == pytest.approx(want.mean, abs=1e-5)
+    assert out["eval_match_rate"] == want.match_rate and want.images.shape[0] == 8
+    one = _trainer(tmp_path / "one").evaluate()
+    assert out["eval_reward_mean"] != one["eval_reward_mean"]  # the second images count
+    with Image.open(tmp_path / "run" / "samples" / "step-000000.png") as a, \
+            Image.open(tmp_path / "one" / "run" / "samples" / "step-000000.png") as b:  # fmt: skip
+        assert a.size == b.size  # 8 images on one row, as 4 were on one row of 8
+
+
 def test_run_folder_contract(tmp_path) -> None:
     t = _trainer(tmp_path, "log.tensorboard=true")
     t.train()

@@ -89,6 +89,7 @@ def test_overrides_set_nested_values_with_yaml_types() -> None:
         ("lora.rank=0", "lora.rank"),
         ("model=null", "model"),
         ("log.tensorboard=maybe", "log.tensorboard"),
+        ("eval.images_per_prompt=0", "eval.images_per_prompt"),
         ("steps", "steps"),
     ],
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from smartgrpo_fast import __version__
@@ -25,13 +26,15 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
         "eval",
         help="mean reward of a model (or its LoRA adapter against the base) on fresh prompts",
         description=(
-            "Sample each prompt with the ODE from fixed initial noise (Philox, keyed by --seed "
-            "and the prompt's index: the batch size does not change results) and score the "
-            "images with --reward. With --lora, the base model and the adapter are evaluated "
-            "on the same prompts and noise and compared by a paired t statistic (unless "
+            "Sample each prompt with the ODE from fixed initial noise (Philox, keyed by --seed, "
+            "the prompt's index and the image's: the batch size does not change results) and "
+            "score the images with --reward. With --lora, the base model and the adapter are "
+            "evaluated on the same prompts and noise and compared by a paired t statistic (unless "
             "--no-base). Writes DIR/result.json (config, prompts, reward: one reward per "
-            "prompt of the adapter, else of the model; reward_base when compared; match and "
-            "match_rate: all attributes recognised, for rewards that can tell (tiny); summary: "
+            "prompt of the adapter, else of the model, the mean of its --images-per-prompt "
+            "images' (reward_images: each image's, when more than one); reward_base when "
+            "compared; match and match_rate: all attributes recognised in an image, for "
+            "rewards that can tell (tiny); summary: "
             "mean ± std, paired statistics, match rates; seconds), DIR/grid.png (and "
             "grid_base.png when compared)."
         ),
@@ -56,7 +59,13 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
                    help="ODE steps from t = 1 to 0 (default: %(default)s)")  # fmt: skip
     p.add_argument("--shift", type=float, default=None,
                    help="schedule time shift (default: the model's; 3 for tiny, SD3)")  # fmt: skip
-    cli_args.add_batch(p, "prompts sampled together (one decode of B rows)",
+    p.add_argument("--images-per-prompt", type=int_in(1), default=d.images_per_prompt,
+                   metavar="M",
+                   help="images of each prompt, from M noises (image 0's is the same for any "
+                        "M); a prompt's reward is their mean, so the paired t measures the "
+                        "change of each prompt's expected reward (GenEval samples 4) "
+                        "(default: %(default)s)")  # fmt: skip
+    cli_args.add_batch(p, "images sampled together (one decode of B rows)",
                        build.batch_rule("B"))  # fmt: skip
     cli_args.add_device(p)
     cli_args.add_progress(p)
@@ -92,15 +101,18 @@ def _run_eval(args: argparse.Namespace) -> int:
     lora = args.lora = _lora(args)
     device, dtype, prompts = build.inputs(args)
     try:
-        config = EvalConfig(steps=args.steps, seed=args.seed, shift=args.shift)
+        config = EvalConfig(steps=args.steps, seed=args.seed, shift=args.shift,
+                            images_per_prompt=args.images_per_prompt)  # fmt: skip
     except ValueError as err:
         parser.error(str(err))
     reward = build.build_reward(args, device)
     model = build.load_model(args, device, dtype, **({"lora": lora} if lora else {}))
     batch = build.resolve_batch(args, model, device, default=config.batch)
-    config = EvalConfig(steps=config.steps, seed=config.seed, batch=batch, shift=config.shift)
+    config = replace(config, batch=batch)
     compare = lora is not None and not args.no_base
-    print(f"{len(prompts)} prompts, {config.steps} ODE steps, reward {args.reward}, {device}"
+    m = config.images_per_prompt
+    print(f"{len(prompts)} prompts" + (f" x {m} images" if m > 1 else "")
+          + f", {config.steps} ODE steps, reward {args.reward}, {device}"
           + (f", adapter {lora}" + (" vs base" if compare else "") if lora else ""),
           file=sys.stderr)  # fmt: skip
     progress = not args.no_progress
@@ -118,12 +130,14 @@ def _run_eval(args: argparse.Namespace) -> int:
     result = result_dict(res, config, base=base, meta=cfg, extra={"version": __version__})
     out: Path = args.out
     json_path = write_result(result, out / "result.json")
-    grids = [save_grid(res.images, out / "grid.png")]
+    nrow = m * max(1, 8 // m)  # whole prompts per grid row
+    grids = [save_grid(res.images, out / "grid.png", nrow=nrow)]
     if base is not None:
-        grids.append(save_grid(base.images, out / "grid_base.png"))
+        grids.append(save_grid(base.images, out / "grid_base.png", nrow=nrow))
     for name, r in (("base", base), ("adapter" if lora else "model", res)):
         if r is not None:
             rate = "" if r.match_rate is None else f", prompt-match rate {r.match_rate:.1%}"
+            rate += " (of the images)" if rate and m > 1 else ""
             bad = f", {r.nonfinite} non-finite left out" if r.nonfinite else ""
             print(f"reward {name:>7}: {r.mean:.4f} ± {r.std:.4f}{rate}{bad}")
     if base is not None:

@@ -262,7 +262,9 @@ class EvalSection:
         num_prompts: held-out prompts (``data.eval_prompts: tiny``; files: at most this many).
         steps: ODE steps.
         seed: keys the evaluation's initial noise (the same at every evaluation).
-        batch: prompts sampled together.
+        batch: images sampled together.
+        images_per_prompt: images of each prompt (from as many noises); ``eval_reward_mean``
+            is the mean over prompts of their images' mean reward.
     """
 
     every: int = 25
@@ -270,6 +272,7 @@ class EvalSection:
     steps: int = 20
     seed: int = 1234
     batch: int = 32
+    images_per_prompt: int = 1
 
     def __post_init__(self) -> None:
         _positive_int("every", self.every, 0)
@@ -277,6 +280,7 @@ class EvalSection:
         _positive_int("steps", self.steps)
         _positive_int("seed", self.seed, 0)
         _positive_int("batch", self.batch)
+        _positive_int("images_per_prompt", self.images_per_prompt)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,16 @@
 """Evaluation of a flow model (or its LoRA adapter) on held-out prompts: ODE samples from fixed
 noise, scored by a reward.
 
-Prompt ``i`` starts from the initial noise ``x_T`` = row ``i`` of
-``philox_normal((N, 1, *latent_shape), seed=config.seed, round=0)``: the noise is keyed by the
-prompt's index in the list, so the batch size never changes the result, and two models
-evaluated with the same prompts and seed start from the same noise (a paired comparison). It
-is the same ``x_T`` as :func:`~smartgrpo_fast.search.compare_noise` draws with that seed.
+Image ``j`` of prompt ``i`` starts from the initial noise ``x_T`` = element ``(i, j)`` of
+``philox_normal((N, M, *latent_shape), seed=config.seed, round=0)`` (M =
+``config.images_per_prompt``): the noise is keyed by the prompt's index in the list and the
+image's index, so the batch size never changes the result, two models evaluated with the same
+prompts and seed start from the same noise (a paired comparison), and image 0 of every prompt
+is the same with any M. Image 0 is the ``x_T`` :func:`~smartgrpo_fast.search.compare_noise`
+draws with that seed. With M > 1 a prompt's reward is the mean of its M images' (GenEval's
+protocol samples 4 images per prompt): a paired comparison then measures the change of each
+prompt's expected reward rather than of one trajectory, which a small change of the weights
+can flip between a right and a wrong image.
 
 ``smartgrpo-fast eval`` (see its ``--help``) is the command line over :func:`evaluate`; the
 trainer calls it every ``eval.every`` steps and writes :func:`save_grid` of the images.
@@ -39,15 +44,19 @@ class EvalConfig:
 
     Attributes:
         steps: Euler steps of the ODE from t = 1 to 0 (20).
-        seed: keys the initial noise (Philox, round 0, one row per prompt index).
-        batch: prompts sampled together; does not change the result.
+        seed: keys the initial noise (Philox, round 0, row = prompt index, candidate = image
+            index).
+        batch: images sampled together (one decode); does not change the result.
         shift: the schedule's time shift; None = the model's (``sde.schedule_shift``).
+        images_per_prompt: M images of each prompt, from M noises; a prompt's reward is their
+            mean (1: one image, the default).
     """
 
     steps: int = 20
     seed: int = 0
     batch: int = 32
     shift: float | None = None
+    images_per_prompt: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -58,6 +67,9 @@ class EvalConfig:
             raise ValueError(f"seed: expected 0 <= seed < 2**62, got {self.seed}")
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
             raise ValueError(f"batch: expected an integer >= 1, got {self.batch!r}")
+        m = self.images_per_prompt
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"images_per_prompt: expected an integer >= 1, got {m!r}")
         if self.shift is not None:
             check_time_shift(self.shift)
 
@@ -66,15 +78,21 @@ class EvalConfig:
 class EvalResult:
     """What :func:`evaluate` measured, in prompt order, on the CPU.
 
+    With M images per prompt the per-image tensors are prompt-major, like diffusers'
+    ``num_images_per_prompt`` outputs: rows ``i*M .. i*M + M - 1`` belong to prompt ``i``.
+
     Attributes:
         prompts: the N prompts.
-        rewards: (N,) float32; NaN where the reward was not finite (NaN or inf).
-        images: (N, 3, H, W) float32 in [0, 1].
-        matches: (N,) bool, all of the prompt's attributes recognised (rewards with a
-            ``matches(images, prompts) -> (N, A) bool`` method, like the embedded ``tiny``
-            rewards), else None.
+        rewards: (N,) float32, each prompt's mean image reward; NaN where one of its image
+            rewards was not finite (NaN or inf).
+        images: (N*M, 3, H, W) float32 in [0, 1].
+        matches: (N*M,) bool, all of the prompt's attributes recognised in the image (rewards
+            with a ``matches(images, prompts) -> (N, A) bool`` method, like the embedded
+            ``tiny`` rewards), else None.
         seconds: wall time of the evaluation.
         shift: the schedule's time shift used.
+        image_rewards: (N*M,) float32, every image's reward (NaN where not finite); None
+            means ``rewards`` (M = 1).
     """
 
     prompts: list[str]
@@ -83,10 +101,17 @@ class EvalResult:
     matches: torch.Tensor | None
     seconds: float
     shift: float
+    image_rewards: torch.Tensor | None = None
+
+    @property
+    def images_per_prompt(self) -> int:
+        """M, the images sampled of each prompt."""
+        return self.images.shape[0] // max(1, len(self.prompts))
 
     @property
     def nonfinite(self) -> int:
-        """How many rewards were NaN or inf (excluded from :attr:`mean` and :attr:`std`)."""
+        """How many prompts' rewards were NaN or inf (excluded from :attr:`mean` and
+        :attr:`std`): those with a non-finite image reward."""
         return int((~torch.isfinite(self.rewards)).sum())
 
     @property
@@ -103,7 +128,8 @@ class EvalResult:
 
     @property
     def match_rate(self) -> float | None:
-        """Fraction of prompts whose image matched all its attributes; None without matches."""
+        """Fraction of images that matched all their prompt's attributes; None without
+        matches."""
         return None if self.matches is None else float(self.matches.double().mean())
 
     def summary(self) -> dict[str, Any]:
@@ -146,12 +172,14 @@ def evaluate(
         model: a :class:`~smartgrpo_fast.models.FlowModel`.
         reward: ``reward(images, prompts) -> (N,)``; its ``matches`` method, when it has one,
             gives :attr:`EvalResult.matches`.
-        prompts: the N prompts; prompt i always gets noise row i (module docstring).
-        config: steps, seed, batch, shift (default :class:`EvalConfig()`).
+        prompts: the N prompts; image j of prompt i always gets noise (i, j) (module
+            docstring).
+        config: steps, seed, batch, shift, images per prompt (default :class:`EvalConfig()`).
         progress: a progress bar over the batches (stderr).
 
-    Non-finite rewards are kept as NaN in :attr:`EvalResult.rewards`, counted
-    (:attr:`EvalResult.nonfinite`) and left out of the mean, with a RuntimeWarning.
+    Non-finite rewards are kept as NaN in :attr:`EvalResult.rewards` (a prompt with one
+    non-finite image reward gets NaN), counted (:attr:`EvalResult.nonfinite`) and left out of
+    the mean, with a RuntimeWarning.
     ``model.transformer`` (when it is a module) runs in eval mode (LoRA dropout off) and gets
     its mode back afterwards, so an evaluation in the middle of training is deterministic.
     """
@@ -176,18 +204,19 @@ def _evaluate(
     t0 = time.perf_counter()
     shift = schedule_shift(model) if config.shift is None else config.shift
     sigmas = flow_sigmas(config.steps, shift).tolist()
-    n, shape = len(prompts), tuple(model.latent_shape)
+    n, m, shape = len(prompts), config.images_per_prompt, tuple(model.latent_shape)
     dev = torch.device(getattr(model, "device", "cpu"))
-    x_t = philox_normal((n, 1, *shape), seed=config.seed, round=0).squeeze(1)
+    x_t = philox_normal((n, m, *shape), seed=config.seed, round=0).flatten(0, 1)
+    rows = [p for p in prompts for _ in range(m)]  # prompt-major, like x_t
     has_matches = callable(getattr(reward, "matches", None))
     rewards, images, matches = [], [], []
-    chunks = range(0, n, config.batch)
+    chunks = range(0, n * m, config.batch)
     if progress:
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc="eval", unit="batch")
     for start in chunks:
-        chunk = prompts[start : start + config.batch]
+        chunk = rows[start : start + config.batch]
         cond = model.encode_prompts(chunk)
         img = model.decode(integrate_ode(model, cond, x_t[start : start + len(chunk)].to(dev),
                                          sigmas))  # fmt: skip
@@ -203,13 +232,17 @@ def _evaluate(
         torch.cuda.synchronize(dev)
     r = torch.cat(rewards)
     r = torch.where(torch.isfinite(r), r, torch.full_like(r, float("nan")))
-    result = EvalResult(prompts=prompts, rewards=r, images=torch.cat(images),
+    per_prompt = r.view(n, m).mean(dim=1)  # NaN when one of the prompt's images is
+    result = EvalResult(prompts=prompts, rewards=per_prompt, images=torch.cat(images),
                         matches=torch.cat(matches) if has_matches else None,
-                        seconds=time.perf_counter() - t0, shift=shift)  # fmt: skip
+                        seconds=time.perf_counter() - t0, shift=shift,
+                        image_rewards=r if m > 1 else None)  # fmt: skip
     if result.nonfinite:
+        bad = int(r.isnan().sum())
+        what = f" ({bad} of {n * m} images)" if m > 1 else ""
         warnings.warn(
-            f"evaluate: {result.nonfinite} of {n} rewards are not finite (NaN in rewards); "
-            "left out of the mean",
+            f"evaluate: {result.nonfinite} of {n} rewards are not finite{what} (NaN in "
+            "rewards); left out of the mean",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -221,6 +254,9 @@ def paired_comparison(a: EvalResult, b: EvalResult) -> dict[str, float]:
     over the prompts where both are finite; ``excluded`` counts the others."""
     if a.prompts != b.prompts:
         raise ValueError("b: expected the same prompts as a, in the same order")
+    if a.images_per_prompt != b.images_per_prompt:
+        raise ValueError(f"b: expected {a.images_per_prompt} images per prompt like a, got "
+                         f"{b.images_per_prompt}")  # fmt: skip
     both = torch.isfinite(a.rewards) & torch.isfinite(b.rewards)
     return {**paired_stats(a.rewards[both], b.rewards[both]), "excluded": int((~both).sum())}
 
@@ -236,9 +272,11 @@ def result_dict(
     """What ``smartgrpo-fast eval`` writes to result.json (NaN and inf as null).
 
     Keys: ``config`` (``eval``: ``config`` with the shift used, plus ``meta``), ``prompts``,
-    ``reward`` (per prompt, ``res``'s), ``match`` (per prompt, or null) and ``match_rate``,
-    ``nonfinite``; with ``base`` (the base model on the same prompts and noise) also
-    ``reward_base``, ``match_base``, ``match_rate_base``; ``summary`` (``reward`` and
+    ``reward`` (per prompt, ``res``'s: the mean of its images'), ``reward_images`` (per image,
+    prompt-major; only with more than one image per prompt), ``match`` (per image, or null)
+    and ``match_rate``, ``nonfinite``; with ``base`` (the base model on the same prompts and
+    noise) also ``reward_base`` (and ``reward_images_base``), ``match_base``,
+    ``match_rate_base``; ``summary`` (``reward`` and
     ``reward_base``: :meth:`EvalResult.summary`; ``adapter_vs_base``:
     :func:`paired_comparison` of ``res`` over ``base``), ``seconds`` (``eval``, ``base``),
     then ``extra``'s keys.
@@ -247,6 +285,7 @@ def result_dict(
         "config": {"eval": {**asdict(config), "shift": res.shift}, **(meta or {})},
         "prompts": res.prompts,
         "reward": res.rewards.tolist(),
+        **_image_rewards(res, ""),
         "match": None if res.matches is None else res.matches.tolist(),
         "match_rate": res.match_rate,
         "nonfinite": res.nonfinite,
@@ -256,6 +295,7 @@ def result_dict(
     if base is not None:
         out |= {
             "reward_base": base.rewards.tolist(),
+            **_image_rewards(base, "_base"),
             "match_base": None if base.matches is None else base.matches.tolist(),
             "match_rate_base": base.match_rate,
         }
@@ -263,6 +303,12 @@ def result_dict(
                     "adapter_vs_base": paired_comparison(res, base)}  # fmt: skip
         seconds["base"] = base.seconds
     return _finite({**out, "summary": summary, "seconds": seconds, **(extra or {})})
+
+
+def _image_rewards(res: EvalResult, suffix: str) -> dict[str, Any]:
+    if res.image_rewards is None:
+        return {}
+    return {f"reward_images{suffix}": res.image_rewards.tolist()}
 
 
 def save_grid(

@@ -521,13 +521,15 @@ class GRPOTrainer:
         if self.dist.main:
             e = self.cfg.eval
             res = evaluate(self.model, self.reward, self.eval_prompts,
-                           EvalConfig(steps=e.steps, seed=e.seed, batch=e.batch))  # fmt: skip
+                           EvalConfig(steps=e.steps, seed=e.seed, batch=e.batch,
+                                      images_per_prompt=e.images_per_prompt))  # fmt: skip
             out = {"step": self.step, "eval_reward_mean": res.mean}
             if res.matches is not None:
                 out["eval_match_rate"] = res.match_rate
             samples = self.out / "samples"
             samples.mkdir(exist_ok=True)
-            save_grid(res.images, samples / f"step-{self.step:06d}.png", nrow=8)
+            nrow = e.images_per_prompt * max(1, 8 // e.images_per_prompt)  # whole prompts
+            save_grid(res.images, samples / f"step-{self.step:06d}.png", nrow=nrow)
             with open(self.out / "eval.jsonl", "a") as f:
                 f.write(json.dumps(out) + "\n")
         self.dist.barrier()
