@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import torch
 
 from smartgrpo_fast.shapes import COLORS, SHAPES, prompt_of
@@ -57,3 +61,12 @@ def mismatched_prompts(attrs, which: str) -> list[str]:
         b = (b + 1) % n_col
         b = torch.where(b == c, (b + 1) % n_col, b)
     return [prompt_of(int(x), int(y), int(z)) for x, y, z in zip(s, c, b, strict=True)]
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The script ``benchmarks/NAME.py`` imported as a module (benchmarks/ is no package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

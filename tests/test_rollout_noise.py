@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 
 from smartgrpo_fast import models, rewards
 from smartgrpo_fast.shapes import sample_prompts
 from smartgrpo_fast.train.evaluate import EvalConfig, evaluate
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "rollout_noise.py"
-
 
 @pytest.fixture(scope="module")
 def rn():
-    spec = importlib.util.spec_from_file_location("rollout_noise", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("rollout_noise")
 
 
 def test_rows_and_table(rn, tmp_path, capsys) -> None:

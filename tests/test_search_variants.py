@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "search_variants.py"
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sv():
-    spec = importlib.util.spec_from_file_location("search_variants", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("search_variants")
 
 
 def test_rows_table_and_rejudge(sv, tmp_path, capsys, monkeypatch) -> None:
