@@ -290,8 +290,11 @@ def test_two_processes_reproduce_one(tmp_path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = _metrics(one)[0], _metrics(two)[0]
     assert b["world_size"] == 2 and a["world_size"] == 1
-    assert b["reward_mean"] == pytest.approx(a["reward_mean"], abs=1e-5)
-    assert b["reward_std"] == pytest.approx(a["reward_std"], abs=1e-5)
+    # Each process samples half the rows in its batches, and the CPU transformer is not
+    # bitwise batch-invariant (test_evaluate: ~4e-5 on rewards of magnitude ~10): float32-level
+    # agreement, relative for rewards of a few units (seen: 1.4e-5 on a std of 2.75).
+    assert b["reward_mean"] == pytest.approx(a["reward_mean"], rel=1e-5, abs=1e-5)
+    assert b["reward_std"] == pytest.approx(a["reward_std"], rel=1e-5, abs=1e-5)
     from safetensors.torch import load_file
 
     wa = load_file(one / "checkpoints" / "step-000001" / "adapter" / "adapter_model.safetensors")
