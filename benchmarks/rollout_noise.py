@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from smartgrpo_fast import models, rewards
+from smartgrpo_fast.cli.args import int_in
 from smartgrpo_fast.sde import flow_sigmas
 from smartgrpo_fast.shapes import sample_prompts
 from smartgrpo_fast.train.evaluate import EvalConfig, evaluate
@@ -60,33 +62,47 @@ def ode_row(model, reward, prompts: list[str], args: argparse.Namespace, steps: 
             "group_std": None}  # fmt: skip
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--noise-levels", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7])
+    p.add_argument("--noise-levels", type=_positive_float, nargs="+",
+                   default=[0.1, 0.3, 0.5, 0.7])  # fmt: skip
     p.add_argument("--sde-type", choices=("sde", "cps"), default="sde")
-    p.add_argument("--num-prompts", type=int, default=16)
-    p.add_argument("--prompt-seed", type=int, default=3000)
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--draws", type=int, default=2, help="optimizer steps (windows) drawn")
-    p.add_argument("--steps", type=int, default=10, help="the trainer's sampling steps")
-    p.add_argument("--eval-steps", type=int, default=20, help="the evaluation's ODE steps")
-    p.add_argument("--window-size", type=int, default=3)
-    p.add_argument("--window-range", type=int, nargs=2, default=[1, 6])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--num-prompts", type=int_in(1), default=16)
+    p.add_argument("--prompt-seed", type=int_in(0, 2**62), default=3000)
+    p.add_argument("--group-size", type=int_in(1), default=8)
+    p.add_argument("--draws", type=int_in(1), default=2, help="optimizer steps (windows) drawn")
+    p.add_argument("--steps", type=int_in(1), default=10, help="the trainer's sampling steps")
+    p.add_argument("--eval-steps", type=int_in(1), default=20, help="the evaluation's ODE steps")
+    p.add_argument("--window-size", type=int_in(1), default=3)
+    p.add_argument("--window-range", type=int_in(0), nargs=2, default=[1, 6])
+    p.add_argument("--seed", type=int_in(0, 2**62), default=0)
+    p.add_argument("--batch", type=int_in(1), default=64)
     p.add_argument("--out", type=Path, default=None, help="JSON lines, one per sampler")
     args = p.parse_args(argv)
     model, reward = models.load("tiny"), rewards.load("tiny")
     prompts = sample_prompts(args.num_prompts, args.prompt_seed)
     rows = []
-    for make in ([lambda s=s: ode_row(model, reward, prompts, args, s)
-                  for s in dict.fromkeys((args.steps, args.eval_steps))]
-                 + [lambda nl=nl: rollout_row(model, reward, prompts, args, nl)
-                    for nl in args.noise_levels]):  # fmt: skip
+
+    def timed(run, *run_args) -> None:
         t0 = time.perf_counter()
-        row = make() | {"seconds": round(time.perf_counter() - t0, 1)}
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(run(model, reward, prompts, args, *run_args)
+                    | {"seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+
+    for steps in dict.fromkeys((args.steps, args.eval_steps)):
+        timed(ode_row, steps)
+    for noise_level in args.noise_levels:
+        timed(rollout_row, noise_level)
     n = args.num_prompts * args.group_size * args.draws
     print(f"\n{args.num_prompts} prompts (seed {args.prompt_seed}) x {args.group_size} x "
           f"{args.draws} draws = {n} images per sampler; window {args.window_size} of "

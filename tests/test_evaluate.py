@@ -129,6 +129,7 @@ def test_images_per_prompt_are_prompt_major_and_averaged(batch: int) -> None:
     assert not torch.allclose(images[0::m], images[1::m])  # the M noises differ
     one = evaluate(model, reward, PROMPTS, EvalConfig(steps=3, seed=7, batch=batch))
     assert torch.equal(res.images[0::m], one.images) and one.image_rewards is None
+    assert res.grid_nrow == 6 and one.grid_nrow == 8  # whole prompts on each grid row
     assert res.matches is not None and res.matches.shape == (15,)
     want = reward.matches(images, [p for p in PROMPTS for _ in range(m)]).all(dim=1)
     assert torch.equal(res.matches, want)

@@ -36,3 +36,17 @@ def test_rows_and_table(rn, tmp_path, capsys) -> None:
     assert rows[2]["reward"] != rows[3]["reward"]  # the noise level reaches the samples
     table = capsys.readouterr().out
     assert "| sde 0.7 (4 steps) |" in table and "8 images per sampler" in table
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--num-prompts", "0"], "--num-prompts"),
+        (["--noise-levels", "0.3", "-1"], "--noise-levels"),
+        (["--noise-levels", "nan"], "--noise-levels"),
+    ],
+)
+def test_bad_arguments_name_the_flag(rn, capsys, argv: list[str], flag: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        rn.main(argv)
+    assert exc.value.code == 2 and flag in capsys.readouterr().err

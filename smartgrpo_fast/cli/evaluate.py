@@ -130,10 +130,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     result = result_dict(res, config, base=base, meta=cfg, extra={"version": __version__})
     out: Path = args.out
     json_path = write_result(result, out / "result.json")
-    nrow = m * max(1, 8 // m)  # whole prompts per grid row
-    grids = [save_grid(res.images, out / "grid.png", nrow=nrow)]
+    grids = [save_grid(res.images, out / "grid.png", nrow=res.grid_nrow)]
     if base is not None:
-        grids.append(save_grid(base.images, out / "grid_base.png", nrow=nrow))
+        grids.append(save_grid(base.images, out / "grid_base.png", nrow=base.grid_nrow))
     for name, r in (("base", base), ("adapter" if lora else "model", res)):
         if r is not None:
             rate = "" if r.match_rate is None else f", prompt-match rate {r.match_rate:.1%}"

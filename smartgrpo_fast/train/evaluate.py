@@ -109,6 +109,13 @@ class EvalResult:
         return self.images.shape[0] // max(1, len(self.prompts))
 
     @property
+    def grid_nrow(self) -> int:
+        """Images per row of a grid of :attr:`images` that keeps each prompt's on one row:
+        8, or the largest multiple of M up to 8 (M when M > 8)."""
+        m = self.images_per_prompt
+        return m * max(1, 8 // m)
+
+    @property
     def nonfinite(self) -> int:
         """How many prompts' rewards were NaN or inf (excluded from :attr:`mean` and
         :attr:`std`): those with a non-finite image reward."""

@@ -528,8 +528,7 @@ class GRPOTrainer:
                 out["eval_match_rate"] = res.match_rate
             samples = self.out / "samples"
             samples.mkdir(exist_ok=True)
-            nrow = e.images_per_prompt * max(1, 8 // e.images_per_prompt)  # whole prompts
-            save_grid(res.images, samples / f"step-{self.step:06d}.png", nrow=nrow)
+            save_grid(res.images, samples / f"step-{self.step:06d}.png", nrow=res.grid_nrow)
             with open(self.out / "eval.jsonl", "a") as f:
                 f.write(json.dumps(out) + "\n")
         self.dist.barrier()
