@@ -427,8 +427,11 @@ class GRPOTrainer:
                        sigma_max=ro.sigmas[1], sde_type=self.cfg.sample.sde_type)  # fmt: skip
         return ((st.mean - ref.mean) ** 2).flatten(1).mean(1) / (2 * st.std**2)
 
-    def update(self, ro: Rollouts, advantages: torch.Tensor) -> dict[str, float]:
-        """One optimizer step on the rollouts; returns the update's metrics."""
+    def backward(self, ro: Rollouts, advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero the gradients and accumulate those of the GRPO loss of all rollouts (mean over
+        rows and SDE steps; micro-batches of ``train.micro_batch`` rows) into the trainable
+        parameters' ``.grad``, unclipped. Returns (6,) float64 sums of the per-sample loss,
+        policy loss, KL, clipped, approx KL and ratio, and the largest ``logp_diff``."""
         cfg = self.cfg.train
         n_rows, w = ro.size, len(ro.sde_steps)
         total = n_rows * w
@@ -453,6 +456,13 @@ class GRPOTrainer:
                 stats["clipped"].sum(), stats["approx_kl"].sum(), stats["ratio"].sum(),
             ]).double()  # fmt: skip
             diff_max = torch.maximum(diff_max, stats["logp_diff"].max().double())
+        return sums, diff_max
+
+    def update(self, ro: Rollouts, advantages: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on the rollouts; returns the update's metrics."""
+        cfg = self.cfg.train
+        sums, diff_max = self.backward(ro, advantages)
+        total = ro.size * len(ro.sde_steps)
         clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         lr = self._lr(self.step + 1)
