@@ -72,6 +72,19 @@ step train_random 50 python3 -m smartgrpo_fast bench train --config tiny --steps
 # A real training run on the GPU (its search's CUDA graph must capture: no warning).
 step train_run 60 python3 -m smartgrpo_fast train --config tiny --out "$W/train_run" \
     device=cuda train.steps=3 eval.every=0
+# Does GRPO learn at a batch the 2-core CPU cannot afford? On the CPU the tiny config's batch
+# gradient (32 rollouts) is noise (benchmarks/grad_snr.py, RESULTS.md). Its signal and noise at
+# 512 rollouts a step, a training at that batch, and the held-out evaluation of the last
+# checkpoint it saved (4 images a prompt, float32 as on the CPU; base and adapter paired).
+SCALE="device=cuda sample.prompts_per_step=64 sample.batch=256 train.micro_batch=256"
+step grad_snr_scale 90 python3 benchmarks/grad_snr.py --batches 16 --noise random,smart \
+    --out "$W/grad_snr_scale.jsonl" $SCALE
+step train_scale 300 python3 -m smartgrpo_fast train --config tiny --out "$W/train_scale" \
+    $SCALE train.steps=200 train.save_every=25 eval.every=50 log.progress=false
+step eval_scale 120 bash -c 'ck=$(ls -d "$1"/train_scale/checkpoints/step-* | tail -n 1) &&
+    echo "$ck" && python3 -m smartgrpo_fast eval --model tiny --lora "$ck" --reward tiny \
+    --num-prompts 128 --prompt-seed 2000 --seed 7 --images-per-prompt 4 --dtype float32 \
+    --device cuda --no-progress --out "$1/eval_scale"' _ "$W"
 step velocity_sd35m 70 python3 -m smartgrpo_fast bench velocity --model sd35-medium \
     --dtype bfloat16 --backends eager graph --batches 1 8 16 --out "$W"
 step search_sd35m 120 python3 -m smartgrpo_fast bench search --model sd35-medium --batch 2 \

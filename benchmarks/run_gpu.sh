@@ -32,3 +32,15 @@ python3 -m smartgrpo_fast bench train --config tiny --steps 3 --out "$OUT" devic
     2>&1 | tee "$OUT/train_tiny_smart.txt"
 python3 -m smartgrpo_fast bench train --config tiny --steps 3 --out "$OUT" device=cuda \
     noise=random 2>&1 | tee "$OUT/train_tiny_random.txt"
+# GRPO at a batch the 2-core CPU cannot afford (there the tiny config's 32-rollout batch
+# gradient is noise: benchmarks/grad_snr.py): signal and noise at 512 rollouts a step, a
+# 200-step run at that batch, and the held-out evaluation of its adapter, paired with the base.
+SCALE="device=cuda sample.prompts_per_step=64 sample.batch=256 train.micro_batch=256"
+python3 benchmarks/grad_snr.py --batches 16 --noise random,smart --out "$OUT/grad_snr_scale.jsonl" \
+    $SCALE 2>&1 | tee "$OUT/grad_snr_scale.txt"
+python3 -m smartgrpo_fast train --config tiny --out "$OUT/train_scale" $SCALE train.steps=200 \
+    train.save_every=50 eval.every=50 log.progress=false 2>&1 | tee "$OUT/train_scale.txt"
+python3 -m smartgrpo_fast eval --model tiny --lora "$OUT/train_scale/checkpoints/step-000200" \
+    --reward tiny --num-prompts 128 --prompt-seed 2000 --seed 7 --images-per-prompt 4 \
+    --dtype float32 --device cuda --no-progress --out "$OUT/eval_scale" 2>&1 \
+    | tee "$OUT/eval_scale.txt"
