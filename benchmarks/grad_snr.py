@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     over = " ".join(args.overrides) or "none"
     print(f"\nconfig {args.config}, overrides: {over}; {args.batches} batches per noise\n")
-    print("| noise | rollouts per batch | mean cos | |mu|^2 / E|n|^2 of a batch (± 1 s.e.) "
+    print("| noise | rollouts per batch | mean cos | ‖mu‖² / E‖n‖² of a batch (± 1 s.e.) "
           "| rollouts for signal = noise |\n|---|---:|---:|---:|---:|")  # fmt: skip
     for r in rows:
         n2 = r["noise_sq"] if r["noise_sq"] > 0 else float("nan")
