@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from smartgrpo_fast.cli.args import int_in
-from smartgrpo_fast.train.config import load_config
+from smartgrpo_fast.train.config import NOISE_STRATEGIES, load_config
 from smartgrpo_fast.train.loss import group_advantages
 from smartgrpo_fast.train.trainer import GRPOTrainer
 
@@ -66,9 +66,11 @@ def signal_and_noise(grads: torch.Tensor, rollouts_per_batch: int) -> dict[str, 
 
 def _strategies(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",")]
-    bad = [n for n in names if n not in ("smart", "random", "bestof")]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"expected smart, random or bestof, got {bad or text!r}")
+    bad = [n for n in names if n not in NOISE_STRATEGIES]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"expected names from {', '.join(NOISE_STRATEGIES)}, got {bad} in {text!r}"
+        )
     return names
 
 

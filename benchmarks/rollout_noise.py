@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 from smartgrpo_fast import models, rewards
-from smartgrpo_fast.cli.args import int_in
+from smartgrpo_fast.cli.args import float_above, int_in
 from smartgrpo_fast.sde import flow_sigmas
 from smartgrpo_fast.shapes import sample_prompts
 from smartgrpo_fast.train.evaluate import EvalConfig, evaluate
@@ -62,19 +61,9 @@ def ode_row(model, reward, prompts: list[str], args: argparse.Namespace, steps: 
             "group_std": None}  # fmt: skip
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--noise-levels", type=_positive_float, nargs="+",
+    p.add_argument("--noise-levels", type=float_above(0), nargs="+",
                    default=[0.1, 0.3, 0.5, 0.7])  # fmt: skip
     p.add_argument("--sde-type", choices=("sde", "cps"), default="sde")
     p.add_argument("--num-prompts", type=int_in(1), default=16)

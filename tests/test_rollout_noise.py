@@ -44,6 +44,7 @@ def test_rows_and_table(rn, tmp_path, capsys) -> None:
         (["--num-prompts", "0"], "--num-prompts"),
         (["--noise-levels", "0.3", "-1"], "--noise-levels"),
         (["--noise-levels", "nan"], "--noise-levels"),
+        (["--noise-levels", "0"], "--noise-levels"),  # > 0, not >= 0
     ],
 )
 def test_bad_arguments_name_the_flag(rn, capsys, argv: list[str], flag: str) -> None:

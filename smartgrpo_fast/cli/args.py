@@ -27,6 +27,7 @@ __all__ = [
     "add_reward",
     "add_seed",
     "device",
+    "float_above",
     "float_at_least",
     "int_in",
     "reward_arg",
@@ -55,19 +56,29 @@ def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def float_at_least(lo: float) -> Callable[[str], float]:
-    """argparse type: a finite float >= ``lo``."""
+def _float_bound(lo: float, strict: bool) -> Callable[[str], float]:
+    op = ">" if strict else ">="
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (math.isfinite(value) and value >= lo):
-            raise argparse.ArgumentTypeError(f"expected a finite number >= {lo:g}, got {text!r}")
+        if not (math.isfinite(value) and (value > lo if strict else value >= lo)):
+            raise argparse.ArgumentTypeError(f"expected a finite number {op} {lo:g}, got {text!r}")
         return value
 
     return parse
+
+
+def float_at_least(lo: float) -> Callable[[str], float]:
+    """argparse type: a finite float >= ``lo``."""
+    return _float_bound(lo, strict=False)
+
+
+def float_above(lo: float) -> Callable[[str], float]:
+    """argparse type: a finite float > ``lo``."""
+    return _float_bound(lo, strict=True)
 
 
 def device(text: str) -> str:
