@@ -25,20 +25,16 @@ import torch
 
 from smartgrpo_fast.cli.args import int_in
 from smartgrpo_fast.train.config import NOISE_STRATEGIES, load_config
-from smartgrpo_fast.train.loss import group_advantages
 from smartgrpo_fast.train.trainer import GRPOTrainer
 
 
 def batch_gradients(trainer: GRPOTrainer, batches: int) -> torch.Tensor:
     """(S, P) float64: the gradient of each of optimizer steps 1..S's rollouts at the
     trainer's current weights (no optimizer step is taken)."""
-    tcfg = trainer.cfg.train
     grads = []
     for step in range(1, batches + 1):
         ro = trainer.rollouts(step)
-        adv = group_advantages(ro.rewards, ro.groups, adv_clip=tcfg.adv_clip,
-                               global_std=tcfg.global_std)  # fmt: skip
-        trainer.backward(ro, adv.values.to(trainer.device))
+        trainer.backward(ro, trainer.advantages(ro.rewards, ro.groups).values.to(trainer.device))
         grads.append(torch.cat([p.grad.detach().flatten().double() for p in trainer.params]))
     return torch.stack(grads)
 

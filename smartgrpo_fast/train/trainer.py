@@ -55,7 +55,7 @@ from smartgrpo_fast.train.checkpoint import (
 from smartgrpo_fast.train.config import ConfigError, RunConfig, config_to_dict
 from smartgrpo_fast.train.data import PromptSource, derive_seed, eval_prompts
 from smartgrpo_fast.train.evaluate import EvalConfig, evaluate, save_grid
-from smartgrpo_fast.train.loss import group_advantages, policy_terms
+from smartgrpo_fast.train.loss import Advantages, group_advantages, policy_terms
 from smartgrpo_fast.train.rollout import Rollouts, sample_rollouts, sde_window
 
 __all__ = ["METRIC_KEYS", "GRPOTrainer", "build_model", "build_reward", "resolve_device"]
@@ -427,6 +427,11 @@ class GRPOTrainer:
                        sigma_max=ro.sigmas[1], sde_type=self.cfg.sample.sde_type)  # fmt: skip
         return ((st.mean - ref.mean) ** 2).flatten(1).mean(1) / (2 * st.std**2)
 
+    def advantages(self, rewards: torch.Tensor, groups: torch.Tensor) -> Advantages:
+        """The config's GRPO advantages of (R,) rewards in (R,) groups (all processes' rows)."""
+        t = self.cfg.train
+        return group_advantages(rewards, groups, adv_clip=t.adv_clip, global_std=t.global_std)
+
     def backward(self, ro: Rollouts, advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero the gradients and accumulate those of the GRPO loss of all rollouts (mean over
         rows and SDE steps; micro-batches of ``train.micro_batch`` rows) into the trainable
@@ -491,8 +496,7 @@ class GRPOTrainer:
         ro = self.rollouts(step)
         rewards = self.dist.gather(ro.rewards)
         groups = self.dist.gather(ro.groups)
-        adv = group_advantages(rewards, groups, adv_clip=self.cfg.train.adv_clip,
-                               global_std=self.cfg.train.global_std)  # fmt: skip
+        adv = self.advantages(rewards, groups)
         lo = self.dist.rank * ro.size
         t1 = time.perf_counter()
         upd = self.update(ro, adv.values[lo : lo + ro.size].to(self.device))
