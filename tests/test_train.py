@@ -153,8 +153,8 @@ def test_an_update_moves_log_probabilities_toward_the_advantages(tmp_path, sign)
     """One optimizer step (Adam, lr 1e-3) moves the SDE steps' log-probabilities with the
     advantages: sum A (logp_new - logp_old) > 0, for the rollouts' advantages and for their
     negation (a sign slip in the loss, or an optimizer that ascends it, fails both). Seen on
-    CPU: the largest |logp_new - logp_old| 1.6e-3 to 2.5e-3, the sum 7e-3 (10x both at lr
-    1e-4: first order)."""
+    CPU: the largest |logp_new - logp_old| 1.6e-3 to 2.5e-3, the sum 7e-3 (both a tenth of
+    that at lr 1e-4: first order)."""
     t = _trainer(tmp_path, "noise=random", "train.lr=1e-3")
     try:
         ro = t.rollouts(1)
