@@ -48,6 +48,38 @@ def assert_close(
         )
 
 
+#: float32's machine epsilon (2**-23).
+FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def assert_float_order_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    name: str = "output",
+    roundings: int = 256,
+) -> None:
+    """``actual`` equals ``expected`` up to float32 reduction order.
+
+    What passes through a model forward (a matmul, a convolution, a softmax, a mean) is summed
+    in an order that oneDNN/MKL choose by batch size, thread count and CPU ISA (AVX2 on AMD,
+    AVX-512 on Intel, ``ATEN_CPU_CAPABILITY``), and even an elementwise ``exp`` or ``sigmoid``
+    rounds differently in its SIMD body and its scalar tail, whose split moves with the
+    tensor's size. So the same rows computed in other batches agree only to rounding,
+    elementwise ``|a - e| <= roundings * eps32 * scale`` with ``scale`` the largest
+    ``|expected|`` (at least 1, so values near zero get the floor of ``roundings`` ulps of 1).
+    The default, 256 roundings (3.1e-5 of the scale), covers a few layers of a small network;
+    a test of a deeper computation says why it passes more. Exact quantities (noise, keys,
+    prompt order, checkpoints) are compared with ``torch.equal``.
+    """
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    e = expected.detach().double().cpu()
+    scale = max(1.0, float(e.abs().nan_to_num(0.0, 0.0, 0.0).max()) if e.numel() else 1.0)
+    atol = roundings * FLOAT32_EPS * scale
+    assert_close(actual, expected, atol=atol, rtol=0.0, name=f"{name} (float32 order, {roundings} "
+                 f"roundings of scale {scale:.3g})")  # fmt: skip
+
+
 def mismatched_prompts(attrs, which: str) -> list[str]:
     """Prompts with one attribute changed (colour changes keep colour != background)."""
     s, c, b = attrs.shape.clone(), attrs.color.clone(), attrs.background.clone()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, assert_float_order_close
 from PIL import Image
 
 from smartgrpo_fast import models, rewards
@@ -99,6 +99,7 @@ def test_evaluate_is_the_ode_from_noise_row_i(batch: int, shift: float | None) -
     assert res.seconds >= 0 and res.nonfinite == 0
 
 
+@pytest.mark.float_order
 def test_evaluate_is_deterministic_and_keyed_by_seed() -> None:
     model, reward = FakeModel(), FakeReward()
     a = evaluate(model, reward, PROMPTS, EvalConfig(steps=2, seed=3))
@@ -108,9 +109,10 @@ def test_evaluate_is_deterministic_and_keyed_by_seed() -> None:
     assert not torch.allclose(a.images, c.images)
     # Prompt i keeps its noise row when prompts are appended: results are per index.
     d = evaluate(model, reward, [*PROMPTS, "ffffff"], EvalConfig(steps=2, seed=3))
-    assert torch.equal(d.rewards[:5], a.rewards)
+    assert_float_order_close(d.rewards[:5], a.rewards, name="rewards of the first 5 prompts")
 
 
+@pytest.mark.float_order
 @pytest.mark.parametrize("batch", [1, 4, 15, 64])
 def test_images_per_prompt_are_prompt_major_and_averaged(batch: int) -> None:
     """M = 3: image j of prompt i is the ODE from noise (i, j), rows i*M + j; the prompt's
@@ -128,7 +130,8 @@ def test_images_per_prompt_are_prompt_major_and_averaged(batch: int) -> None:
     assert_close(res.rewards, per_image.view(5, m).mean(1), atol=1e-6, rtol=1e-6, name="means")
     assert not torch.allclose(images[0::m], images[1::m])  # the M noises differ
     one = evaluate(model, reward, PROMPTS, EvalConfig(steps=3, seed=7, batch=batch))
-    assert torch.equal(res.images[0::m], one.images) and one.image_rewards is None
+    assert one.image_rewards is None
+    assert_float_order_close(res.images[0::m], one.images, name="image 0 of each prompt")
     assert res.grid_nrow == 6 and one.grid_nrow == 8  # whole prompts on each grid row
     assert res.matches is not None and res.matches.shape == (15,)
     want = reward.matches(images, [p for p in PROMPTS for _ in range(m)]).all(dim=1)
@@ -310,16 +313,17 @@ def tiny():
     return models.load("tiny"), rewards.load("tiny")
 
 
+@pytest.mark.float_order
 def test_evaluate_tiny_batch_independent(tiny) -> None:
     """Batch 1, 3 and all give the same rewards: the noise is keyed by prompt index. The
     batched transformer is not bitwise batch-invariant on CPU: measured max differences
-    4e-5 on rewards (magnitude ~10), 5e-6 on images."""
+    4e-5 on rewards (magnitude ~10, 34 roundings), 5e-6 on images (42 roundings)."""
     model, reward = tiny
     prompts = sample_prompts(4, 1000)
     res = {b: evaluate(model, reward, prompts, EvalConfig(steps=2, batch=b)) for b in (1, 3, 4)}
     for b in (1, 3):
-        assert_close(res[b].images, res[4].images, atol=5e-5, rtol=0, name=f"images b={b}")
-        assert_close(res[b].rewards, res[4].rewards, atol=5e-4, rtol=1e-5, name=f"reward b={b}")
+        assert_float_order_close(res[b].images, res[4].images, name=f"images b={b}")
+        assert_float_order_close(res[b].rewards, res[4].rewards, name=f"reward b={b}")
     want = hand_ode(model, prompts[:2], 0, 2, model.time_shift)
     assert_close(res[4].images[:2], want, atol=5e-5, rtol=0, name="images vs by hand")
     matches = reward.matches(res[4].images, prompts).all(dim=1)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_float_order_close
 from PIL import Image
 
 from smartgrpo_fast.rewards.base import Reward
@@ -151,11 +152,12 @@ def test_prepare_then_score_equals_the_call(tiny: ImageRewardModel) -> None:
     assert tiny.prepare(["a", *PROMPTS[1:]]).signature() == prepared.signature()
 
 
+@pytest.mark.float_order
 def test_batch_equals_one_at_a_time(tiny: ImageRewardModel) -> None:
     images = _images()
     batch = tiny(images, PROMPTS)
     single = torch.cat([tiny(images[i : i + 1], PROMPTS[i : i + 1]) for i in range(4)])
-    torch.testing.assert_close(batch, single, atol=1e-5, rtol=0)  # batched GEMMs reorder sums
+    assert_float_order_close(batch, single, name="one at a time")  # batched GEMMs reorder sums
 
 
 def test_images_and_prompts_change_the_score(tiny: ImageRewardModel) -> None:
@@ -371,7 +373,10 @@ def test_parity_with_image_reward_package() -> None:
     2e-5 abs (measured <= 1.4e-6 on all 12 pairs); tensor preprocessing 1e-2 abs (measured
     <= 3.8e-3; the resized images differ from PIL's uint8 output by up to ~1/255)."""
     sd = recipe.make_state_dict(KEYS, EXPECTED["seed"])
-    assert recipe.state_dict_sha256(sd) == EXPECTED["state_dict_sha256"]
+    # The fixture's weights up to torch.randn's float32 rounding on this CPU (recipe.py):
+    # its SHA-256 holds on AVX2/AVX-512 kernels only, so the moments are checked instead.
+    moments = json.loads((FIXTURE / "moments.json").read_text())
+    assert recipe.moments_mismatch(sd, moments) == []
     model = ImageRewardModel.from_state_dict(sd, FIXTURE / "med_config.json", tokenizer=VOCAB)
     del sd
     images = _fixture_images()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -211,7 +212,14 @@ def test_attach_default_spec_and_dtype_none(make) -> None:
     model = make("tiny", dtype=torch.bfloat16)
     assert {p.dtype for p in attach_lora(model)} == {torch.float32}  # trainable in fp32
     z, cond = inputs(model, "tiny")
-    assert velocity(model, z.bfloat16(), cond).dtype == torch.bfloat16
+    try:
+        out = velocity(model, z.bfloat16(), cond)
+    except RuntimeError as err:  # a torch limitation, not this library's
+        if "pack_vnni2" in str(err) and os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+            pytest.skip("torch: bfloat16 attention under ATEN_CPU_CAPABILITY=default on an "
+                        "AVX-512 CPU calls an AVX-512-only packing (pack_vnni2)")  # fmt: skip
+        raise
+    assert out.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("kind", KINDS)
