@@ -431,7 +431,7 @@ def test_cli_eval_lora_against_base(tmp_path: Path, capsys: pytest.CaptureFixtur
         (["--model", "/some/folder"], "give --prompt or --prompts"),
         (["--steps", "0"], "--steps: expected an integer >= 1"),
         (["--shift", "-1"], "shift: expected a finite value > 0"),
-        (["--reward", "nope"], "name_or_path: expected one of"),
+        (["--reward", "nope"], "argument --reward: expected reward names of"),
     ],
 )
 def test_cli_eval_errors(extra: list[str], match: str, capsys: pytest.CaptureFixture) -> None:

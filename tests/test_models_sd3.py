@@ -243,3 +243,27 @@ def test_graphed_velocity_matches_eager_in_bf16(tiny_dir) -> None:
     assert graphed._forward.stats.captures == 2
     assert_close(v_graph, v_eager, atol=2e-2, rtol=1.6e-2, name="graph vs eager")
     assert_close(v_graph2, v_eager[:6], atol=2e-2, rtol=1.6e-2, name="bucket 8, 6 rows")
+
+
+def test_loading_prints_no_torchvision_notice_and_a_bad_path_fails_first(tiny_dir) -> None:
+    """transformers announces a PIL fallback for the CLIP/SigLIP image processors the SD3
+    pipeline imports but never uses: not printed (a fresh process: it warns once). A missing
+    folder fails before diffusers is imported, so nothing precedes its error."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from smartgrpo_fast.models.sd3 import SD3FlowModel\n"
+        "try:\n"
+        "    SD3FlowModel.from_pretrained('/nonexistent/sd3')\n"
+        "except FileNotFoundError as e:\n"
+        "    print(e, file=sys.stderr)\n"
+        "assert 'diffusers.pipelines' not in ' '.join(sys.modules)\n"
+        f"SD3FlowModel.from_pretrained({str(tiny_dir)!r}, dtype=torch.float32)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.startswith("/nonexistent/sd3: no such folder"), proc.stderr[:500]
+    assert "torchvision" not in proc.stderr, proc.stderr[:2000]

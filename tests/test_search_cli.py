@@ -169,7 +169,7 @@ def test_cli_search_prompt_file(tmp_path: Path) -> None:
     "extra, match",
     [
         (["--k", "4", "--top", "5"], "top: expected 1 <= top <= k = 4"),
-        (["--reward", "nope"], "name_or_path: expected one of"),
+        (["--reward", "nope"], "argument --reward: expected reward names of"),
         (["--reward", "tiny:x"], "tiny:x"),
         (["--step", "4", "--steps", "4"], "step: expected 0 <= step < steps"),
         (["--prompts", "/nonexistent/prompts.txt"], "is not a file"),

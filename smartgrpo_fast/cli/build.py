@@ -77,8 +77,30 @@ def inputs(args: argparse.Namespace) -> tuple[str, str, list[str]]:
     does not exist is an argument error here, before anything slow is loaded."""
     device = resolve_device(args)
     prompts = read_prompts(args)
+    check_prompts(args, prompts)
     check_model_path(args)
     return device, model_dtype(args, device), prompts
+
+
+def check_prompts(args: argparse.Namespace, prompts: list[str]) -> None:
+    """Prompts the model or the reward cannot read (the embedded world's grammar for ``tiny``)
+    are an argument error of --prompt / --prompts, before anything is loaded."""
+    from smartgrpo_fast import models, rewards
+
+    given = "--prompt" if args.prompt else "--prompts" if args.prompts is not None else None
+    if given is None:  # sampled from the embedded world: readable by construction
+        return
+    spec = getattr(args, "reward", None)
+    try:
+        rewards.check_names(spec or "tiny")
+    except ValueError:
+        spec = None  # --reward's own error comes when the reward is built
+    try:
+        models.check_prompts(args.model, prompts)
+        if spec:
+            rewards.check_prompts(spec, prompts)
+    except ValueError as err:
+        args.parser.error(f"argument {given}: {one_line(err)}")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -126,12 +148,12 @@ def _reward_kwargs(
 
 def build_reward(args: argparse.Namespace, device: str) -> Any:
     """The reward of --reward, each component loaded with its --reward-arg keywords."""
-    from smartgrpo_fast.rewards import load
-    from smartgrpo_fast.rewards.combine import WeightedSum, parse_reward_spec
+    from smartgrpo_fast.rewards import check_names, load
+    from smartgrpo_fast.rewards.combine import WeightedSum
 
     parser: argparse.ArgumentParser = args.parser
     try:
-        weights = parse_reward_spec(args.reward)
+        weights = check_names(args.reward)
     except ValueError as err:
         parser.error(f"argument --reward: {one_line(err)}")
     kwargs = _reward_kwargs(parser, args.reward, list(weights), args.reward_arg)

@@ -9,9 +9,12 @@ forward can be CUDA-graphed or compiled (:mod:`smartgrpo_fast.graphs`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -110,6 +113,25 @@ def _check_layout(path: Path) -> None:
                 )
 
 
+class _DropTorchvisionFallback(logging.Filter):
+    """transformers' notice that an image processor falls back to PIL without torchvision:
+    SD3 pipelines import the CLIP and SigLIP processors but never use them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_torchvision_notices() -> Iterator[None]:
+    logger = logging.getLogger("transformers.utils.import_utils")
+    drop = _DropTorchvisionFallback()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def _resolve(path_or_id: str | Path, local_files_only: bool) -> Path:
     """A local folder, or the snapshot folder of a Hugging Face repo id in the local cache."""
     p = Path(path_or_id).expanduser()
@@ -184,13 +206,14 @@ class SD3FlowModel(DiTFlowModel):
         (:func:`smartgrpo_fast.models.lora.save_adapter`'s) applied to the transformer after
         loading (:func:`~smartgrpo_fast.models.lora.load_adapter`; adapter weights in float32).
         """
-        from diffusers import StableDiffusion3Pipeline
-
         path = _resolve(path_or_id, local_files_only)
-        _check_layout(path)
-        pipe = StableDiffusion3Pipeline.from_pretrained(
-            path, dtype={"vae": torch.float32, "default": dtype}, local_files_only=True
-        )
+        _check_layout(path)  # before diffusers is imported: a bad path fails fast and quietly
+        with _no_torchvision_notices():
+            from diffusers import StableDiffusion3Pipeline
+
+            pipe = StableDiffusion3Pipeline.from_pretrained(
+                path, dtype={"vae": torch.float32, "default": dtype}, local_files_only=True
+            )
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
         cfg = config or SD3Config()

@@ -38,10 +38,13 @@ from smartgrpo_fast.rewards.base import (
 
 __all__ = [
     "NAMES",
+    "WORLD_PROMPT_REWARDS",
     "PreparedPrompts",
     "PreparedReward",
     "Reward",
     "check_images",
+    "check_names",
+    "check_prompts",
     "load",
     "prepare_prompts",
     "reward_from_spec",
@@ -53,6 +56,15 @@ NAMES = (
     "aesthetic",
     "pickscore", "clipscore",
 )  # fmt: skip
+#: Rewards that parse each prompt into the embedded world's shape, colour and background.
+WORLD_PROMPT_REWARDS = (
+    "tiny",
+    "tiny-prob",
+    "tiny-min",
+    "tiny-margin",
+    "tiny-color",
+    "shapes-judge",
+)
 _TINY_MODES = {"tiny": "logprob", "tiny-prob": "prob", "tiny-min": "min", "tiny-margin": "margin"}
 
 
@@ -90,3 +102,27 @@ def reward_from_spec(spec: str, **kwargs: Any) -> Reward:
     if len(weights) == 1 and next(iter(weights.values())) == 1.0:
         return load(next(iter(weights)), **kwargs)
     return WeightedSum(weights, **kwargs)
+
+
+def check_names(spec: str) -> dict[str, float]:
+    """The ``{name: weight}`` of a reward spec whose every name is one of :data:`NAMES`; a
+    ValueError naming the part otherwise. Loads nothing."""
+    from smartgrpo_fast.rewards.combine import parse_reward_spec
+
+    weights = parse_reward_spec(spec)
+    for name in weights:
+        if name not in NAMES:
+            raise ValueError(f"expected reward names of {', '.join(NAMES)}, got {name!r}")
+    return weights
+
+
+def check_prompts(spec: str, prompts: list[str]) -> None:
+    """A ValueError starting ``prompts:`` when a reward of ``spec`` cannot read a prompt (the
+    embedded world's rewards read only its grammar: :data:`WORLD_PROMPT_REWARDS`). Loads
+    nothing, so a command can check its prompts before any work."""
+    from smartgrpo_fast.shapes.data import check_prompts as check_world
+
+    for name in check_names(spec):
+        if name in WORLD_PROMPT_REWARDS:
+            check_world(prompts, reader=f"reward {name!r}")
+            return

@@ -28,6 +28,7 @@ __all__ = [
     "WEIGHTS_DIR",
     "Attributes",
     "attributes_from_prompt",
+    "check_prompts",
     "prompt_of",
     "render",
     "resize",
@@ -107,6 +108,27 @@ def attributes_from_prompt(prompt: str) -> tuple[int, int, int]:
             f"{', '.join(_COLOR_NAMES)} and shape in {', '.join(SHAPES)}, got {prompt!r}"
         )
     return SHAPES.index(words[2]), _COLOR_NAMES.index(words[1]), _COLOR_NAMES.index(words[5])
+
+
+def check_prompts(prompts: list[str], *, reader: str, grammar: bool = True) -> None:
+    """Every prompt is one the embedded world reads; else a ValueError starting ``prompts:``
+    that names ``reader`` (who reads them), the first bad prompt and its index.
+
+    ``grammar=True``: ``a <color> <shape> on a <color> background`` (what its rewards parse);
+    ``False``: any 7 words of :data:`VOCAB` (what its text encoder reads).
+    """
+    for i, p in enumerate(prompts):
+        try:
+            if grammar:
+                attributes_from_prompt(p)
+            else:
+                tokenize([p])
+        except ValueError:
+            form = "'a <color> <shape> on a <color> background'" if grammar else "7 words"
+            raise ValueError(
+                f"prompts: {reader} reads embedded-world prompts, {form} over the words "
+                f"{', '.join(VOCAB[1:])}; prompt {i} is {p!r}"
+            ) from None
 
 
 def tokenize(prompts: list[str]) -> torch.Tensor:

@@ -6,14 +6,21 @@ EMA, RNG states and the run's identity; read with ``torch.load(weights_only=True
 ``COMPLETE`` file written last. Everything is written into a temporary sibling folder that is
 renamed into place, so a run killed at any moment leaves either a complete checkpoint or none
 (a leftover temporary folder is ignored and removed by the next save).
+
+A checkpoint can still be damaged afterwards (a full disk, a copy cut short, a truncated
+file): :func:`read_checkpoint` reads every file a resume needs before anything is applied and
+raises :class:`CheckpointError` naming the first file that does not load, so a resume can fall
+back to an older checkpoint (:func:`newest_readable_checkpoint`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +29,14 @@ import torch
 __all__ = [
     "COMPLETE",
     "STATE_FILE",
+    "CheckpointError",
+    "ReadCheckpoint",
     "checkpoint_path",
     "complete_checkpoints",
     "latest_checkpoint",
     "load_state",
+    "newest_readable_checkpoint",
+    "read_checkpoint",
     "save_checkpoint",
 ]
 
@@ -111,3 +122,98 @@ def load_state(folder: str | Path, device: torch.device | str = "cpu") -> dict[s
     if not f.is_file():
         raise FileNotFoundError(f"{f}: not found; is {folder} a complete checkpoint?")
     return torch.load(f, map_location=device, weights_only=True)
+
+
+class CheckpointError(OSError):
+    """A checkpoint file that does not load; the message starts with the file's path."""
+
+
+@dataclass(frozen=True)
+class ReadCheckpoint:
+    """A checkpoint whose every file loaded: its ``step``, ``folder`` and training ``state``."""
+
+    step: int
+    folder: Path
+    state: dict[str, Any]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else 'no message'}"
+
+
+def _files_to_read(folder: Path) -> Iterator[Path]:
+    """The weight and config files of a checkpoint folder (adapter/, adapter_ema/,
+    transformer.safetensors), in a fixed order."""
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        yield from sorted(f for f in sub.iterdir() if f.suffix in (".safetensors", ".json"))
+    yield from sorted(folder.glob("*.safetensors"))
+
+
+def read_checkpoint(
+    folder: str | Path, device: torch.device | str = "cpu", *, step: int | None = None
+) -> ReadCheckpoint:
+    """Load ``folder``'s training state and read every weight and config file in it.
+
+    Nothing is applied to a model: this only proves that a resume from ``folder`` will not
+    fail half-way. ``training_state.pt`` is loaded with ``torch.load(weights_only=True)``,
+    each ``*.safetensors`` file read whole (a truncated file fails here, not in the middle of
+    ``load_adapter``), each ``*.json`` parsed.
+
+    Raises:
+        CheckpointError: the first file that is missing or does not load, with the reason.
+    """
+    folder = Path(folder)
+    f = folder / STATE_FILE
+    if not f.is_file():
+        raise CheckpointError(f"{f}: not found")
+    try:
+        state = torch.load(f, map_location=device, weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError or UnpicklingError
+        raise CheckpointError(f"{f}: does not load ({_first_line(err)})") from err
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{f}: not a training state (no 'step')")
+    from safetensors.torch import load_file
+
+    for path in _files_to_read(folder):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            else:
+                load_file(path)
+        except Exception as err:  # SafetensorError, JSONDecodeError, OSError
+            raise CheckpointError(f"{path}: does not load ({_first_line(err)})") from err
+    if step is None:
+        step = int(state["step"])
+    return ReadCheckpoint(step=step, folder=folder, state=state)
+
+
+def newest_readable_checkpoint(
+    run: str | Path,
+    device: torch.device | str = "cpu",
+    *,
+    warn: Callable[[str], None] | None = None,
+) -> ReadCheckpoint:
+    """The newest complete checkpoint of ``run`` whose files all load (:func:`read_checkpoint`).
+
+    A damaged newer one is skipped with ``warn("<file>: ... ; resuming from <older>")``.
+
+    Raises:
+        FileNotFoundError: ``run`` has no complete checkpoint.
+        CheckpointError: none of them loads; the message names each damaged file.
+    """
+    found = complete_checkpoints(run)
+    if not found:
+        raise FileNotFoundError(f"resume: {run} has no complete checkpoint")
+    damaged: list[str] = []
+    for step, folder in reversed(found):
+        try:
+            read = read_checkpoint(folder, device, step=step)
+        except CheckpointError as err:
+            damaged.append(str(err))
+            continue
+        if warn is not None:
+            for line in damaged:
+                warn(f"{line}; skipped: resuming from {folder}")
+        return read
+    raise CheckpointError(f"resume: no checkpoint of {run} loads: " + "; ".join(damaged))

@@ -58,9 +58,16 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_train, parser=p)
 
 
+def _error(args: argparse.Namespace, message: str) -> int:
+    """One line on stderr, ``smartgrpo-fast train: error: <key or file>: <what>``; exit 2."""
+    print(f"{args.parser.prog}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
 def _run_train(args: argparse.Namespace) -> int:
     import yaml
 
+    from smartgrpo_fast.train.checkpoint import CheckpointError
     from smartgrpo_fast.train.config import ConfigError, config_to_dict, load_config
 
     parser: argparse.ArgumentParser = args.parser
@@ -72,12 +79,12 @@ def _run_train(args: argparse.Namespace) -> int:
         if args.resume is not None:
             source = args.resume / "config.yaml"
             if not source.is_file():
-                parser.error(f"argument --resume: {source} not found (not a run folder?)")
+                return _error(args, f"--resume: {source} not found (not a run folder?)")
             config = load_config(source, args.overrides)
         else:
             config = load_config(args.config, args.overrides)
     except ConfigError as err:
-        parser.error(str(err))
+        return _error(args, str(err))
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
@@ -86,10 +93,11 @@ def _run_train(args: argparse.Namespace) -> int:
 
     out = args.resume if args.resume is not None else args.out
     try:
+        # Every file, name and prompt is read and checked here, before the first step; the
+        # run folder is written last, so a failure leaves nothing behind.
         trainer = GRPOTrainer(config, out, resume=args.resume is not None)
-    except (ConfigError, FileExistsError, FileNotFoundError) as err:
-        print(f"smartgrpo-fast train: error: {err}", file=sys.stderr)
-        return 2
+    except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError) as err:
+        return _error(args, str(err))
     trainer.train()
     if trainer.dist.main:
         print(f"run: {out}  (metrics: {out / 'metrics.jsonl'}, checkpoints: {out / 'checkpoints'})")

@@ -288,11 +288,12 @@ class LogConfig:
     """Where the run reports.
 
     Attributes:
-        tensorboard: also write TensorBoard event files to ``RUN/tensorboard``.
+        tensorboard: also write TensorBoard event files to ``RUN/tensorboard`` (on by
+            default: ``tensorboard --logdir RUN``).
         progress: show a progress bar over the optimizer steps.
     """
 
-    tensorboard: bool = False
+    tensorboard: bool = True
     progress: bool = True
 
 
@@ -339,6 +340,12 @@ class RunConfig:
             raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not isinstance(self.reward, str) or not self.reward:
             raise ValueError(f"reward: expected a reward spec, got {self.reward!r}")
+        from smartgrpo_fast.rewards import check_names
+
+        try:
+            check_names(self.reward)
+        except ValueError as err:
+            raise ValueError(f"reward: {err}") from None
         if not isinstance(self.reward_args, dict):
             raise ValueError(f"reward_args: expected a mapping, got {self.reward_args!r}")
 

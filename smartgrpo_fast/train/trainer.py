@@ -23,6 +23,7 @@ step), ``eval.jsonl``, ``samples/step-NNNNNN.png``, ``checkpoints/step-NNNNNN/``
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -49,7 +50,7 @@ from smartgrpo_fast.sde import flow_sigmas, schedule_shift, sde_log_prob, sde_st
 from smartgrpo_fast.search import NoiseSearch
 from smartgrpo_fast.train.checkpoint import (
     latest_checkpoint,
-    load_state,
+    newest_readable_checkpoint,
     save_checkpoint,
 )
 from smartgrpo_fast.train.config import ConfigError, RunConfig, config_to_dict
@@ -58,7 +59,14 @@ from smartgrpo_fast.train.evaluate import EvalConfig, evaluate, save_grid
 from smartgrpo_fast.train.loss import Advantages, group_advantages, policy_terms
 from smartgrpo_fast.train.rollout import Rollouts, sample_rollouts, sde_window
 
-__all__ = ["METRIC_KEYS", "GRPOTrainer", "build_model", "build_reward", "resolve_device"]
+__all__ = [
+    "METRIC_KEYS",
+    "GRPOTrainer",
+    "build_model",
+    "build_reward",
+    "read_prompts",
+    "resolve_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +94,55 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def read_prompts(cfg: RunConfig) -> tuple[PromptSource, list[str]]:
+    """The run's training prompts (``data.prompts``) and held-out prompts
+    (``data.eval_prompts``), read and checked against what the model and the reward can read
+    (the embedded world's grammar for ``tiny``) before any model is built.
+
+    Raises:
+        ConfigError: ``data.prompts: ...`` / ``data.eval_prompts: ...``: a missing or empty
+            file, a JSONL line without a ``prompt`` string, a prompt outside the grammar.
+    """
+    from smartgrpo_fast import models, rewards
+
+    def check(key: str, path: str, prompts: list[str]) -> None:
+        try:
+            models.check_prompts(cfg.model.name, prompts)
+            rewards.check_prompts(cfg.reward, prompts)
+        except ValueError as err:
+            raise ConfigError(f"{key}: {path}: {_one_line(err)}") from None
+
+    try:
+        source = PromptSource(cfg.data.prompts, cfg.seed)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.prompts: {_one_line(err)}") from None
+    if source.prompts is not None:
+        check("data.prompts", cfg.data.prompts, source.prompts)
+    try:
+        held_out = eval_prompts(cfg.data.eval_prompts, cfg.eval.num_prompts)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.eval_prompts: {_one_line(err)}") from None
+    if cfg.data.eval_prompts != "tiny":
+        check("data.eval_prompts", cfg.data.eval_prompts, held_out)
+    return source, held_out
+
+
 def build_model(cfg: RunConfig, device: torch.device) -> Any:
-    """The run's flow model (``model.*``), on ``device``."""
+    """The run's flow model (``model.*``), on ``device``; a folder that does not load is a
+    :class:`ConfigError` naming ``model.name``."""
+    try:
+        return _build_model(cfg, device)
+    except (OSError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"model.name: {_one_line(err)}") from err
+
+
+def _build_model(cfg: RunConfig, device: torch.device) -> Any:
     from smartgrpo_fast import models
     from smartgrpo_fast.graphs import GraphConfig
 
@@ -117,10 +172,17 @@ def build_model(cfg: RunConfig, device: torch.device) -> Any:
 
 
 def build_reward(cfg: RunConfig, device: torch.device) -> Any:
-    """The run's reward (``reward``, ``reward_args``) on ``device``."""
+    """The run's reward (``reward``, ``reward_args``) on ``device``; a checkpoint that is
+    missing or does not load, or an argument its loader does not take, is a
+    :class:`ConfigError` naming ``reward`` or ``reward_args``."""
     from smartgrpo_fast.rewards import reward_from_spec
 
-    return reward_from_spec(cfg.reward, device=device, **cfg.reward_args)
+    try:
+        return reward_from_spec(cfg.reward, device=device, **cfg.reward_args)
+    except TypeError as err:
+        raise ConfigError(f"reward_args: {cfg.reward}: {_one_line(err)}") from err
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"reward: {cfg.reward}: {_one_line(err)}") from err
 
 
 class _Dist:
@@ -205,6 +267,7 @@ class GRPOTrainer:
         if cfg.lora is None and cfg.train.kl_beta > 0:
             raise ConfigError("train.kl_beta: the KL reference is the adapter-disabled model; "
                               "full fine-tuning (lora: null) needs kl_beta 0")  # fmt: skip
+        self.prompts, self.eval_prompts = read_prompts(cfg)
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         self.model = model if model is not None else build_model(cfg, self.device)
         self.reward = reward if reward is not None else build_reward(cfg, self.device)
@@ -226,9 +289,13 @@ class GRPOTrainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(
-                self.model.transformer, device_ids=ids, broadcast_buffers=False
-            )
+            # No buffer sync in forward (every rank loads the same buffers); torch 2.13 renamed
+            # the argument and warns on the old one, torch 2.11 (the GPU machines') has only it.
+            new = "forward_sync_buffers"
+            known = inspect.signature(DistributedDataParallel).parameters
+            sync = new if new in known else "broadcast_buffers"
+            self.ddp = DistributedDataParallel(self.model.transformer, device_ids=ids,
+                                               **{sync: False})  # fmt: skip
         self.searcher = None
         if cfg.noise != "random":
             strategy = "cem" if cfg.noise == "smart" else "best_of"
@@ -236,8 +303,6 @@ class GRPOTrainer:
                                         replace(cfg.search, strategy=strategy))  # fmt: skip
         shift = cfg.sample.shift if cfg.sample.shift is not None else schedule_shift(self.model)
         self.sigmas = flow_sigmas(cfg.sample.steps, shift).tolist()
-        self.prompts = PromptSource(cfg.data.prompts, cfg.seed)
-        self.eval_prompts = eval_prompts(cfg.data.eval_prompts, cfg.eval.num_prompts)
         self.step = 0
         self.async_reward = None
         if cfg.train.async_reward:
@@ -281,11 +346,8 @@ class GRPOTrainer:
         }
 
     def _resume(self) -> None:
-        found = latest_checkpoint(self.out)
-        if found is None:
-            raise FileNotFoundError(f"resume: {self.out} has no complete checkpoint")
-        _, folder = found
-        state = load_state(folder, self.device)
+        read = newest_readable_checkpoint(self.out, self.device, warn=log.warning)
+        folder, state = read.folder, read.state
         for key in _IDENTITY:
             saved, now = state["identity"].get(key), self._identity()[key]
             if saved != now:
@@ -586,7 +648,7 @@ class GRPOTrainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(reward=f"{line['reward_mean']:.3f}",
-                                    loss=f"{line['loss']:.2e}")  # fmt: skip
+                                    loss=f"{line['loss']:.4f}")  # fmt: skip
         finally:
             if bar is not None:
                 bar.close()
