@@ -14,6 +14,7 @@ from smartgrpo_fast.models.lora import LoraSpec
 from smartgrpo_fast.train import checkpoint as ckpt
 from smartgrpo_fast.train.config import (
     ConfigError,
+    LogConfig,
     RunConfig,
     SampleConfig,
     apply_overrides,
@@ -49,6 +50,8 @@ def test_tiny_config_values() -> None:
     assert cfg.train.lr == pytest.approx(1e-3)  # written 1.0e-3 in YAML
     assert cfg.sample.shared_initial_noise and not SampleConfig().shared_initial_noise
     assert isinstance(cfg.lora, LoraSpec)
+    # every run folder gets tensorboard/ unless a config turns it off
+    assert cfg.log.tensorboard and LogConfig().tensorboard
 
 
 def test_sd35_config_is_flow_grpo_fast_like() -> None:

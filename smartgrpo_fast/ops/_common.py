@@ -380,7 +380,10 @@ def resolve_backend(device: torch.device) -> str:
         return "reference"
     if name == "triton":
         if not HAS_TRITON:
-            raise ValueError(f"{BACKEND_ENV}=triton: triton is not importable on this machine")
+            raise ValueError(
+                f"{BACKEND_ENV}=triton: triton is not installed (torch's CUDA wheels bring it; "
+                "on a CPU, for TRITON_INTERPRET=1: pip install 'smartgrpo-fast[triton]')"
+            )
         if device.type != "cuda" and not interpreting():
             raise ValueError(
                 f"{BACKEND_ENV}=triton: tensors on {device} need TRITON_INTERPRET=1 set before "

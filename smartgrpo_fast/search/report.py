@@ -143,7 +143,7 @@ def save_comparison_grid(
             resample = Image.NEAREST if tile.width < cell else Image.BICUBIC
             x = label_w + j * (cell + pad)
             canvas.paste(tile.resize((cell, cell), resample), (x, y))
-            draw.text((x + 2, y + cell + 1), f"r = {r:.4g}", fill="black")
+            draw.text((x + 2, y + cell + 1), f"r = {r:.3f}", fill="black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
