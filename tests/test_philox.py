@@ -52,7 +52,7 @@ def test_normals_triton_vs_reference(backend: str, run_reference, shape) -> None
 
 
 def test_normal_max_abs_difference_measured(run_reference, monkeypatch) -> None:
-    """The figure quoted in the README: max |triton - reference| over 2**20 normals."""
+    """The figure quoted in docs/noise-stream.md: max |triton - reference| over 2**20 normals."""
     shape = (4, 16, 16384)
     ref = run_reference(philox_normal, shape, seed=7, round=1)
     use_backend(monkeypatch, "triton")

@@ -30,7 +30,7 @@ Limits (checked, a ValueError beyond them): rows ``b + row_offset < 2**32``, can
 ``round < 2**32``, ``D <= 2**34`` elements per (row, candidate). Beyond ``D = 2**34`` the
 element counter would wrap and repeat noise, so it is refused rather than widened. The
 integers are identical on every backend; the normals differ only by the float32 rounding of
-log, sqrt, cos and sin (measured in ``tests/test_philox.py``; see the README).
+log, sqrt, cos and sin (measured in ``tests/test_philox.py``; see docs/noise-stream.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Smart-GRPO noise search (DESIGN.md): CEM over the noise of an SDE step.
+"""The Smart-GRPO noise search (docs/design.md): CEM over the noise of an SDE step.
 
 * :class:`NoiseSearch` — the fused search (ops, device state, whole-round CUDA graph);
 * :func:`search_reference` — the same algorithm written plainly (oracle and naive baseline);

@@ -1,6 +1,6 @@
 """The Smart-GRPO noise search: N rounds of CEM over the noise of one SDE step.
 
-One round for B rollouts (DESIGN.md), all on the fused ops:
+One round for B rollouts (docs/design.md), all on the fused ops:
 
 1. ``z = sample_perturb(mean, mu, sigma, scale, k=K)``         (B, K, *S), noise from Philox
 2. ``v = model.velocity(z, t_next, cond, k=K)``                one batched forward of B*K rows

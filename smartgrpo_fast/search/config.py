@@ -27,10 +27,10 @@ class SearchConfig:
             in a round updates mu and sigma from those it has, one with none keeps them.
         mu0: initial noise mean; 0 = the policy's own N(0, I), so round 1 is an unbiased draw.
         sigma0: initial noise std, > 0; 1 for the same reason.
-        alpha: smoothing in (0, 1] of the mean/std update; 1 is textbook CEM (DESIGN.md).
+        alpha: smoothing in (0, 1] of the mean/std update; 1 is textbook CEM (docs/design.md).
         min_sigma: floor of the refined std, >= 0. 0 = textbook; raise it to keep exploring.
         per_element: one std per latent element (True) or one pooled std per rollout (False).
-        use: which noise the rollout takes: ``"mean"`` (the final CEM mean, DESIGN.md's
+        use: which noise the rollout takes: ``"mean"`` (the final CEM mean, docs/design.md's
             reading), ``"sample"`` (a draw from the final N(mu, sigma^2)) or ``"best"`` (the
             highest-reward candidate evaluated in any round). Default ``"best"``: on two
             earlier weights of the embedded model (benchmarks/RESULTS.md, "Choosing the
