@@ -3,8 +3,9 @@
 Every draw of a run is a pure function of integers: :func:`derive_seed` mixes the run's seed
 with a purpose tag, the optimizer step and any further index (the SDE step, an epoch) into a
 63-bit Philox key, and the rows of a draw are global rollout indices ``prompt * G + member``
-(``row_offset`` of the fused ops). So the rollouts of a step do not depend on batch sizes or on
-the number of processes.
+(``row_offset`` of the fused ops). So the noise of a step's rollouts does not depend on batch
+sizes or on the number of processes (bit for bit); the rollouts agree up to float32 reduction
+order, which the model's kernels choose by batch size and CPU.
 """
 
 from __future__ import annotations
