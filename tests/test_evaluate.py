@@ -428,7 +428,7 @@ def test_cli_eval_lora_against_base(tmp_path: Path, capsys: pytest.CaptureFixtur
         (["--lora", "/nonexistent/adapter"], "argument --lora: /nonexistent/adapter does not"),
         (["--no-base"], "argument --no-base: only with --lora"),
         (["--prompts", "/nonexistent/prompts.txt"], "is not a file"),
-        (["--model", "/some/folder"], "give --prompt or --prompts"),
+        (["--model", "/some/folder"], "give --prompt, --prompts or --num-prompts"),
         (["--steps", "0"], "--steps: expected an integer >= 1"),
         (["--shift", "-1"], "shift: expected a finite value > 0"),
         (["--reward", "nope"], "argument --reward: expected reward names of"),

@@ -173,7 +173,7 @@ def test_cli_search_prompt_file(tmp_path: Path) -> None:
         (["--reward", "tiny:x"], "tiny:x"),
         (["--step", "4", "--steps", "4"], "step: expected 0 <= step < steps"),
         (["--prompts", "/nonexistent/prompts.txt"], "is not a file"),
-        (["--model", "/some/folder"], "give --prompt or --prompts"),
+        (["--model", "/some/folder"], "give --prompt, --prompts or --num-prompts"),
         (["--k", "0"], "--k: expected an integer >= 1"),
         (["--use", "median"], "invalid choice"),
     ],

@@ -214,6 +214,8 @@ def add_prompts(p: argparse.ArgumentParser, *, num_default: int, seed_flag: str)
     src.add_argument("--prompts", type=Path, metavar="FILE",
                      help="a text file, one prompt per line (blank lines and #-comments "
                           "skipped; default: none)")  # fmt: skip
-    src.add_argument("--num-prompts", type=int_in(1), default=num_default, metavar="N",
-                     help="with --model tiny and no prompts given: N prompts sampled from the "
-                          f"embedded world with {seed_flag} (default: %(default)s)")  # fmt: skip
+    src.add_argument("--num-prompts", type=int_in(1), default=None, metavar="N",
+                     help="N prompts sampled from the embedded world with "
+                          f"{seed_flag} (default: {num_default} with --model tiny and no prompts "
+                          "given; another model needs prompts or an explicit N)")  # fmt: skip
+    p.set_defaults(num_prompts_default=num_default)

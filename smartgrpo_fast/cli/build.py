@@ -116,11 +116,14 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         if not prompts:
             parser.error(f"argument --prompts: {args.prompts} holds no prompts")
         return prompts
-    if args.model != "tiny":
-        parser.error("give --prompt or --prompts for a model other than tiny")
+    n = args.num_prompts
+    if n is None:
+        if args.model != "tiny":
+            parser.error("give --prompt, --prompts or --num-prompts for a model other than tiny")
+        n = args.num_prompts_default
     from smartgrpo_fast.shapes import sample_prompts
 
-    return sample_prompts(args.num_prompts, getattr(args, "prompt_seed", args.seed))
+    return sample_prompts(n, getattr(args, "prompt_seed", args.seed))
 
 
 # ------------------------------------------------------------------------------ reward
@@ -194,12 +197,19 @@ def check_model_path(args: argparse.Namespace) -> None:
 
 
 def load_model(args: argparse.Namespace, device: str, dtype: str, **kwargs: Any) -> Any:
-    """--model with --resolution, --guidance and --backend (``kwargs``: e.g. ``lora``)."""
+    """--model with --resolution, --guidance and --backend (``kwargs``: e.g. ``lora``,
+    ``preview_decoder``: SD3 only, None is left out; its errors name --preview-decoder)."""
     from smartgrpo_fast import models
     from smartgrpo_fast.graphs import GraphConfig
 
     parser: argparse.ArgumentParser = args.parser
     check_model_path(args)
+    preview = kwargs.pop("preview_decoder", None)
+    if preview is not None:
+        if args.model == "tiny":
+            parser.error("argument --preview-decoder: only for SD3 models (the embedded model "
+                         "decodes nothing: it works in pixel space)")  # fmt: skip
+        kwargs["preview_decoder"] = preview
     graph = GraphConfig(backend=args.backend)
     kw: dict[str, Any] = {"device": device, "dtype": getattr(torch, dtype), **kwargs}
     if args.model == "tiny":
@@ -220,14 +230,20 @@ def load_model(args: argparse.Namespace, device: str, dtype: str, **kwargs: Any)
     try:
         return models.load(args.model, **kw)
     except (FileNotFoundError, ValueError) as err:
+        if preview is not None and str(Path(preview).expanduser()) in str(err):
+            parser.error(f"argument --preview-decoder: {one_line(err)}")
         parser.error(one_line(err))
 
 
 def model_options(args: argparse.Namespace, model: Any, dtype: str) -> dict[str, Any]:
     """How the model ran, for result.json."""
-    return {"resolution": getattr(model, "image_size", None), "guidance": model.guidance_scale,
-            "backend": args.backend, "dtype": dtype,
-            "reward_args": [a.text for a in args.reward_arg]}  # fmt: skip
+    options = {"resolution": getattr(model, "image_size", None),
+               "guidance": model.guidance_scale, "backend": args.backend, "dtype": dtype,
+               "reward_args": [a.text for a in args.reward_arg]}  # fmt: skip
+    preview = getattr(args, "preview_decoder", None)
+    if preview is not None:
+        options["preview_decoder"] = str(preview)
+    return options
 
 
 # ------------------------------------------------------------------------------- batch

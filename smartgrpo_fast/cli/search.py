@@ -55,6 +55,10 @@ def add_search(commands: argparse._SubParsersAction) -> None:
                    help="resize each decoded candidate to PX x PX before the reward (the "
                         "decode itself runs at the model's size; default: no resize, rewards "
                         "resize to their input size themselves)")  # fmt: skip
+    p.add_argument("--preview-decoder", type=Path, default=None, metavar="DIR",
+                   help="a local diffusers AutoencoderTiny folder (TAESD3) that decodes the "
+                        "search's K*N one-step estimates instead of the VAE; the final images "
+                        "still use the VAE (SD3 models; default: the VAE decodes all)")  # fmt: skip
     p.add_argument("--step", type=int_in(0), default=rd.step, metavar="S",
                    help="the searched SDE step, 0 <= S < --steps "
                         "(default: %(default)s)")  # fmt: skip
@@ -99,7 +103,7 @@ def _run_search(args: argparse.Namespace) -> int:
     except ValueError as err:
         parser.error(str(err))
     reward = build.build_reward(args, device)
-    model = build.load_model(args, device, dtype)
+    model = build.load_model(args, device, dtype, preview_decoder=args.preview_decoder)
     batch = build.resolve_batch(args, model, device, k=search.k, default=rollout.batch)
     rollout = replace(rollout, batch=batch)
     print(f"{len(prompts)} prompts, K={search.k} N={search.rounds} T={search.top} B={batch} "

@@ -13,7 +13,16 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Cond", "DiTFlowModel", "FlowModel", "repeat_rows"]
+__all__ = [
+    "Cond",
+    "DiTFlowModel",
+    "FlowModel",
+    "decoder_unscaling",
+    "has_preview_decoder",
+    "preview_decode",
+    "preview_unscaling",
+    "repeat_rows",
+]
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,45 @@ def repeat_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     if x.shape[0] == 1:
         return x.expand(k, *x.shape[1:])
     return x.repeat_interleave(k, dim=0)
+
+
+def decoder_unscaling(decoder_config: Any) -> tuple[float, float]:
+    """(scaling, shift) that turn a diffusion-space latent into what ``decoder`` reads:
+    ``latent / scaling + shift``, the two values of the decoder's own config
+    (``scaling_factor``, default 1; ``shift_factor``, default 0).
+
+    The one rule for every decoder, as diffusers' SD3 pipeline applies it before
+    ``vae.decode``: SD3.5's VAE (scaling 1.5305, shift 0.0609) wants the latent un-scaled,
+    TAESD3 (an ``AutoencoderTiny``, scaling 1, no shift) reads the diffusion-space latent as it
+    is. :func:`smartgrpo_fast.ops.x0_estimate` takes the pair.
+    """
+    scaling = getattr(decoder_config, "scaling_factor", None)
+    shift = getattr(decoder_config, "shift_factor", None)
+    return (1.0 if scaling is None else float(scaling)), (0.0 if shift is None else float(shift))
+
+
+def has_preview_decoder(model: Any) -> bool:
+    """True when ``model`` decodes the search's one-step estimates with a cheaper decoder than
+    its final images (``model.preview_decoder`` set, e.g. TAESD3 beside SD3's VAE)."""
+    return getattr(model, "preview_decoder", None) is not None
+
+
+def preview_unscaling(model: Any) -> tuple[float, float]:
+    """(scaling, shift) of :func:`decoder_unscaling` for the decoder that reads the search's
+    estimates: the model's ``preview_unscaling()`` when it has one, else its
+    ``scaling_factor`` and ``shift_factor`` (1 and 0 when absent: pixel-space models)."""
+    fn = getattr(model, "preview_unscaling", None)
+    if callable(fn):
+        return fn()
+    return float(getattr(model, "scaling_factor", 1.0)), float(getattr(model, "shift_factor", 0.0))
+
+
+def preview_decode(model: Any, x0: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """Images in [0, 1] of the search's estimates ``x0`` (already in the scale of
+    :func:`preview_unscaling`): ``model.decode_preview`` when the model has it, else
+    ``model.decode``; ``size`` resizes them (a reward's input size)."""
+    fn = getattr(model, "decode_preview", None) or model.decode
+    return fn(x0) if size is None else fn(x0, size=size)
 
 
 @runtime_checkable

@@ -23,9 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from smartgrpo_fast.graphs import GraphConfig, GraphedCallable
-from smartgrpo_fast.models.base import Cond, DiTFlowModel
+from smartgrpo_fast.models.base import Cond, DiTFlowModel, decoder_unscaling
 
-__all__ = ["SD3Config", "SD3FlowModel"]
+__all__ = ["PREVIEW_DECODER_CLASS", "SD3Config", "SD3FlowModel", "load_preview_decoder"]
+
+#: The diffusers class a preview decoder folder must hold (TAESD3's layout).
+PREVIEW_DECODER_CLASS = "AutoencoderTiny"
 
 _COMPONENTS = (
     "transformer",
@@ -113,6 +116,81 @@ def _check_layout(path: Path) -> None:
                 )
 
 
+def _read_config(file: Path, what: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc}); expected {what}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file}: expected a JSON object ({what})")
+    return meta
+
+
+def _check_preview_layout(path: Path, latent_channels: int) -> None:
+    """Raise FileNotFoundError or ValueError naming the file (and the field) of a preview
+    decoder folder that is missing or does not fit latents of ``latent_channels``."""
+    what = f"a diffusers {PREVIEW_DECODER_CLASS} folder such as TAESD3 (config.json, weights)"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder; preview_decoder expects {what}")
+    file = path / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: not found; preview_decoder expects {what}")
+    meta = _read_config(file, what)
+    cls = meta.get("_class_name")
+    if cls != PREVIEW_DECODER_CLASS:
+        raise ValueError(
+            f"{file}: _class_name is {cls!r}; expected {PREVIEW_DECODER_CLASS!r} ({what})"
+        )
+    channels = meta.get("latent_channels", 4)  # AutoencoderTiny's default
+    if channels != latent_channels:
+        raise ValueError(
+            f"{file}: latent_channels is {channels!r}; the model's latents have "
+            f"{latent_channels} channels (SD3 / SD3.5: 16, the TAESD3 layout)"
+        )
+    if not [*path.glob("*.safetensors"), *path.glob("*.bin")]:
+        raise FileNotFoundError(f"{path}: no weights (*.safetensors or *.bin) beside {file}")
+
+
+def load_preview_decoder(
+    path: str | Path,
+    *,
+    latent_channels: int = 16,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Any:
+    """diffusers' ``AutoencoderTiny`` from a local folder (``local_files_only``), checked first:
+    a missing folder, config or weights, another class, or latent channels other than
+    ``latent_channels`` is an error naming the file and the field."""
+    path = Path(path).expanduser()
+    _check_preview_layout(path, latent_channels)
+    # AutoencoderTiny saves ``block_out_channels`` into its config and then warns, on
+    # loading, that it ignores it: diffusers' own round trip, nothing for the user to fix
+    config_log = logging.getLogger("diffusers.configuration_utils")
+    drop = _DropMessage("were passed to AutoencoderTiny, but are not expected")
+    config_log.addFilter(drop)
+    try:
+        with _no_torchvision_notices():
+            from diffusers import AutoencoderTiny
+
+            decoder = AutoencoderTiny.from_pretrained(
+                path, torch_dtype=dtype, local_files_only=True
+            )
+    finally:
+        config_log.removeFilter(drop)
+    return decoder.to(device).eval()
+
+
+class _DropMessage(logging.Filter):
+    """Drops log records whose message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 class _DropTorchvisionFallback(logging.Filter):
     """transformers' notice that an image processor falls back to PIL without torchvision:
     SD3 pipelines import the CLIP and SigLIP processors but never use them."""
@@ -155,9 +233,18 @@ class SD3FlowModel(DiTFlowModel):
     """SD3 / SD3.5 (diffusers) behind the FlowModel protocol.
 
     Build it with :meth:`from_pretrained`, or directly from a ``StableDiffusion3Pipeline``.
+    ``preview_decoder``: an ``AutoencoderTiny`` (TAESD3) that decodes the search's one-step
+    estimates (:meth:`decode_preview`) instead of the VAE; final images still use the VAE.
     """
 
-    def __init__(self, pipe: Any, config: SD3Config | None = None, *, name: str = "sd3") -> None:
+    def __init__(
+        self,
+        pipe: Any,
+        config: SD3Config | None = None,
+        *,
+        name: str = "sd3",
+        preview_decoder: Any = None,
+    ) -> None:
         self.pipe = pipe
         self.config = config or SD3Config()
         self.name = name
@@ -182,6 +269,22 @@ class SD3FlowModel(DiTFlowModel):
             self._enable_xformers()
         self._forward = GraphedCallable(self._transformer_forward, self.config.graph)
         self.guidance_scale = self.config.guidance_scale
+        self.preview_decoder: Any = None
+        if preview_decoder is not None:
+            self.set_preview_decoder(preview_decoder)
+
+    def set_preview_decoder(self, decoder: Any) -> None:
+        """Decode the search's estimates with ``decoder`` (an ``AutoencoderTiny``; None: the
+        VAE again). Its config's ``latent_channels`` must be the model's."""
+        if decoder is not None:
+            channels = getattr(decoder.config, "latent_channels", None)
+            if channels != self.latent_shape[0]:
+                raise ValueError(
+                    f"preview_decoder: config latent_channels is {channels!r}; the model's "
+                    f"latents have {self.latent_shape[0]} channels"
+                )
+            decoder.requires_grad_(False)
+        self.preview_decoder = decoder
 
     # ----------------------------------------------------------------------------- loading
 
@@ -196,6 +299,8 @@ class SD3FlowModel(DiTFlowModel):
         attention: str | None = None,
         config: SD3Config | None = None,
         lora: str | Path | None = None,
+        preview_decoder: str | Path | None = None,
+        preview_dtype: torch.dtype | None = None,
     ) -> SD3FlowModel:
         """Load a StableDiffusion3Pipeline folder (or a repo id in the HF cache).
 
@@ -205,9 +310,16 @@ class SD3FlowModel(DiTFlowModel):
         names the file and the folder. ``lora``: a peft adapter folder
         (:func:`smartgrpo_fast.models.lora.save_adapter`'s) applied to the transformer after
         loading (:func:`~smartgrpo_fast.models.lora.load_adapter`; adapter weights in float32).
+        ``preview_decoder``: a local ``AutoencoderTiny`` folder (TAESD3) for the search's
+        estimates (:func:`load_preview_decoder`: checked before anything is loaded), in
+        ``preview_dtype`` (default ``dtype``: TAESD is made for half precision).
         """
         path = _resolve(path_or_id, local_files_only)
         _check_layout(path)  # before diffusers is imported: a bad path fails fast and quietly
+        if preview_decoder is not None:
+            index = path / "transformer" / "config.json"
+            channels = _read_config(index, "the transformer's config").get("in_channels", 16)
+            _check_preview_layout(Path(preview_decoder).expanduser(), channels)
         with _no_torchvision_notices():
             from diffusers import StableDiffusion3Pipeline
 
@@ -219,7 +331,15 @@ class SD3FlowModel(DiTFlowModel):
         cfg = config or SD3Config()
         if attention is not None:
             cfg = replace(cfg, attention=attention)
-        model = cls(pipe, cfg, name=str(path))
+        preview = None
+        if preview_decoder is not None:
+            preview = load_preview_decoder(
+                preview_decoder,
+                latent_channels=pipe.transformer.config.in_channels,
+                dtype=dtype if preview_dtype is None else preview_dtype,
+                device=device,
+            )
+        model = cls(pipe, cfg, name=str(path), preview_decoder=preview)
         if lora is not None:
             from smartgrpo_fast.models.lora import load_adapter
 
@@ -243,8 +363,8 @@ class SD3FlowModel(DiTFlowModel):
 
     @property
     def scaling_factor(self) -> float:
-        """The VAE's scaling factor (``x0_estimate``'s ``scaling``)."""
-        return float(self.vae.config.scaling_factor)
+        """The VAE's scaling factor (``x0_estimate``'s ``scaling`` before :meth:`decode`)."""
+        return decoder_unscaling(self.vae.config)[0]
 
     @property
     def time_shift(self) -> float:
@@ -254,8 +374,14 @@ class SD3FlowModel(DiTFlowModel):
 
     @property
     def shift_factor(self) -> float:
-        """The VAE's shift factor (``x0_estimate``'s ``shift``)."""
-        return float(getattr(self.vae.config, "shift_factor", 0.0) or 0.0)
+        """The VAE's shift factor (``x0_estimate``'s ``shift`` before :meth:`decode`)."""
+        return decoder_unscaling(self.vae.config)[1]
+
+    def preview_unscaling(self) -> tuple[float, float]:
+        """(scaling, shift) for :meth:`decode_preview`'s input: the preview decoder's own
+        (TAESD3: 1 and 0), or the VAE's without one (:func:`~.base.decoder_unscaling`)."""
+        decoder = self.vae if self.preview_decoder is None else self.preview_decoder
+        return decoder_unscaling(decoder.config)
 
     def _cache_file(self, prompt: str) -> Path | None:
         if self.config.embedding_cache is None:
@@ -344,13 +470,28 @@ class SD3FlowModel(DiTFlowModel):
 
         ``size`` resizes (bilinear, antialiased) to a reward's input size.
         """
+        return self._decode_with(self.vae, x0_latent, size)
+
+    def decode_preview(
+        self, x0_latent: torch.Tensor, *, size: int | tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """:meth:`decode` through the preview decoder (the VAE when there is none), from
+        latents un-scaled by :meth:`preview_unscaling`: the search's candidates."""
+        decoder = self.vae if self.preview_decoder is None else self.preview_decoder
+        return self._decode_with(decoder, x0_latent, size)
+
+    def _decode_with(
+        self, decoder: Any, x0_latent: torch.Tensor, size: int | tuple[int, int] | None
+    ) -> torch.Tensor:
+        """``decoder.decode`` in its own dtype, then diffusers' output range [-1, 1] (the VAE's
+        and ``AutoencoderTiny``'s, whose last layer maps [0, 1] there) to [0, 1]."""
         if x0_latent.dim() != 4 or x0_latent.shape[1] != self.latent_shape[0]:
             raise ValueError(
                 f"x0_latent: expected (N, {self.latent_shape[0]}, H, W), "
                 f"got shape {tuple(x0_latent.shape)}"
             )
         with torch.no_grad():
-            img = self.vae.decode(x0_latent.to(self.vae.dtype), return_dict=False)[0]
+            img = decoder.decode(x0_latent.to(decoder.dtype), return_dict=False)[0]
         img = (img.float() / 2 + 0.5).clamp(0, 1)
         if size is not None:
             hw = (size, size) if isinstance(size, int) else tuple(size)

@@ -7,6 +7,9 @@
   checkpoint.
 * :func:`random_sd35_medium`: the SD3.5-medium transformer and the SD3 VAE at full size with
   random weights, for timing the real architecture without weights.
+* :func:`build_tiny_preview_decoder` / :func:`save_tiny_preview_decoder`: a tiny random
+  ``AutoencoderTiny`` in the TAESD3 layout (16 latent channels) at the tiny pipeline's 2x
+  factor; :func:`random_taesd3`: the same class at TAESD3's full size (8x), random weights.
 """
 
 from __future__ import annotations
@@ -21,10 +24,15 @@ import torch
 __all__ = [
     "SD3_VAE",
     "SD35_MEDIUM_TRANSFORMER",
+    "TAESD3",
+    "TINY_TAESD3",
     "TINY_TRANSFORMER",
     "TINY_VAE",
+    "build_tiny_preview_decoder",
     "build_tiny_sd3_pipeline",
     "random_sd35_medium",
+    "random_taesd3",
+    "save_tiny_preview_decoder",
     "save_tiny_sd3_pipeline",
 ]
 
@@ -101,6 +109,36 @@ TINY_VAE: MappingProxyType[str, Any] = MappingProxyType(
         "shift_factor": 0.0609,
         "use_quant_conv": False,
         "use_post_quant_conv": False,
+    }
+)
+
+#: diffusers' ``AutoencoderTiny`` in the TAESD3 layout: 16 latent channels, four decoder stages
+#: of 64 channels (8x up-sampling), ``scaling_factor`` 1 and ``shift_factor`` 0: TAESD3 reads
+#: the diffusion-space latent itself (the transformer's), not the VAE's un-scaled one.
+TAESD3: MappingProxyType[str, Any] = MappingProxyType(
+    {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 16,
+        "encoder_block_out_channels": (64, 64, 64, 64),
+        "decoder_block_out_channels": (64, 64, 64, 64),
+        "num_encoder_blocks": (1, 3, 3, 3),
+        "num_decoder_blocks": (3, 3, 3, 1),
+        "upsampling_scaling_factor": 2,
+        "act_fn": "relu",
+        "scaling_factor": 1.0,
+        "shift_factor": 0.0,
+    }
+)
+
+#: The TAESD3 layout at the tiny pipeline's size: 16 latent channels, 2x up-sampling.
+TINY_TAESD3: MappingProxyType[str, Any] = MappingProxyType(
+    {
+        **TAESD3,
+        "encoder_block_out_channels": (8, 8),
+        "decoder_block_out_channels": (8, 8),
+        "num_encoder_blocks": (1, 1),
+        "num_decoder_blocks": (1, 1),
     }
 )
 
@@ -224,3 +262,33 @@ def random_sd35_medium(
         transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER).to(dtype).eval()
         vae = AutoencoderKL(**SD3_VAE).to(dtype).eval()
     return transformer, vae
+
+
+def build_tiny_preview_decoder(seed: int = 0) -> Any:
+    """A tiny random ``AutoencoderTiny`` (:data:`TINY_TAESD3`; CPU, float32) that decodes the
+    tiny pipeline's (16, 32, 32) latents to 64x64 images, deterministic from ``seed``."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    return AutoencoderTiny(**TINY_TAESD3).eval()
+
+
+def save_tiny_preview_decoder(path: str | Path, seed: int = 0) -> Path:
+    """Build :func:`build_tiny_preview_decoder` and ``save_pretrained`` it to ``path``."""
+    path = Path(path)
+    build_tiny_preview_decoder(seed).save_pretrained(path)
+    return path
+
+
+def random_taesd3(
+    *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", seed: int = 0
+) -> Any:
+    """``AutoencoderTiny`` at TAESD3's full size (:data:`TAESD3`, about 2.4 M parameters) with
+    random weights, for timing the preview decoder without its weights."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        decoder = AutoencoderTiny(**TAESD3).eval()
+    # nn.Module.to: diffusers' ModelMixin.to logs a notice about casting that does not apply
+    return torch.nn.Module.to(decoder, dtype)

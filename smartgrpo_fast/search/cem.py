@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from smartgrpo_fast.graphs import GraphStats, capture_graph, warm_up
-from smartgrpo_fast.models.base import Cond
+from smartgrpo_fast.models.base import Cond, preview_decode, preview_unscaling
 from smartgrpo_fast.ops import cem_update, sample_perturb, topk_select, x0_estimate
 from smartgrpo_fast.rewards.base import (
     PreparedPrompts,
@@ -244,20 +244,15 @@ class NoiseSearch:
         return self.model.velocity(z, st.t, cond, k=self.config.k)
 
     def _x0(self, st: _State, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """(B*K, *S) one-step clean estimates, in the decoder's scale."""
-        return x0_estimate(
-            z,
-            v,
-            st.t,
-            scaling=float(getattr(self.model, "scaling_factor", 1.0)),
-            shift=float(getattr(self.model, "shift_factor", 0.0)),
-            validate=False,
-        )
+        """(B*K, *S) one-step clean estimates, in the scale of the decoder that reads them
+        (the preview decoder's when the model has one: ``models.base.preview_unscaling``)."""
+        scaling, shift = preview_unscaling(self.model)
+        return x0_estimate(z, v, st.t, scaling=scaling, shift=shift, validate=False)
 
     def _decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """(B*K, 3, H, W) images in [0, 1] (resized to ``decode_size`` when set)."""
-        size = self.config.decode_size
-        return self.model.decode(x0) if size is None else self.model.decode(x0, size=size)
+        """(B*K, 3, H, W) images in [0, 1] (resized to ``decode_size`` when set), through the
+        model's preview decoder when it has one (``models.base.preview_decode``)."""
+        return preview_decode(self.model, x0, self.config.decode_size)
 
     def _score(self, st: _State, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
         """(B, K) float32 rewards of the candidates; inf turned into NaN (ranks last)."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from smartgrpo_fast.models.base import Cond
+from smartgrpo_fast.models.base import Cond, preview_decode, preview_unscaling
 from smartgrpo_fast.ops import philox_normal, topk_select_reference
 from smartgrpo_fast.rewards.base import Reward
 from smartgrpo_fast.search.cem import check_search_inputs, finite_or_nan, rescale_rows
@@ -67,8 +67,7 @@ def search_reference(
     best_eps = mu.clone()
     stats = torch.full((4, cfg.rounds, b), float("nan"), device=dev)
     prompts_k = [p for p in prompts for _ in range(k)]
-    scaling = float(getattr(model, "scaling_factor", 1.0))
-    shift = float(getattr(model, "shift_factor", 0.0))
+    scaling, shift = preview_unscaling(model)  # the decoder that reads the estimates
     for rnd in range(cfg.rounds):
         sig = sigma.view(b, 1, *ones) if not cfg.per_element else sigma.unsqueeze(1)
         eps = mu.unsqueeze(1) + sig * draw((b, k, *s), rnd)  # (B, K, *S)
@@ -76,9 +75,7 @@ def search_reference(
         zf = z.reshape(b * k, *s)
         v = model.velocity(zf, t, cond, k=k).float()
         x0 = (zf - t * v) / scaling + shift
-        images = (
-            model.decode(x0) if cfg.decode_size is None else model.decode(x0, size=cfg.decode_size)
-        )
+        images = preview_decode(model, x0, cfg.decode_size)
         r = finite_or_nan(reward(images, prompts_k).float().to(dev).view(b, k))
         elite = topk_select_reference(r, cfg.top)  # NaN last, ties to the lower index
         r_elite = r.gather(1, elite)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from smartgrpo_fast.models.base import has_preview_decoder
 from smartgrpo_fast.ops import philox_normal
 from smartgrpo_fast.rewards.base import Reward
 from smartgrpo_fast.sde import (
@@ -103,18 +104,29 @@ class Comparison:
 
 
 def model_calls(
-    search: SearchConfig, rollout: RolloutConfig, guidance_scale: float = 1.0
+    search: SearchConfig,
+    rollout: RolloutConfig,
+    guidance_scale: float = 1.0,
+    *,
+    preview: bool = False,
 ) -> dict[str, dict[str, int]]:
     """Model calls per rollout of each continuation (``random``, ``bestof``, ``searched``):
     ``transformer_rows`` (latents through the transformer; classifier-free guidance doubles
-    each), ``decodes`` and ``reward_images``. Each continuation counts the rollout's shared
-    prefix (the ODE steps to step S and the velocity at S) as if it ran alone, so the three
-    are comparable: best-of-M and the search spend the same, random K*N rows less."""
+    each), ``decodes`` (full decodes by the model's VAE), ``preview_decodes`` (decodes of the
+    search's estimates by a preview decoder, ``preview=True``: K*N of them instead of K*N full
+    decodes; 0 without one) and ``reward_images``. Each continuation counts the rollout's
+    shared prefix (the ODE steps to step S and the velocity at S) as if it ran alone, so the
+    three are comparable: best-of-M and the search spend the same, random K*N rows less."""
     g = 2 if guidance_scale > 1.0 else 1
     base = rollout.steps  # S prefix steps, the velocity at S, steps - S - 1 after it
     m = search.model_calls
-    plain = {"transformer_rows": g * base, "decodes": 1, "reward_images": 1}
-    searched = {"transformer_rows": g * (base + m), "decodes": 1 + m, "reward_images": 1 + m}
+    plain = {"transformer_rows": g * base, "decodes": 1, "preview_decodes": 0, "reward_images": 1}
+    searched = {
+        "transformer_rows": g * (base + m),
+        "decodes": 1 if preview else 1 + m,
+        "preview_decodes": m if preview else 0,
+        "reward_images": 1 + m,
+    }
     return {"random": plain, "bestof": dict(searched), "searched": searched}
 
 
@@ -206,5 +218,10 @@ def compare_noise(
         rounds_bestof=_cat_stats(stats["bestof"]),
         seconds=seconds,
         candidates=search.model_calls,
-        calls=model_calls(search, rollout, float(getattr(model, "guidance_scale", 1.0))),
+        calls=model_calls(
+            search,
+            rollout,
+            float(getattr(model, "guidance_scale", 1.0)),
+            preview=has_preview_decoder(model),
+        ),
     )
