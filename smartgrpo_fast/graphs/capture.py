@@ -24,13 +24,22 @@ the module) leaves the graph reading the old memory: call :meth:`GraphedCallable
 
 ``backend="compile-reduce-overhead"`` / ``"compile-max-autotune"`` run ``torch.compile`` with
 that mode on the same call instead, so benchmarks compare eager, graph and compile directly.
+
+Inside an enclosing graph (:func:`enclosing_graph`: a whole search round being warmed up and
+captured, :class:`~smartgrpo_fast.search.NoiseSearch`), every backend runs without graphs of
+its own, which cannot nest in another capture: ``graph`` calls ``fn`` directly, and the compile
+backends call a second compilation of ``fn`` without CUDA graphs (``compile-reduce-overhead``:
+Inductor's default mode; ``compile-max-autotune``: ``max-autotune-no-cudagraphs``), whose
+kernels the enclosing graph captures and replays.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,15 +49,42 @@ from smartgrpo_fast.devices import is_capturing
 
 __all__ = [
     "BACKENDS",
+    "INNER_COMPILE_MODES",
     "GraphConfig",
     "GraphStats",
     "GraphedCallable",
     "capture_graph",
+    "enclosing_graph",
+    "in_enclosing_graph",
     "pick_bucket",
     "warm_up",
 ]
 
 BACKENDS = ("eager", "graph", "compile-reduce-overhead", "compile-max-autotune")
+#: The torch.compile mode each compile backend runs inside an enclosing graph: the same
+#: compilation without CUDA graphs of its own (they cannot nest in another capture).
+INNER_COMPILE_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+
+_ENCLOSING = threading.local()
+
+
+@contextlib.contextmanager
+def enclosing_graph() -> Iterator[None]:
+    """Mark the calls in this block (on this thread) as parts of an enclosing CUDA graph that
+    is being warmed up or captured: :class:`GraphedCallable` then runs without graphs of its
+    own (module docstring), in the warm-up as in the capture, so what is captured is what was
+    warmed up (compiled, autotuned)."""
+    depth = getattr(_ENCLOSING, "depth", 0)
+    _ENCLOSING.depth = depth + 1
+    try:
+        yield
+    finally:
+        _ENCLOSING.depth = depth
+
+
+def in_enclosing_graph() -> bool:
+    """True inside :func:`enclosing_graph` on this thread."""
+    return getattr(_ENCLOSING, "depth", 0) > 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +128,7 @@ class GraphStats:
     recaptures: int = 0
     replays: int = 0
     eager_calls: int = 0
+    inner_calls: int = 0  # calls run as part of an enclosing graph (enclosing_graph)
     fallback_reason: str | None = None  # the latest reason a call ran eagerly
     buckets_captured: list[int] = field(default_factory=list)
 
@@ -170,6 +207,7 @@ class GraphedCallable:
         self._graphs: dict[int, _Graph] = {}
         self._pool: tuple | None = None
         self._compiled: Callable[..., torch.Tensor] | None = None
+        self._compiled_inner: Callable[..., torch.Tensor] | None = None
         # (bucket, signature) -> why its capture failed: that key runs eagerly from then on
         self._broken: dict[tuple, str] = {}
         self._warned: set[str] = set()
@@ -179,6 +217,7 @@ class GraphedCallable:
         self._graphs.clear()
         self._pool = None
         self._compiled = None
+        self._compiled_inner = None
         self._broken.clear()
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
@@ -194,6 +233,15 @@ class GraphedCallable:
 
     def _call_compiled(self, *args: torch.Tensor) -> torch.Tensor:
         mode = self.config.backend.removeprefix("compile-")
+        if in_enclosing_graph() or (args and is_capturing(args[0].device)):
+            # part of an enclosing graph: the compilation without CUDA graphs; its output is
+            # the enclosing graph's own buffer (no clone needed, none wanted in a capture)
+            if self._compiled_inner is None:
+                self._compiled_inner = torch.compile(
+                    self.fn, mode=INNER_COMPILE_MODES[mode], dynamic=False
+                )
+            self.stats.inner_calls += 1
+            return self._compiled_inner(*args)
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, mode=mode, dynamic=False)
         if mode == "reduce-overhead" and args and args[0].is_cuda:
@@ -225,8 +273,9 @@ class GraphedCallable:
                     f"args[{i}]: expected a batch-major tensor with leading size {n}, "
                     f"got shape {tuple(a.shape)}"
                 )
-        if is_capturing(args[0].device):
-            return self.fn(*args)  # inside an enclosing capture (a whole search round)
+        if in_enclosing_graph() or is_capturing(args[0].device):
+            self.stats.inner_calls += 1
+            return self.fn(*args)  # inside an enclosing graph (a whole search round)
         if not _on_cuda(args):
             return self._eager("inputs are not CUDA tensors", *args)
         if torch.is_grad_enabled():

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from smartgrpo_fast.graphs import GraphStats, capture_graph, warm_up
+from smartgrpo_fast.graphs import GraphStats, capture_graph, enclosing_graph, warm_up
 from smartgrpo_fast.models.base import Cond, preview_decode, preview_unscaling
 from smartgrpo_fast.ops import cem_update, sample_perturb, topk_select, x0_estimate
 from smartgrpo_fast.rewards.base import (
@@ -380,9 +380,12 @@ class NoiseSearch:
             self._round(st, static_cond, static_prepared)
 
         dev = st.mean.device
-        warm_up(round_fn, dev)
-        st.load(init)
-        replay = _capture_round(round_fn, dev)
+        # the model's forward (its configured backend) and the rest run without graphs of
+        # their own, in the warm-up as in the capture: compile backends compile once here
+        with enclosing_graph():
+            warm_up(round_fn, dev)
+            st.load(init)
+            replay = _capture_round(round_fn, dev)
         st.load(init)
         return _Graph(st, static_cond, static_prepared, replay, baked)
 
