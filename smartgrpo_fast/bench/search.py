@@ -8,7 +8,15 @@ unit of work Smart-GRPO adds per searched step. Providers:
   device generator, as ``bench ops`` draws it; unfused arithmetic, a Python loop);
 * ``fused``: :class:`smartgrpo_fast.search.NoiseSearch` stage by stage (fused ops: Triton on
   CUDA, the C++ ops on CPU);
-* ``graph``: NoiseSearch with one captured round replayed N times (CUDA only).
+* ``graph``: NoiseSearch with one captured round replayed N times (CUDA only);
+* variants ``fused+OPT...`` / ``graph+OPT...`` (SD3 models), options in any order:
+  ``preview`` (the search's estimates decoded by a preview decoder, :data:`PREVIEW_RANDOM`:
+  TAESD3's layout with random weights, or an ``AutoencoderTiny`` folder; the naive reference
+  and the plain providers keep the full VAE), ``compile`` (the transformer forward on
+  ``backend``, a torch.compile mode; inside a captured round its compilation without CUDA
+  graphs) and ``fp8`` (the search's forwards through a float8 copy of the transformer,
+  :func:`smartgrpo_fast.models.fp8.float8_transformer`; CUDA, compute capability >= 8.9).
+  ``graph+preview+compile`` is the whole fast path.
 
 Models: ``tiny`` (the embedded pixel-space model, prompt-matching reward ``tiny``),
 ``sd3-tiny`` (the tiny random SD3 pipeline: VAE decode, latents (16, 32, 32)) and
@@ -35,7 +43,10 @@ Rows use the benchmarks' CSV schema (:data:`smartgrpo_fast.bench.rows.CSV_FIELDS
   ``stage_time`` row (unit ``s``, median/p20/p80 over the N rounds of each of the timed
   searches) and a ``stage_fraction`` row (unit ``of round``: median = the stage's median over
   the sum of the six medians, so the medians of a provider sum to 1; p20/p80 = quantiles of
-  the per-round fractions).
+  the per-round fractions). Every provider but plain ``graph`` (whose round is ``fused``'s) is
+  split; a ``graph+...`` variant's split runs its stages one by one with the code its graph
+  captured (:func:`smartgrpo_fast.graphs.enclosing_graph`: the compile option's compilation
+  without CUDA graphs), not the replay.
 
 The split runs the stages of a round one at a time, a device synchronize and a
 ``time.perf_counter`` timer around each: ``sample`` (fused: ``sample_perturb``; reference:
@@ -52,6 +63,7 @@ draws it as stacked bars from the CSV.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -66,29 +78,73 @@ from smartgrpo_fast.bench.report import new_figure, run_caption, save_figure
 from smartgrpo_fast.bench.rows import measurement_rows, ratio_row, read_csv
 from smartgrpo_fast.bench.runinfo import RunInfo, collect_run_info
 from smartgrpo_fast.bench.timing import measure, quantile, summarize, synchronize
+from smartgrpo_fast.graphs import enclosing_graph
 from smartgrpo_fast.ops import topk_select_reference
 from smartgrpo_fast.rewards.base import prepare_prompts
 from smartgrpo_fast.search import NoiseSearch, SearchConfig, search_reference
 from smartgrpo_fast.search.cem import finite_or_nan
 
 __all__ = [
+    "COMPILE_BACKENDS",
     "MODELS",
+    "OPTIONS",
+    "PREVIEW_RANDOM",
     "PROVIDERS",
     "SPLIT_PROVIDERS",
     "STAGES",
     "SearchBenchConfig",
+    "canonical_provider",
     "format_search_table",
+    "parse_provider",
     "peak_memory",
     "plot_stage_split",
     "run",
 ]
 
 MODELS = ("tiny", "sd3-tiny", "sd35-medium")
+#: The base providers (see the module docstring); ``fused`` and ``graph`` take options.
 PROVIDERS = ("reference", "fused", "graph")
+#: Options of a ``fused+...`` / ``graph+...`` variant, in the order their names are written.
+OPTIONS = ("preview", "compile", "fp8")
+#: The transformer backends of the ``compile`` option.
+COMPILE_BACKENDS = ("compile-reduce-overhead", "compile-max-autotune")
+#: ``preview_decoder`` value that builds TAESD3's layout with random weights at the model's
+#: size (:func:`smartgrpo_fast.models.sd3_configs.random_taesd3`; the tiny one for sd3-tiny).
+PREVIEW_RANDOM = "random"
 #: The stages of one round, in order (see the module docstring).
 STAGES: tuple[str, ...] = ("sample", "forward", "x0", "decode", "reward", "select/update")
-#: The providers whose round is split into :data:`STAGES` (``graph`` replays a round whole).
+#: The base providers whose round is split into :data:`STAGES` (``graph``'s round is
+#: ``fused``'s; a ``graph+...`` variant is split, see the module docstring).
 SPLIT_PROVIDERS: tuple[str, ...] = ("reference", "fused")
+
+
+def parse_provider(name: str) -> tuple[str, tuple[str, ...]]:
+    """(base, options) of a provider name such as ``graph+preview+compile``; options come back
+    in :data:`OPTIONS` order. ValueError naming what is wrong."""
+    base, *opts = name.split("+")
+    if base not in PROVIDERS:
+        raise ValueError(
+            f"providers: {name!r}: expected {', '.join(PROVIDERS)}, or fused / graph with "
+            f"+options from {', '.join(OPTIONS)}"
+        )
+    for opt in opts:
+        if opt not in OPTIONS:
+            raise ValueError(f"providers: {name!r}: unknown option {opt!r}; expected "
+                             f"{', '.join(OPTIONS)}")  # fmt: skip
+    if len(set(opts)) != len(opts):
+        raise ValueError(f"providers: {name!r}: an option given twice")
+    if opts and base == "reference":
+        raise ValueError(f"providers: {name!r}: the naive reference takes no options")
+    return base, tuple(o for o in OPTIONS if o in opts)
+
+
+def canonical_provider(name: str) -> str:
+    """A provider's name with its options in :data:`OPTIONS` order (``graph+compile+preview``
+    is ``graph+preview+compile``)."""
+    base, options = parse_provider(name)
+    return "+".join((base, *options))
+
+
 _PROMPT = "a red circle on a blue background"
 _STAGE_OP = "round:"
 
@@ -105,6 +161,10 @@ class SearchBenchConfig:
         dtype: model dtype; device: ``cpu`` or ``cuda[:N]``.
         repeats, warmup: timed and untimed searches, for the whole-search timing and again
             for the stage split (``repeats * rounds`` timed rounds per stage).
+        preview_decoder: the ``preview`` option's decoder: :data:`PREVIEW_RANDOM` or a local
+            ``AutoencoderTiny`` folder.
+        backend: the ``compile`` option's transformer backend (:data:`COMPILE_BACKENDS`).
+        decode_size: the search's ``decode_size`` (resize before the reward), every provider.
     """
 
     model: str = "tiny"
@@ -117,20 +177,31 @@ class SearchBenchConfig:
     device: str = "cpu"
     repeats: int = 5
     warmup: int = 1
+    preview_decoder: str = PREVIEW_RANDOM
+    backend: str = "compile-reduce-overhead"
+    decode_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"model: expected one of {', '.join(MODELS)}, got {self.model!r}")
+        cuda = parse_device(self.device).type == "cuda"
         for p in self.providers:
-            if p not in PROVIDERS:
-                raise ValueError(
-                    f"providers: expected names from {', '.join(PROVIDERS)}, got {p!r}"
-                )
-        if "graph" in self.providers and parse_device(self.device).type != "cuda":
-            raise ValueError("providers: graph needs a CUDA device")
+            base, opts = parse_provider(p)
+            if base == "graph" and not cuda:
+                raise ValueError(f"providers: {p} needs a CUDA device")
+            if opts and self.model == "tiny":
+                raise ValueError(f"providers: {p}: options need an SD3 model (sd3-tiny, "
+                                 "sd35-medium); the embedded model decodes nothing")  # fmt: skip
+            if "fp8" in opts and not cuda:
+                raise ValueError(f"providers: {p}: fp8 needs a CUDA device")
+        if self.backend not in COMPILE_BACKENDS:
+            raise ValueError(
+                f"backend: expected one of {', '.join(COMPILE_BACKENDS)}, got {self.backend!r}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        SearchConfig(k=self.k, rounds=self.rounds, top=self.top)  # validates K, N, T
+        SearchConfig(k=self.k, rounds=self.rounds, top=self.top,
+                     decode_size=self.decode_size)  # validates K, N, T  # fmt: skip
         if self.batch < 1 or self.repeats < 1 or self.warmup < 0:
             raise ValueError("batch, repeats: expected >= 1; warmup: expected >= 0")
 
@@ -151,6 +222,69 @@ def _model_and_cond(config: SearchBenchConfig) -> tuple[Any, Any, Any]:
     model = build_velocity_model(vcfg, "eager")
     cond = random_cond(model, config.batch, prompts=tuple(prompts))
     return model, rewards.load("tiny-color"), cond
+
+
+def _preview_decoder(config: SearchBenchConfig, model: Any) -> Any:
+    """The ``preview`` option's decoder for ``model`` (random TAESD3 or a folder)."""
+    from smartgrpo_fast.models.sd3 import load_preview_decoder
+    from smartgrpo_fast.models.sd3_configs import build_tiny_preview_decoder, random_taesd3
+
+    if config.preview_decoder != PREVIEW_RANDOM:
+        return load_preview_decoder(config.preview_decoder, latent_channels=model.latent_shape[0],
+                                    dtype=model.dtype, device=model.device)  # fmt: skip
+    if config.model == "sd3-tiny":
+        dec = build_tiny_preview_decoder(seed=0).to(model.device)
+        return torch.nn.Module.to(dec, model.dtype)
+    return random_taesd3(dtype=model.dtype, device=model.device)
+
+
+class _Variants:
+    """The model of each option set, built once: SD3FlowModels sharing the base model's
+    weights, with a preview decoder, a compiled forward and / or a float8 transformer."""
+
+    def __init__(self, config: SearchBenchConfig, base: Any) -> None:
+        self.config, self.base = config, base
+        self._models: dict[tuple[str, ...], Any] = {(): base}
+        self._preview: Any = None
+        self._fp8: Any = None
+
+    def model(self, options: tuple[str, ...]) -> Any:
+        if options not in self._models:
+            self._models[options] = self._build(options)
+        return self._models[options]
+
+    def _build(self, options: tuple[str, ...]) -> Any:
+        from smartgrpo_fast.graphs import GraphConfig
+        from smartgrpo_fast.models.sd3 import SD3FlowModel
+
+        base = self.base
+        pipe = base.pipe
+        if "fp8" in options:
+            if self._fp8 is None:
+                from smartgrpo_fast.models.fp8 import float8_transformer
+
+                self._fp8 = float8_transformer(base.transformer)
+            pipe = _SwappedPipe(pipe, self._fp8)
+        if "preview" in options and self._preview is None:
+            self._preview = _preview_decoder(self.config, base)
+        backend = self.config.backend if "compile" in options else "eager"
+        cfg = replace(base.config, graph=GraphConfig(backend=backend))
+        return SD3FlowModel(
+            pipe,
+            cfg,
+            name=f"{base.name}+{'+'.join(options)}",
+            preview_decoder=self._preview if "preview" in options else None,
+        )
+
+
+class _SwappedPipe:
+    """``pipe`` with another transformer (the VAE, scheduler and encoders shared)."""
+
+    def __init__(self, pipe: Any, transformer: Any) -> None:
+        self._pipe, self.transformer = pipe, transformer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
 
 
 # --------------------------------------------------------------------------------------
@@ -353,13 +487,21 @@ class _ReferenceRound(_StagedRound):
 
 
 def _time_stages(
-    staged: _StagedRound, rounds: int, device: torch.device, *, warmup: int, repeats: int
+    staged: _StagedRound,
+    rounds: int,
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+    as_captured: bool = False,
 ) -> dict[str, list[float]]:
     """Seconds per stage of each of the ``repeats * rounds`` timed rounds (after ``warmup``
-    untimed searches), a device synchronize and a timer around each stage."""
+    untimed searches), a device synchronize and a timer around each stage; ``as_captured``:
+    inside :func:`~smartgrpo_fast.graphs.enclosing_graph` (the code a captured round runs)."""
     stages = staged.stages()
     samples: dict[str, list[float]] = {name: [] for name in STAGES}
-    with torch.no_grad():
+    context = enclosing_graph() if as_captured else contextlib.nullcontext()
+    with torch.no_grad(), context:
         for i in range(warmup + repeats):
             staged.reset()
             for _ in range(rounds):
@@ -405,41 +547,51 @@ def run(config: SearchBenchConfig) -> list[dict]:
     device = parse_device(config.device)
     info = collect_run_info(device)
     model, reward, cond = _model_and_cond(config)
-    search = SearchConfig(k=config.k, rounds=config.rounds, top=config.top, graph=False)
+    search = SearchConfig(k=config.k, rounds=config.rounds, top=config.top, graph=False,
+                          decode_size=config.decode_size)  # fmt: skip
     gen = torch.Generator(device=device).manual_seed(1)
     mean = torch.randn((config.batch, *model.latent_shape), generator=gen, device=device)
     scale, t_next = 0.3, 0.8
-    fused = NoiseSearch(model, reward, search)
-    graphed = NoiseSearch(model, reward, replace(search, graph=True))
-    torch_gen = torch.Generator(device=device).manual_seed(2)  # on the device: a fair baseline
-    calls = {
-        "reference": lambda: search_reference(model, reward, mean, scale, t_next, cond, search,
-                                              noise="torch", generator=torch_gen),
-        "fused": lambda: fused.run(mean, scale, t_next, cond),
-        "graph": lambda: graphed.run(mean, scale, t_next, cond),
-    }  # fmt: skip
     scale_t = torch.full((config.batch,), scale, device=device)
-    staged: dict[str, _StagedRound] = {
-        "reference": _ReferenceRound(model, reward, search, mean, scale_t, t_next, cond,
-                                     generator=torch.Generator(device=device).manual_seed(3)),
-        "fused": _FusedRound(fused, mean, scale_t, t_next, cond),
-    }  # fmt: skip
+    variants = _Variants(config, model) if any("+" in p for p in config.providers) else None
     shape = CaseShape(batch=config.batch, k=config.k, latent=tuple(model.latent_shape),
                       elites=config.top)  # fmt: skip
     rows: list[dict] = []
     for provider in config.providers:
-        provider_rows = _provider_rows(config, provider, calls[provider], shape, model.dtype,
-                                       device, info)  # fmt: skip
+        base, options = parse_provider(provider)
+        m = model if not options else variants.model(options)
+        if base == "reference":
+            torch_gen = torch.Generator(device=device).manual_seed(2)  # on the device: fair
+
+            def call(m=m, torch_gen=torch_gen):
+                return search_reference(m, reward, mean, scale, t_next, cond, search,
+                                        noise="torch", generator=torch_gen)  # fmt: skip
+
+            staged: _StagedRound | None = _ReferenceRound(
+                m, reward, search, mean, scale_t, t_next, cond,
+                generator=torch.Generator(device=device).manual_seed(3),
+            )  # fmt: skip
+        else:
+            ns = NoiseSearch(m, reward, replace(search, graph=base == "graph"))
+
+            def call(ns=ns):
+                return ns.run(mean, scale, t_next, cond)
+
+            # plain graph's round is fused's: not split again
+            staged = None if provider == "graph" else _FusedRound(
+                NoiseSearch(m, reward, search), mean, scale_t, t_next, cond)  # fmt: skip
+        provider_rows = _provider_rows(config, provider, call, shape, m.dtype, device, info)
         rows += provider_rows
-        if provider in staged:
-            samples = _time_stages(staged[provider], config.rounds, device,
-                                   warmup=config.warmup, repeats=config.repeats)  # fmt: skip
-            base = {**provider_rows[0], "x_name": "candidates/round", "x": shape.batch * shape.k}
-            rows += _stage_rows(base, samples)
-    base = next((r for r in rows if r["provider"] == "reference" and r["metric"] == "time"), None)
-    if base is not None:
+        if staged is not None:
+            samples = _time_stages(staged, config.rounds, device, warmup=config.warmup,
+                                   repeats=config.repeats, as_captured=base == "graph")  # fmt: skip
+            base_row = {**provider_rows[0], "x_name": "candidates/round",
+                        "x": shape.batch * shape.k}  # fmt: skip
+            rows += _stage_rows(base_row, samples)
+    ref = next((r for r in rows if r["provider"] == "reference" and r["metric"] == "time"), None)
+    if ref is not None:
         for r in [r for r in rows if r["metric"] == "time" and r["provider"] != "reference"]:
-            rows.append(ratio_row(r, base, "reference/provider"))
+            rows.append(ratio_row(r, ref, "reference/provider"))
     return rows
 
 
@@ -498,14 +650,15 @@ def format_search_table(rows: Sequence[Mapping[str, Any]]) -> str:
     mem_head = (
         "" if mem_metric is None else f" {_MEMORY_LABELS[mem_metric] + ' MiB':>14} {'+MiB':>8}"
     )
-    lines = [f"{'provider':<10} {'candidates':>10} {'ms/search':>10} {'cand/s':>10} {'vs ref':>8}"
-             + mem_head]  # fmt: skip
+    wide = max([10, *(len(str(r["provider"])) for r in rows)])
+    lines = [f"{'provider':<{wide}} {'candidates':>10} {'ms/search':>10} {'cand/s':>10} "
+             f"{'vs ref':>8}" + mem_head]  # fmt: skip
     for r in rows:
         if r["metric"] != "time" or _stage(r) is not None:
             continue
         s, p = speed.get(r["provider"]), r["provider"]
         line = (
-            f"{p:<10} {r['x']:>10} {r['median']:>10.1f} "
+            f"{p:<{wide}} {r['x']:>10} {r['median']:>10.1f} "
             f"{1e3 * r['x'] / r['median']:>10.1f} {'-' if s is None else f'{s:.2f}x':>8}"
         )
         if mem_metric is not None and (p, mem_metric) in memory:
@@ -519,22 +672,25 @@ def format_search_table(rows: Sequence[Mapping[str, Any]]) -> str:
     stages = [s for s in STAGES if any(_stage(r) == s for r in split)]
     value = {(r["provider"], _stage(r), r["metric"]): r["median"] for r in split}
     n = next(r["repeats"] for r in split)
+    col = max([18, *(len(p) for p in providers)])
     lines += [
         "",
         f"stage split of a round: median ms over {n} rounds (share of the stages' sum)",
-        f"{'stage':<14}" + "".join(f" {p:>18}" for p in providers),
+        f"{'stage':<14}" + "".join(f" {p:>{col}}" for p in providers),
     ]
     for stage in [*stages, "sum"]:
         cells = []
         for p in providers:
             if stage == "sum":
                 ms = 1e3 * sum(value.get((p, s, "stage_time"), 0.0) for s in stages)
-                cells.append(f" {ms:>10.3f} (100.0%)")
+                cells.append(f" {ms:>{col - 8}.3f} (100.0%)")
                 continue
             sec = value.get((p, stage, "stage_time"))
             frac = value.get((p, stage, "stage_fraction"), 0.0)
             cells.append(
-                f" {'-':>18}" if sec is None else f" {1e3 * sec:>10.3f} ({100 * frac:>5.1f}%)"
+                f" {'-':>{col}}"
+                if sec is None
+                else f" {1e3 * sec:>{col - 8}.3f} ({100 * frac:>5.1f}%)"
             )
         lines.append(f"{stage:<14}" + "".join(cells))
     return "\n".join(lines)

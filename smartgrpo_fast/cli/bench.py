@@ -255,8 +255,25 @@ def _run_bench_velocity(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ search
 
 
+def _provider(text: str) -> str:
+    """argparse type of bench search's --providers: a provider name, options in order."""
+    from smartgrpo_fast.bench.search import canonical_provider
+
+    try:
+        return canonical_provider(text.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("providers: ")) from None
+
+
 def _add_bench_search(sub: argparse._SubParsersAction) -> None:
-    from smartgrpo_fast.bench.search import MODELS, PROVIDERS, SearchBenchConfig
+    from smartgrpo_fast.bench.search import (
+        COMPILE_BACKENDS,
+        MODELS,
+        OPTIONS,
+        PREVIEW_RANDOM,
+        PROVIDERS,
+        SearchBenchConfig,
+    )
 
     d = SearchBenchConfig()
     p = sub.add_parser(
@@ -265,25 +282,41 @@ def _add_bench_search(sub: argparse._SubParsersAction) -> None:
         description=(
             "Time one search of B rollouts (K candidates, N rounds, T elites) per provider: "
             "reference (naive: torch.randn noise, unfused, Python loop), fused (NoiseSearch "
-            "stage by stage), graph (one captured round replayed N times; CUDA). Models: tiny "
-            "(embedded), sd3-tiny (tiny random SD3 pipeline), sd35-medium (full-size random "
-            "SD3.5-medium at 512 px; GPU). Also splits a round of reference and fused into its "
+            "stage by stage), graph (one captured round replayed N times; CUDA), and on SD3 "
+            "models variants fused+OPT / graph+OPT with options preview (the estimates "
+            "decoded by --preview-decoder), compile (the transformer on --backend) and fp8 "
+            "(a float8 copy of the transformer for the search's forwards; CUDA, compute "
+            "capability >= 8.9), e.g. graph+preview+compile. Models: tiny (embedded), "
+            "sd3-tiny (tiny random SD3 pipeline), sd35-medium (full-size random SD3.5-medium "
+            "at 512 px; GPU). Also splits a round of every provider but plain graph into its "
             "stages (sample, forward, x0, decode, reward, select/update; a device synchronize "
-            "and a timer around each) and measures each provider's peak memory (CUDA: "
-            "max_memory_allocated; CPU: the process's peak RSS). Writes search_*.csv/json, "
-            "a stacked-bar plot search_*_stages.png, and prints candidates/s and the split."
+            "and a timer around each; a graph variant's stages run the code its graph "
+            "captured) and measures each provider's peak memory (CUDA: max_memory_allocated; "
+            "CPU: the process's peak RSS). Writes search_*.csv/json, a stacked-bar plot "
+            "search_*_stages.png, and prints candidates/s and the split."
         ),
     )
     p.add_argument("--model", choices=MODELS, default=d.model,
                    help=f"the model searched, from: {', '.join(MODELS)} "
                    "(default: %(default)s)")  # fmt: skip
-    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None, metavar="P",
-                   help=f"providers to time, from: {', '.join(PROVIDERS)} (default: reference "
-                   "fused, + graph on CUDA)")  # fmt: skip
+    p.add_argument("--providers", nargs="+", type=_provider, default=None, metavar="P",
+                   help=f"providers to time: {', '.join(PROVIDERS)}, or fused / graph with "
+                   f"+options from {', '.join(OPTIONS)} (default: reference fused, + graph "
+                   "on CUDA)")  # fmt: skip
     p.add_argument("--batch", type=int_in(1), default=d.batch, metavar="B",
                    help="rollouts searched together (default: %(default)s)")  # fmt: skip
     cli_args.add_cem(p, d.k, d.rounds, d.top)
     cli_args.add_dtype(p, choices=tuple(bench_ops.DTYPES))
+    p.add_argument("--preview-decoder", default=d.preview_decoder, metavar="DIR",
+                   help=f"the preview option's decoder: {PREVIEW_RANDOM} (TAESD3's layout with "
+                   "random weights at the model's size) or a local AutoencoderTiny folder "
+                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--backend", choices=COMPILE_BACKENDS, default=d.backend,
+                   help="the compile option's transformer backend; providers without it run "
+                        "the transformer eagerly (default: %(default)s)")  # fmt: skip
+    p.add_argument("--decode-size", type=int_in(1), default=None, metavar="PX",
+                   help="resize each decoded candidate to PX x PX before the reward, every "
+                        "provider (default: no resize)")  # fmt: skip
     _add_timing(p, d.repeats, d.warmup)
     p.add_argument("--no-plot", action="store_true",
                    help="do not draw the stage split's PNG (default: drawn)")  # fmt: skip
@@ -303,12 +336,22 @@ def _run_bench_search(args: argparse.Namespace) -> int:
         args, search.SearchBenchConfig, model=args.model,
         providers=tuple(dict.fromkeys(providers)), batch=args.batch, k=args.k,
         rounds=args.rounds, top=args.top, dtype=dtype, device=device, repeats=args.repeats,
-        warmup=args.warmup,
+        warmup=args.warmup, preview_decoder=args.preview_decoder, backend=args.backend,
+        decode_size=args.decode_size,
     )  # fmt: skip
+    if any("preview" in p for p in cfg.providers) and cfg.preview_decoder != "random":
+        folder = Path(cfg.preview_decoder).expanduser()
+        if not (folder / "config.json").is_file():
+            args.parser.error(f"argument --preview-decoder: {folder / 'config.json'}: not found "
+                              "(an AutoencoderTiny folder, or 'random')")  # fmt: skip
     rows = search.run(cfg)
     stem = args.out / f"search_{args.model}_{device.replace(':', '')}_{dtype}"
     header = (f"search of {args.model} on {rows[0]['device_name']} ({device}), {dtype}, "
               f"B={cfg.batch} K={cfg.k} N={cfg.rounds} T={cfg.top}, {_run_meta(rows)}")  # fmt: skip
+    if any("+" in p for p in cfg.providers):
+        size = cfg.decode_size or "none"
+        header += (f"\noptions: preview decoder {cfg.preview_decoder}, compile backend "
+                   f"{cfg.backend}, decode size {size}")  # fmt: skip
     csv_path = _write(rows, stem, header, search.format_search_table(rows))
     if not args.no_plot and any(r["metric"] == "stage_time" for r in rows):
         _plot(search.plot_stage_split, csv_path, stem.with_name(stem.name + "_stages.png"))
