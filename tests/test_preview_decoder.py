@@ -254,3 +254,75 @@ def test_cli_preview_decoder_errors(sd3_dir, tmp_path, capsys) -> None:
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and match in err.strip().splitlines()[-1], err
+
+
+# ------------------------------------------------------------------------------- float8
+
+
+def test_float8_needs_a_cuda_gpu(model) -> None:
+    from smartgrpo_fast.models.fp8 import check_float8
+
+    with pytest.raises(RuntimeError, match=r"float8: needs a CUDA GPU of compute capability "
+                       r">= 8\.9 \(Ada, Hopper or newer\); the model is on cpu"):  # fmt: skip
+        check_float8("cpu")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        model.for_search("float8")
+    assert model.for_search("model") is model
+    with pytest.raises(ValueError, match="search_dtype: expected one of model, float8"):
+        model.for_search("int8")
+
+
+def test_float8_below_capability_8_9_and_without_torchao(monkeypatch) -> None:
+    import sys
+
+    from smartgrpo_fast.models import fp8
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(RuntimeError, match=r"A100 has compute capability 8\.0; float8 matmuls "
+                       r"need >= 8\.9"):  # fmt: skip
+        fp8.check_float8("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(RuntimeError, match=r"torchao cannot be imported .*pip install "
+                       r"'smartgrpo-fast\[fp8\]'"):  # fmt: skip
+        fp8.check_float8("cuda")
+
+
+def test_cli_search_dtype_float8_off_cuda_is_an_argument_error(sd3_dir, tmp_path, capsys):
+    argv = ["search", "--model", str(sd3_dir), "--num-prompts", "1", "--search-dtype",
+            "float8", "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --search-dtype: search dtype float8: needs a CUDA GPU" in last
+    assert not (tmp_path / "result.json").exists()
+
+
+@torch.no_grad()
+def test_search_model_scores_and_the_model_steps(model, monkeypatch) -> None:
+    """compare_noise(search_model=): the searches' forwards run on the search model, every
+    rollout step on the model (here a second model sharing everything but its forward)."""
+    from smartgrpo_fast.search import compare_noise
+
+    scorer = model.with_transformer(model.transformer)
+    assert scorer.preview_decoder is model.preview_decoder and scorer.vae is model.vae
+    rows = {"model": 0, "scorer": 0}
+    for name, m in (("model", model), ("scorer", scorer)):
+        fwd = m._forward
+
+        def counted(z, *a, _fwd=fwd, _name=name):
+            rows[_name] += z.shape[0]
+            return _fwd(z, *a)
+
+        monkeypatch.setattr(m, "_forward", counted)
+    search = SearchConfig(k=2, rounds=2, top=1, graph=False)
+    rollout = RolloutConfig(steps=3, step=1, batch=2)
+    comp = compare_noise(model, rewards.load("tiny-color"), PROMPTS, search, rollout,
+                         search_model=scorer)  # fmt: skip
+    assert rows["scorer"] == 2 * 2 * 2 * 2  # 2 searches x B * K * N
+    per = comp.calls["random"]["transformer_rows"]  # the prefix + the rest, per rollout
+    assert rows["model"] == 2 * (per + 2 * (rollout.steps - rollout.step - 1))

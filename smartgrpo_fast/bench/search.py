@@ -258,33 +258,22 @@ class _Variants:
         from smartgrpo_fast.models.sd3 import SD3FlowModel
 
         base = self.base
-        pipe = base.pipe
         if "fp8" in options:
             if self._fp8 is None:
                 from smartgrpo_fast.models.fp8 import float8_transformer
 
                 self._fp8 = float8_transformer(base.transformer)
-            pipe = _SwappedPipe(pipe, self._fp8)
+            base = base.with_transformer(self._fp8)
         if "preview" in options and self._preview is None:
             self._preview = _preview_decoder(self.config, base)
         backend = self.config.backend if "compile" in options else "eager"
         cfg = replace(base.config, graph=GraphConfig(backend=backend))
         return SD3FlowModel(
-            pipe,
+            base.pipe,
             cfg,
-            name=f"{base.name}+{'+'.join(options)}",
+            name=f"{self.base.name}+{'+'.join(options)}",
             preview_decoder=self._preview if "preview" in options else None,
         )
-
-
-class _SwappedPipe:
-    """``pipe`` with another transformer (the VAE, scheduler and encoders shared)."""
-
-    def __init__(self, pipe: Any, transformer: Any) -> None:
-        self._pipe, self.transformer = pipe, transformer
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._pipe, name)
 
 
 # --------------------------------------------------------------------------------------

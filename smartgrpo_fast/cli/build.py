@@ -243,6 +243,9 @@ def model_options(args: argparse.Namespace, model: Any, dtype: str) -> dict[str,
     preview = getattr(args, "preview_decoder", None)
     if preview is not None:
         options["preview_decoder"] = str(preview)
+    search_dtype = getattr(args, "search_dtype", "model")
+    if search_dtype != "model":
+        options["search_dtype"] = search_dtype
     return options
 
 

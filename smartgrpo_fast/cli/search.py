@@ -59,6 +59,11 @@ def add_search(commands: argparse._SubParsersAction) -> None:
                    help="a local diffusers AutoencoderTiny folder (TAESD3) that decodes the "
                         "search's K*N one-step estimates instead of the VAE; the final images "
                         "still use the VAE (SD3 models; default: the VAE decodes all)")  # fmt: skip
+    p.add_argument("--search-dtype", choices=("model", "float8"), default="model",
+                   help="the transformer of the search's forwards: the model's own, or a "
+                        "float8 copy (torchao, pip install 'smartgrpo-fast[fp8]'; CUDA, compute "
+                        "capability >= 8.9; SD3 models); the rollouts' steps keep the model's "
+                        "(default: %(default)s)")  # fmt: skip
     p.add_argument("--step", type=int_in(0), default=rd.step, metavar="S",
                    help="the searched SDE step, 0 <= S < --steps "
                         "(default: %(default)s)")  # fmt: skip
@@ -103,13 +108,24 @@ def _run_search(args: argparse.Namespace) -> int:
     except ValueError as err:
         parser.error(str(err))
     reward = build.build_reward(args, device)
+    if args.search_dtype != "model":
+        if args.model == "tiny":
+            parser.error("argument --search-dtype: float8 only for SD3 models")
+        from smartgrpo_fast.models.fp8 import check_float8
+
+        try:
+            check_float8(device)  # before anything slow is loaded
+        except RuntimeError as err:
+            parser.error(f"argument --search-dtype: {build.one_line(err)}")
     model = build.load_model(args, device, dtype, preview_decoder=args.preview_decoder)
+    scorer = model.for_search(args.search_dtype) if args.search_dtype != "model" else model
     batch = build.resolve_batch(args, model, device, k=search.k, default=rollout.batch)
     rollout = replace(rollout, batch=batch)
     print(f"{len(prompts)} prompts, K={search.k} N={search.rounds} T={search.top} B={batch} "
           f"use={search.use}, SDE step {rollout.step}/{rollout.steps}, reward {args.reward}, "
           f"{device}", file=sys.stderr)  # fmt: skip
-    comp = compare_noise(model, reward, prompts, search, rollout, progress=not args.no_progress)
+    comp = compare_noise(model, reward, prompts, search, rollout, progress=not args.no_progress,
+                         search_model=scorer)  # fmt: skip
     extra = {"version": __version__, "model_options": build.model_options(args, model, dtype)}
     if args.model == "tiny":  # the embedded world: which final images show their prompt
         from smartgrpo_fast import rewards

@@ -25,7 +25,16 @@ import torch.nn.functional as F
 from smartgrpo_fast.graphs import GraphConfig, GraphedCallable
 from smartgrpo_fast.models.base import Cond, DiTFlowModel, decoder_unscaling
 
-__all__ = ["PREVIEW_DECODER_CLASS", "SD3Config", "SD3FlowModel", "load_preview_decoder"]
+__all__ = [
+    "PREVIEW_DECODER_CLASS",
+    "SEARCH_DTYPES",
+    "SD3Config",
+    "SD3FlowModel",
+    "load_preview_decoder",
+]
+
+#: The transformers a search's forwards may run on: the model's own, or a float8 copy.
+SEARCH_DTYPES = ("model", "float8")
 
 #: The diffusers class a preview decoder folder must hold (TAESD3's layout).
 PREVIEW_DECODER_CLASS = "AutoencoderTiny"
@@ -191,6 +200,16 @@ class _DropMessage(logging.Filter):
         return self.text not in record.getMessage()
 
 
+class _SwappedPipe:
+    """``pipe`` with another transformer; everything else (VAE, scheduler, encoders) shared."""
+
+    def __init__(self, pipe: Any, transformer: Any) -> None:
+        self._pipe, self.transformer = pipe, transformer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+
 class _DropTorchvisionFallback(logging.Filter):
     """transformers' notice that an image processor falls back to PIL without torchvision:
     SD3 pipelines import the CLIP and SigLIP processors but never use them."""
@@ -285,6 +304,30 @@ class SD3FlowModel(DiTFlowModel):
                 )
             decoder.requires_grad_(False)
         self.preview_decoder = decoder
+
+    def with_transformer(self, transformer: Any) -> SD3FlowModel:
+        """A model that shares this one's VAE, preview decoder, encoders and options but runs
+        ``transformer`` (e.g. a float8 copy; its own graphed or compiled forward)."""
+        return SD3FlowModel(_SwappedPipe(self.pipe, transformer), self.config,
+                            name=self.name, preview_decoder=self.preview_decoder)  # fmt: skip
+
+    def for_search(self, search_dtype: str = "model") -> SD3FlowModel:
+        """The model whose forwards score a search's candidates: this one (``"model"``), or
+        one sharing everything but a float8 copy of the transformer (``"float8"``,
+        :func:`~smartgrpo_fast.models.fp8.float8_transformer`: CUDA, compute capability >= 8.9,
+        torchao; made once). Never the rollout's steps, log-probabilities or training: the copy
+        does not follow later changes of the transformer's weights (an optimizer step, LoRA)."""
+        if search_dtype not in SEARCH_DTYPES:
+            raise ValueError(
+                f"search_dtype: expected one of {', '.join(SEARCH_DTYPES)}, got {search_dtype!r}"
+            )
+        if search_dtype == "model":
+            return self
+        if getattr(self, "_float8", None) is None:
+            from smartgrpo_fast.models.fp8 import float8_transformer
+
+            self._float8 = self.with_transformer(float8_transformer(self.transformer))
+        return self._float8
 
     # ----------------------------------------------------------------------------- loading
 

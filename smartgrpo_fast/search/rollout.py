@@ -156,8 +156,13 @@ def compare_noise(
     rollout: RolloutConfig | None = None,
     *,
     progress: bool = False,
+    search_model: Any = None,
 ) -> Comparison:
-    """Run the three continuations of every prompt's rollout (module docstring)."""
+    """Run the three continuations of every prompt's rollout (module docstring).
+
+    ``search_model``: the model whose forwards score the searches' candidates (default
+    ``model``; e.g. ``model.for_search("float8")``); the rollouts' own steps run on ``model``.
+    """
     search = search or SearchConfig()
     rollout = rollout or RolloutConfig()
     if isinstance(prompts, str) or not prompts:
@@ -170,8 +175,9 @@ def compare_noise(
     dev = getattr(model, "device", torch.device("cpu"))
     x_t = philox_normal((n, 1, *shape), seed=rollout.seed, round=0).squeeze(1).to(dev)
     eps_random = philox_normal((n, 1, *shape), seed=rollout.seed, round=1).squeeze(1).to(dev)
-    cem = NoiseSearch(model, reward, search)
-    best_of = NoiseSearch(model, reward, replace(search, strategy="best_of"))
+    scorer = model if search_model is None else search_model
+    cem = NoiseSearch(scorer, reward, search)
+    best_of = NoiseSearch(scorer, reward, replace(search, strategy="best_of"))
     out: dict[str, list[torch.Tensor]] = {key: [] for key in ("searched", "random", "bestof")}
     images: dict[str, list[torch.Tensor]] = {key: [] for key in out}
     stats: dict[str, list[RoundStats]] = {"searched": [], "bestof": []}
@@ -222,6 +228,6 @@ def compare_noise(
             search,
             rollout,
             float(getattr(model, "guidance_scale", 1.0)),
-            preview=has_preview_decoder(model),
+            preview=has_preview_decoder(scorer),
         ),
     )

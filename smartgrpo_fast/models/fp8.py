@@ -1,0 +1,83 @@
+"""A float8 copy of a transformer for the search's no-grad forwards (torchao, extra ``fp8``).
+
+The search scores K*N candidates per searched step with forwards whose only use is a reward on
+a one-step preview: precision there buys little, speed a lot. :func:`float8_transformer` copies
+the transformer and quantizes the copy's linear layers with torchao's dynamic float8
+activations and weights (``Float8DynamicActivationFloat8WeightConfig``, per-tensor scales;
+Hopper / Ada tensor cores through ``torch._scaled_mm``). The original is untouched: the
+rollout's steps, its log-probabilities and training keep running on it.
+
+Float8 matmuls need a CUDA GPU of compute capability >= 8.9; :func:`check_float8` says why not
+anywhere else, before any copy is made.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+__all__ = ["FP8_EXTRA", "MIN_CAPABILITY", "check_float8", "float8_transformer"]
+
+#: The pip extra that installs torchao.
+FP8_EXTRA = "smartgrpo-fast[fp8]"
+#: The lowest CUDA compute capability with float8 tensor cores (Ada Lovelace; Hopper is 9.0).
+MIN_CAPABILITY = (8, 9)
+
+
+def _torchao_quantization() -> Any:
+    try:
+        import torchao.quantization as quantization
+    except ImportError as exc:
+        raise RuntimeError(
+            f"search dtype float8: torchao cannot be imported ({exc}); install it with "
+            f"pip install '{FP8_EXTRA}'"
+        ) from None
+    return quantization
+
+
+def check_float8(device: torch.device | str) -> None:
+    """RuntimeError saying why float8 search forwards cannot run on ``device``: not a CUDA
+    device, a GPU below compute capability 8.9, or torchao missing."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(
+            f"search dtype float8: needs a CUDA GPU of compute capability >= "
+            f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} (Ada, Hopper or newer); the model is on "
+            f"{device}"
+        )
+    cap = torch.cuda.get_device_capability(device)
+    if cap < MIN_CAPABILITY:
+        raise RuntimeError(
+            f"search dtype float8: {torch.cuda.get_device_name(device)} has compute capability "
+            f"{cap[0]}.{cap[1]}; float8 matmuls need >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
+        )
+    _torchao_quantization()
+
+
+def _float8_linear(module: torch.nn.Module, _fqn: str) -> bool:
+    """Linear layers whose sizes float8 matmuls take (multiples of 16)."""
+    return (
+        isinstance(module, torch.nn.Linear)
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
+
+
+def float8_transformer(transformer: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``transformer`` (no-grad, eval) whose linear layers compute in float8
+    (torchao's dynamic activation and weight quantization); checked by :func:`check_float8`
+    first. The copy holds the weights in float8 (about half the bfloat16 memory)."""
+    device = next(transformer.parameters()).device
+    check_float8(device)
+    quantization = _torchao_quantization()
+    config_cls = getattr(quantization, "Float8DynamicActivationFloat8WeightConfig", None)
+    config = (
+        config_cls()
+        if config_cls is not None
+        else quantization.float8_dynamic_activation_float8_weight()  # torchao < 0.10
+    )
+    quantized = copy.deepcopy(transformer).eval().requires_grad_(False)
+    quantization.quantize_(quantized, config, filter_fn=_float8_linear)
+    return quantized
