@@ -308,8 +308,12 @@ class SD3FlowModel(DiTFlowModel):
     def with_transformer(self, transformer: Any) -> SD3FlowModel:
         """A model that shares this one's VAE, preview decoder, encoders and options but runs
         ``transformer`` (e.g. a float8 copy; its own graphed or compiled forward)."""
-        return SD3FlowModel(_SwappedPipe(self.pipe, transformer), self.config,
-                            name=self.name, preview_decoder=self.preview_decoder)  # fmt: skip
+        model = SD3FlowModel(_SwappedPipe(self.pipe, transformer), self.config,
+                             name=self.name, preview_decoder=self.preview_decoder)  # fmt: skip
+        # the compute dtype of the inputs stays this model's (a quantized copy's parameters
+        # may report their storage dtype)
+        model.dtype = self.dtype
+        return model
 
     def for_search(self, search_dtype: str = "model") -> SD3FlowModel:
         """The model whose forwards score a search's candidates: this one (``"model"``), or
