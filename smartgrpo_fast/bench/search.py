@@ -402,10 +402,10 @@ class _FusedRound(_StagedRound):
         self.z = self.search._sample(self.st)
 
     def forward(self) -> None:
-        self.v = self.search._forward(self.st, self.z, self.cond)
+        self.ahead = self.search._forward(self.st, self.z, self.cond)
 
     def x0(self) -> None:
-        self.x0_latent = self.search._x0(self.st, self.z, self.v)
+        self.x0_latent = self.search._x0(self.st, self.ahead)
 
     def decode(self) -> None:
         self.images = self.search._decode(self.x0_latent)

@@ -59,6 +59,10 @@ def add_search(commands: argparse._SubParsersAction) -> None:
                    help="a local diffusers AutoencoderTiny folder (TAESD3) that decodes the "
                         "search's K*N one-step estimates instead of the VAE; the final images "
                         "still use the VAE (SD3 models; default: the VAE decodes all)")  # fmt: skip
+    p.add_argument("--preview-steps", type=int_in(1), default=sd.preview_steps, metavar="M",
+                   help="score each candidate on its estimate after M Euler steps to t = 0 "
+                        "(a lookahead preview: M forwards per candidate; default: %(default)s, "
+                        "the one-step estimate)")  # fmt: skip
     p.add_argument("--search-dtype", choices=("model", "float8"), default="model",
                    help="the transformer of the search's forwards: the model's own, or a "
                         "float8 copy (torchao, pip install 'smartgrpo-fast[fp8]'; CUDA, compute "
@@ -102,6 +106,7 @@ def _run_search(args: argparse.Namespace) -> int:
             k=args.k, rounds=args.rounds, top=args.top, use=args.use, alpha=args.alpha,
             min_sigma=args.min_sigma, per_element=not args.pooled_sigma, rescale=args.rescale,
             seed=args.seed, graph=not args.no_graph, decode_size=args.decode_size,
+            preview_steps=args.preview_steps,
         )  # fmt: skip
         rollout = RolloutConfig(steps=args.steps, step=args.step, shift=args.shift,
                                 noise_level=args.noise_level, seed=args.seed)  # fmt: skip

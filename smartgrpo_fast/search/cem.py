@@ -79,6 +79,15 @@ class _State:
 
 
 @dataclass
+class _Lookahead:
+    """The last point of a round's lookahead: latents z at flow times t (B*K,), velocity v."""
+
+    z: torch.Tensor
+    v: torch.Tensor
+    t: torch.Tensor
+
+
+@dataclass
 class _Graph:
     """One captured round and the static tensors it reads and writes."""
 
@@ -227,7 +236,7 @@ class NoiseSearch:
         prompts only through ``cond``'s and ``prepared``'s tensors (graph-safe rewards). The
         stages are the methods below (``bench search`` times them one by one)."""
         z = self._sample(st)
-        x0 = self._x0(st, z, self._forward(st, z, cond))
+        x0 = self._x0(st, self._forward(st, z, cond))
         r = self._score(st, self._decode(x0), prepared)
         self._select_update(st, r)
 
@@ -239,15 +248,26 @@ class NoiseSearch:
             row_offset=st.row_offset, validate=False,
         ).view(b * k, *st.mean.shape[1:])  # fmt: skip
 
-    def _forward(self, st: _State, z: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """(B*K, *S) velocity at the candidates: one batched forward."""
-        return self.model.velocity(z, st.t, cond, k=self.config.k)
+    def _forward(self, st: _State, z: torch.Tensor, cond: Cond) -> _Lookahead:
+        """The velocity at the candidates (one batched forward of B*K rows), after
+        ``preview_steps - 1`` Euler steps toward t = 0 when m > 1 (one forward each)."""
+        m, k = self.config.preview_steps, self.config.k
+        x, t = z, st.t
+        v = self.model.velocity(x, t, cond, k=k)
+        for i in range(1, m):
+            t_next = st.t * (1.0 - i / m)  # uniform in t from t to 0
+            x = x0_estimate(x, v, t - t_next, validate=False)  # x + (t_next - t) v
+            t = t_next
+            v = self.model.velocity(x, t, cond, k=k)
+        return _Lookahead(x, v, t)
 
-    def _x0(self, st: _State, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """(B*K, *S) one-step clean estimates, in the scale of the decoder that reads them
-        (the preview decoder's when the model has one: ``models.base.preview_unscaling``)."""
+    def _x0(self, st: _State, ahead: _Lookahead) -> torch.Tensor:
+        """(B*K, *S) clean estimates (the last Euler step to t = 0), in the scale of the
+        decoder that reads them (the preview decoder's when the model has one:
+        ``models.base.preview_unscaling``)."""
         scaling, shift = preview_unscaling(self.model)
-        return x0_estimate(z, v, st.t, scaling=scaling, shift=shift, validate=False)
+        return x0_estimate(ahead.z, ahead.v, ahead.t, scaling=scaling, shift=shift,
+                           validate=False)  # fmt: skip
 
     def _decode(self, x0: torch.Tensor) -> torch.Tensor:
         """(B*K, 3, H, W) images in [0, 1] (resized to ``decode_size`` when set), through the

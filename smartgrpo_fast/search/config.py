@@ -51,6 +51,10 @@ class SearchConfig:
         graph: on CUDA, capture one whole round (sample_perturb, velocity, x0_estimate,
             decode, reward, topk_select, cem_update) as a CUDA graph and replay it N times;
             falls back to per-stage execution, with one warning, when capture fails.
+        preview_steps: m, the Euler steps from the candidates' flow time t to 0 that make the
+            clean estimate a candidate is scored on (a lookahead preview). 1 (default) is the
+            one-step ``z - t v``; m > 1 steps on the uniform times ``t (1 - i / m)``,
+            i = 0..m-1, costing m velocity rows per candidate (:attr:`forward_rows`).
     """
 
     k: int = 16
@@ -67,9 +71,10 @@ class SearchConfig:
     seed: int = 0
     decode_size: int | None = None
     graph: bool = True
+    preview_steps: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("k", "rounds", "top"):
+        for name in ("k", "rounds", "top", "preview_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
@@ -98,8 +103,13 @@ class SearchConfig:
 
     @property
     def model_calls(self) -> int:
-        """Candidates evaluated per rollout: K * N (one velocity row and one reward each)."""
+        """Candidates evaluated per rollout: K * N (one reward and one preview decode each)."""
         return self.k * self.rounds
+
+    @property
+    def forward_rows(self) -> int:
+        """Velocity rows per rollout: preview_steps * K * N (m forwards per candidate)."""
+        return self.preview_steps * self.k * self.rounds
 
 
 @dataclass(frozen=True)

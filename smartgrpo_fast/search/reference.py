@@ -73,8 +73,14 @@ def search_reference(
         eps = mu.unsqueeze(1) + sig * draw((b, k, *s), rnd)  # (B, K, *S)
         z = mean.unsqueeze(1) + scale_t.view(b, 1, *ones) * eps
         zf = z.reshape(b * k, *s)
-        v = model.velocity(zf, t, cond, k=k).float()
-        x0 = (zf - t * v) / scaling + shift
+        x, t_i = zf, t
+        v = model.velocity(x, t_i, cond, k=k).float()
+        for i in range(1, cfg.preview_steps):  # Euler steps on the times t (1 - i / m)
+            t_n = t * (1.0 - i / cfg.preview_steps)
+            x = x + (t_n - t_i) * v
+            t_i = t_n
+            v = model.velocity(x, t_i, cond, k=k).float()
+        x0 = (x - t_i * v) / scaling + shift
         images = preview_decode(model, x0, cfg.decode_size)
         r = finite_or_nan(reward(images, prompts_k).float().to(dev).view(b, k))
         elite = topk_select_reference(r, cfg.top)  # NaN last, ties to the lower index

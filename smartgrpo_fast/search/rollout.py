@@ -112,17 +112,18 @@ def model_calls(
 ) -> dict[str, dict[str, int]]:
     """Model calls per rollout of each continuation (``random``, ``bestof``, ``searched``):
     ``transformer_rows`` (latents through the transformer; classifier-free guidance doubles
-    each), ``decodes`` (full decodes by the model's VAE), ``preview_decodes`` (decodes of the
-    search's estimates by a preview decoder, ``preview=True``: K*N of them instead of K*N full
-    decodes; 0 without one) and ``reward_images``. Each continuation counts the rollout's
+    each; a search candidate costs ``preview_steps`` rows), ``decodes`` (full decodes by the
+    model's VAE), ``preview_decodes`` (decodes of the search's estimates by a preview
+    decoder, ``preview=True``: K*N of them instead of K*N full decodes; 0 without one) and
+    ``reward_images``. Each continuation counts the rollout's
     shared prefix (the ODE steps to step S and the velocity at S) as if it ran alone, so the
-    three are comparable: best-of-M and the search spend the same, random K*N rows less."""
+    three are comparable: best-of-M and the search spend the same, random m*K*N rows less."""
     g = 2 if guidance_scale > 1.0 else 1
     base = rollout.steps  # S prefix steps, the velocity at S, steps - S - 1 after it
-    m = search.model_calls
+    m, rows = search.model_calls, search.forward_rows
     plain = {"transformer_rows": g * base, "decodes": 1, "preview_decodes": 0, "reward_images": 1}
     searched = {
-        "transformer_rows": g * (base + m),
+        "transformer_rows": g * (base + rows),
         "decodes": 1 if preview else 1 + m,
         "preview_decodes": m if preview else 0,
         "reward_images": 1 + m,

@@ -204,7 +204,7 @@ def sample_rollouts(
     _sync(dev)
     seconds["reward"] = time.perf_counter() - sampled
     seconds["rollout"] = sampled - t_start - seconds["search"]
-    calls = len(sigmas) - 1 + (searcher.config.model_calls * w if noise != "random" else 0)
+    calls = len(sigmas) - 1 + (searcher.config.forward_rows * w if noise != "random" else 0)
     return Rollouts(
         prompts=row_prompts,
         groups=(first_prompt + row_index).to(torch.int64),
