@@ -12,9 +12,15 @@ final images are then judged three ways, none of which the search needs to have 
   shapes judge built from the rendering rules), when one is given.
 
 Each comparison is a paired t statistic over prompts (df = prompts - 1; for the match columns
-on the per-prompt 0/1 outcomes). One JSON line per variant goes to ``--out`` and a markdown
-table is printed. Choose on development prompts (one ``--prompt-seed``), confirm once on
-held-out prompts (another).
+on the per-prompt 0/1 outcomes). The lookahead variants (``look2``, ``look4``: each candidate
+scored after m Euler steps to t = 0, ``SearchConfig.preview_steps``) spend the same 48
+candidate forwards (m * K * N; guidance doubles each into two transformer rows) on fewer
+candidates; their best-of-M looks ahead too. Rows keep every prompt's scores
+(``per_prompt``), so :func:`versus` pairs a variant's searched images with another variant's
+continuation on the same prompts and rollouts (e.g. the lookahead search against the one-step
+``default`` best-of-48), printed as a second table when ``default`` ran too. One JSON line
+per variant goes to ``--out`` and a markdown table is printed. Choose on development prompts
+(one ``--prompt-seed``), confirm once on held-out prompts (another).
 
     python3 benchmarks/search_variants.py --prompt-seed 100 --num-prompts 128 --out dev.jsonl
     python3 benchmarks/search_variants.py --prompt-seed 200 --num-prompts 128 \\
@@ -47,6 +53,9 @@ VARIANTS: dict[str, tuple[str, SearchConfig]] = {
     "margin-k24n2": ("tiny-margin", replace(BASE, k=24, rounds=2, top=6)),
     "margin-alpha0.5": ("tiny-margin", replace(BASE, alpha=0.5, min_sigma=0.3)),
     "margin-mean": ("tiny-margin", replace(BASE, use="mean")),
+    # the lookahead preview at equal forwards: m * K * N = 48 candidate rows (issue 21)
+    "look2": ("tiny", replace(BASE, k=8, rounds=3, top=2, preview_steps=2)),
+    "look4": ("tiny", replace(BASE, k=4, rounds=3, top=1, preview_steps=4)),
 }
 KEYS = ("random", "bestof", "searched")
 
@@ -82,7 +91,34 @@ def run_variant(name: str, model, prompts, rollout, classifier, judge, images_di
            "search_seconds": comp.seconds}  # fmt: skip
     for metric in scores["searched"]:
         row[metric] = _column({key: scores[key][metric] for key in KEYS})
+    row["per_prompt"] = {key: {m: v.tolist() for m, v in scores[key].items()} for key in KEYS}
     return row
+
+
+def versus(rows: list[dict], base: str = "default", against: str = "bestof") -> str:
+    """A markdown table: each variant's searched images against ``base``'s ``against``
+    continuation on the same prompts (means and paired t per metric), from ``per_prompt``."""
+    ref = next((r for r in rows if r["variant"] == base and "per_prompt" in r), None)
+    if ref is None:
+        return ""
+    metrics = [
+        m for m in ("guided", "logprob", "match", "judge") if m in ref["per_prompt"][against]
+    ]
+    head = ["variant", "rows/rollout", *(f"{m}: s / {base} {against} (t)" for m in metrics)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "per_prompt" not in r:
+            continue
+        cells = [r["variant"], str(r["calls_per_rollout"]["searched"]["transformer_rows"])]
+        for m in metrics:
+            a = torch.tensor(r["per_prompt"]["searched"][m], dtype=torch.float64)
+            b = torch.tensor(ref["per_prompt"][against][m], dtype=torch.float64)
+            fmt = "{:.2f}" if m in ("match", "judge") else "{:.3f}"
+            t = paired_stats(a, b)["t"]
+            cells.append(f"{fmt.format(float(a.mean()))} / {fmt.format(float(b.mean()))} "
+                         f"({t:.2f})")  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _column(per_key: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -120,7 +156,10 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         s = r["search"]
-        cells = [r["variant"], r["guide"], f"{s['k']}, {s['rounds']}, {s['top']}",
+        knt = f"{s['k']}, {s['rounds']}, {s['top']}"
+        if s.get("preview_steps", 1) > 1:
+            knt += f", m={s['preview_steps']}"
+        cells = [r["variant"], r["guide"], knt,
                  str(r["calls_per_rollout"]["searched"]["transformer_rows"])]  # fmt: skip
         for m in metrics:
             v = r[m]
@@ -177,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps(row) + "\n")
         print(f"{name}: {row['seconds']:.0f} s", file=sys.stderr)
     print(table(rows))
+    cross = versus(rows)
+    if cross:
+        print("\nsearched against default's best-of-48 (same prompts and rollouts):\n" + cross)
     return 0
 
 

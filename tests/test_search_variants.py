@@ -33,6 +33,28 @@ def test_rows_table_and_rejudge(sv, tmp_path, capsys, monkeypatch) -> None:
     (again,) = [json.loads(line) for line in judged.read_text().splitlines()]
     assert 0 <= again["judge"]["searched"] <= 1 and again["judge_name"] == "shapes-judge"
     assert again["guided"] == row["guided"]  # kept: only rows without it get it from images
+    assert len(row["per_prompt"]["searched"]["match"]) == 2
+
+
+def test_lookahead_variants_spend_48_candidate_forwards(sv) -> None:
+    base = sv.VARIANTS["default"][1]
+    for name in ("look2", "look4"):
+        cfg = sv.VARIANTS[name][1]
+        assert cfg.preview_steps > 1 and cfg.forward_rows == base.forward_rows == 48
+
+
+def test_versus_pairs_a_variant_with_the_default_best_of(sv) -> None:
+    def row(name, searched, bestof):
+        per = {"searched": {"match": searched}, "bestof": {"match": bestof},
+               "random": {"match": bestof}}  # fmt: skip
+        return {"variant": name, "per_prompt": per,
+                "calls_per_rollout": {"searched": {"transformer_rows": 116}}}  # fmt: skip
+
+    rows = [row("default", [1, 0, 1, 0], [0, 0, 1, 0]), row("look2", [1, 1, 1, 0], [1, 0, 0, 0])]
+    text = sv.versus(rows)
+    assert "| look2 | 116 | 0.75 / 0.25 (" in text  # look2's searched vs default's best-of
+    assert "| default | 116 | 0.50 / 0.25 (" in text
+    assert sv.versus(rows[1:]) == ""
 
 
 def test_rejudge_needs_a_judge_and_images(sv, tmp_path) -> None:
