@@ -1,4 +1,4 @@
-"""``smartgrpo-fast bench ops|velocity|search`` (``bench train`` registers from
+"""``smartgrpo-fast bench ops|velocity|search|preview`` (``bench train`` registers from
 :mod:`smartgrpo_fast.bench.train`): each times one part of the library and writes its rows to
 CSV and JSON under --out, prints a table and, where it has one, draws a PNG."""
 
@@ -33,6 +33,7 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     _add_bench_ops(targets)
     _add_bench_velocity(targets)
     _add_bench_search(targets)
+    _add_bench_preview(targets)
     from smartgrpo_fast.bench.train import add_bench_train
 
     add_bench_train(targets)
@@ -355,4 +356,90 @@ def _run_bench_search(args: argparse.Namespace) -> int:
     csv_path = _write(rows, stem, header, search.format_search_table(rows))
     if not args.no_plot and any(r["metric"] == "stage_time" for r in rows):
         _plot(search.plot_stage_split, csv_path, stem.with_name(stem.name + "_stages.png"))
+    return 0
+
+
+# ----------------------------------------------------------------------------- preview
+
+
+def _add_bench_preview(sub: argparse._SubParsersAction) -> None:
+    from smartgrpo_fast.bench.preview import PreviewBenchConfig
+
+    d = PreviewBenchConfig()
+    p = sub.add_parser(
+        "preview",
+        help="how faithful a cheap preview is: rank agreement of its rewards, time per candidate",
+        description=(
+            "On B prompts' rollouts, draw K candidates at SDE step --step as the search's first "
+            "round does, and score them several ways: the one-step estimates decoded by "
+            "--preview-decoder against the same estimates decoded by the VAE (SD3 models), "
+            "and the estimate after 1 and --preview-steps M Euler steps to t = 0 against each "
+            "candidate's final image (the rollout's remaining ODE steps). Prints, per path, "
+            "the time per candidate and, against its reference, the Spearman rank correlation "
+            "and the top-T overlap over each prompt's K candidates (mean over prompts). "
+            "Writes preview_*.csv/json. On the embedded model (pixel space) the decoder rows "
+            "are skipped with a note."
+        ),
+    )
+    p.add_argument("--model", default=d.model,
+                   help="tiny, sd3-tiny, sd35-medium (random weights) or a "
+                        "StableDiffusion3Pipeline folder (default: %(default)s)")  # fmt: skip
+    p.add_argument("--preview-decoder", default=None, metavar="DIR",
+                   help="an AutoencoderTiny folder, or 'random' (TAESD3's layout, random "
+                        "weights; sd3-tiny, sd35-medium) (default: none: no decoder "
+                        "rows)")  # fmt: skip
+    p.add_argument("--reward", default=None,
+                   help="the reward (default: tiny for the embedded model, tiny-color for "
+                        "the random SD3 models)")  # fmt: skip
+    p.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                   help="prompts, one per line (default: --batch sampled tiny "
+                        "prompts)")  # fmt: skip
+    p.add_argument("--batch", type=int_in(1), default=d.batch, metavar="B",
+                   help="prompts (default: %(default)s)")  # fmt: skip
+    p.add_argument("--k", type=int_in(2), default=d.k,
+                   help="candidates per prompt (default: %(default)s)")  # fmt: skip
+    p.add_argument("--top", type=int_in(1), default=d.top, metavar="T",
+                   help="T of the top-T overlap (default: %(default)s)")  # fmt: skip
+    p.add_argument("--preview-steps", type=int_in(1), default=d.preview_steps, metavar="M",
+                   help="the lookahead rows' M (default: %(default)s)")  # fmt: skip
+    p.add_argument("--decode-size", type=int_in(1), default=None, metavar="PX",
+                   help="resize decoded images before the reward (default: no resize)")  # fmt: skip
+    p.add_argument("--steps", type=int_in(1), default=d.steps,
+                   help="sampling steps (default: %(default)s)")  # fmt: skip
+    p.add_argument("--step", type=int_in(0), default=d.step,
+                   help="the SDE step the candidates follow (default: %(default)s)")  # fmt: skip
+    cli_args.add_dtype(p, choices=tuple(bench_ops.DTYPES))
+    cli_args.add_seed(p, d.seed, "keys the prompts, the rollouts and the candidates")
+    _add_timing(p, d.repeats, d.warmup)
+    _add_common(p, _run_bench_preview)
+
+
+def _run_bench_preview(args: argparse.Namespace) -> int:
+    from smartgrpo_fast.bench import preview
+
+    device = build.resolve_device(args)
+    dtype = build.model_dtype(args, device)
+    prompts = None
+    if args.prompts is not None:
+        if not args.prompts.is_file():
+            args.parser.error(f"argument --prompts: {args.prompts} is not a file")
+        lines = [ln.strip() for ln in args.prompts.read_text().splitlines()]
+        prompts = tuple(ln for ln in lines if ln and not ln.startswith("#"))
+    cfg = _config(
+        args, preview.PreviewBenchConfig, model=args.model, preview_decoder=args.preview_decoder,
+        reward=args.reward, prompts=prompts, batch=args.batch, k=args.k, top=args.top,
+        preview_steps=args.preview_steps, decode_size=args.decode_size, steps=args.steps,
+        step=args.step, dtype=dtype, device=device, seed=args.seed, repeats=args.repeats,
+        warmup=args.warmup,
+    )  # fmt: skip
+    try:
+        rows, notes = preview.run(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        args.parser.error(build.one_line(err))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    stem = args.out / f"preview_{Path(args.model).name}_{device.replace(':', '')}_{dtype}"
+    header = (f"preview fidelity of {args.model} on {rows[0]['device_name']} ({device}), "
+              f"{dtype}, {_run_meta(rows)}")  # fmt: skip
+    _write(rows, stem, header, preview.format_preview_table(rows))
     return 0
