@@ -4,8 +4,11 @@ One round for B rollouts (docs/design.md), all on the fused ops:
 
 1. ``z = sample_perturb(mean, mu, sigma, scale, k=K)``         (B, K, *S), noise from Philox
 2. ``v = model.velocity(z, t_next, cond, k=K)``                one batched forward of B*K rows
-3. ``x0 = x0_estimate(z, v, t_next, scaling, shift)``          the one-step clean estimate
-4. ``r = reward(model.decode(x0), prompts)``                   (B, K); NaN/inf rank last
+   (``preview_steps`` m > 1: m - 1 Euler steps toward t = 0 first, a forward each)
+3. ``x0 = x0_estimate(z, v, t_next, scaling, shift)``          the clean estimate, un-scaled
+   for the decoder that reads it (``models.base.preview_unscaling``)
+4. ``r = reward(decode(x0), prompts)``                         (B, K); NaN/inf rank last;
+   ``decode``: the model's preview decoder when it has one, else ``model.decode``
 5. ``idx = topk_select(r, T)``; ``mu, sigma = cem_update(mu, sigma, idx, counts=...)``: a
    row updates from its finite elites only (``topk_select`` ranks them first; ``counts`` is
    how many there are, counted on the device), a row without any keeps mu and sigma
