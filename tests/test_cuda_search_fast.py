@@ -12,6 +12,7 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.cuda
+PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
 
 
 def _model(backend: str = "eager", preview: bool = True):
@@ -34,7 +35,7 @@ def _run(model, cfg, seed: int = 3):
     from smartgrpo_fast.search import NoiseSearch
 
     reward = rewards.load("tiny-color", device="cuda")
-    cond = model.encode_prompts(["a red circle", "a green square"])
+    cond = model.encode_prompts(PROMPTS)
     gen = torch.Generator(device="cuda").manual_seed(0)
     mean = torch.randn((2, *model.latent_shape), device="cuda", generator=gen)
     search = NoiseSearch(model, reward, cfg)
@@ -90,7 +91,7 @@ def test_float8_search_model() -> None:
     fast = model.for_search("float8")
     assert fast is model.for_search("float8") and fast.dtype == torch.bfloat16
     assert fast.vae is model.vae and fast.preview_decoder is model.preview_decoder
-    cond = model.encode_prompts(["a red circle"])
+    cond = model.encode_prompts(PROMPTS[:1])
     z = torch.randn((4, *model.latent_shape), device="cuda")
     v, v8 = model.velocity(z, 0.7, cond, k=4), fast.velocity(z, 0.7, cond, k=4)
     rel = float((v8.float() - v.float()).norm() / v.float().norm())
