@@ -193,6 +193,10 @@ class TrainConfig:
         keep_last: complete checkpoints kept (older ones are deleted).
         async_reward: score a rollout batch's images in the background while the next batch
             is sampled (``rewards.AsyncReward``).
+        memory_limit_gib: device memory a step may use (:mod:`~.memory`'s estimate, checked
+            after the models are built and before the first rollout; an estimate above it is
+            an error naming the setting to lower). None: the CUDA device's total memory (no
+            check on a CPU). E.g. 80 checks on a larger GPU that a step fits an 80 GB one.
     """
 
     steps: int = 100
@@ -211,6 +215,7 @@ class TrainConfig:
     save_every: int = 50
     keep_last: int = 2
     async_reward: bool = True
+    memory_limit_gib: float | None = None
 
     def __post_init__(self) -> None:
         _positive_int("steps", self.steps)
@@ -229,6 +234,8 @@ class TrainConfig:
         _positive_int("ema_every", self.ema_every)
         _positive_int("save_every", self.save_every)
         _positive_int("keep_last", self.keep_last)
+        if self.memory_limit_gib is not None:
+            _finite("memory_limit_gib", self.memory_limit_gib, 0.0, lo_open=True)
 
 
 @dataclass(frozen=True)

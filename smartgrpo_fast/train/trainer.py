@@ -227,6 +227,25 @@ class _Dist:
             dist.destroy_process_group()
 
 
+def _module_bytes(*objects: Any) -> int:
+    """Bytes of the distinct tensors (parameters and buffers) of the modules that ``objects``
+    are or hold as attributes (a flow model's transformer, VAE and text encoders, a reward)."""
+    seen: set[int] = set()
+    total = 0
+    for obj in objects:
+        mods = [obj] if isinstance(obj, torch.nn.Module) else []
+        holders = [obj, getattr(obj, "pipe", None), getattr(obj, "reward", None)]
+        for h in holders:
+            if h is not None and not isinstance(h, torch.nn.Module):
+                mods += [v for v in vars(h).values() if isinstance(v, torch.nn.Module)]
+        for m in mods:
+            for t in [*m.parameters(), *m.buffers()]:
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
+    return total
+
+
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -312,11 +331,37 @@ class GRPOTrainer:
         self._tb = None
         #: A context manager around each backward pass (``bench train`` times them).
         self.backward_timer: Any = contextlib.nullcontext
+        #: The step's memory estimate (:mod:`.memory`), None where none was checked.
+        self.memory_estimate = self._check_memory()
         if resume:
             self._resume()
         elif self.dist.main:
             self._start_run_folder()
         self.dist.barrier()
+
+    def _check_memory(self) -> Any:
+        """Estimate the step's device memory and raise a ConfigError naming the setting to
+        lower when it exceeds ``train.memory_limit_gib`` (default: the CUDA device's memory;
+        on a CPU only when that is set). Runs before the first rollout."""
+        from smartgrpo_fast.train.memory import GIB, check_fits, estimate_for_trainer
+
+        limit = self.cfg.train.memory_limit_gib
+        if self.device.type == "cuda":
+            resident = torch.cuda.memory_allocated(self.device)
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            where = f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+        elif limit is not None:
+            resident = _module_bytes(self.model, self.reward)
+            total, where = None, "the limit"
+        else:
+            return None
+        if not hasattr(getattr(self.model, "transformer", None), "config"):
+            return None
+        est = estimate_for_trainer(self, resident)
+        if limit is not None:
+            total, where = int(limit * GIB), f"train.memory_limit_gib = {limit:g}"
+        check_fits(est, total, where)
+        return est
 
     # ------------------------------------------------------------------ run folder
 
