@@ -11,7 +11,11 @@ import pytest
 import torch
 
 from smartgrpo_fast import models, rewards
+from smartgrpo_fast.ops import philox_normal
+from smartgrpo_fast.sde import flow_sigmas, integrate_ode
 from smartgrpo_fast.train.config import ConfigError, load_config
+from smartgrpo_fast.train.data import eval_prompts
+from smartgrpo_fast.train.evaluate import EvalConfig, evaluate
 from smartgrpo_fast.train.memory import (
     DECODE_BYTES_PER_PIXEL,
     FWD_LIVE,
@@ -163,3 +167,30 @@ def test_sd35_config_on_a_random_model_checks_memory_then_steps(tmp_path) -> Non
     t.train()
     (line,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert line["logp_diff_max"] < 1e-5 and len(line["sde_steps"]) == 2
+
+
+def test_final_latents_are_unscaled_before_the_vae(tmp_path) -> None:
+    """SD3's latents live in the VAE's scaled space (x / 1.5305 + 0.0609 is what the VAE
+    decodes, as in diffusers' pipeline and Flow-GRPO): the rollouts' and the evaluation's
+    images are the decode of the un-scaled final latent, recomputed here from the stored
+    trajectory."""
+    cfg = load_config("sd35-medium", [*_STEP, "noise=random"])
+    t = GRPOTrainer(cfg, tmp_path / "run")
+    try:
+        m = t.model
+        assert (m.scaling_factor, m.shift_factor) == (1.5305, 0.0609)
+        ro = t.rollouts(1)
+        last = ro.sde_steps[-1]
+        with torch.no_grad():
+            x0 = integrate_ode(m, ro.cond, ro.next_latents[:, -1], ro.sigmas[last + 1 :])
+            want = m.decode(x0 / 1.5305 + 0.0609)
+        torch.testing.assert_close(ro.images, want, atol=1e-5, rtol=1e-5)
+        assert (ro.images - m.decode(x0)).abs().max() > 1e-3  # the scale matters
+        prompts = eval_prompts("tiny", 2)
+        res = evaluate(m, t.reward, prompts, EvalConfig(steps=2, batch=2))
+        z = philox_normal((2, 1, *m.latent_shape), seed=EvalConfig().seed, round=0).flatten(0, 1)
+        with torch.no_grad():
+            x0 = integrate_ode(m, m.encode_prompts(prompts), z, flow_sigmas(2, 3.0).tolist())
+            torch.testing.assert_close(res.images, m.decode(x0 / 1.5305 + 0.0609))
+    finally:
+        t.close()

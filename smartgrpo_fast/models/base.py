@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Cond", "DiTFlowModel", "FlowModel", "repeat_rows"]
+__all__ = ["Cond", "DiTFlowModel", "FlowModel", "decode_latents", "repeat_rows"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,18 @@ def repeat_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     if x.shape[0] == 1:
         return x.expand(k, *x.shape[1:])
     return x.repeat_interleave(k, dim=0)
+
+
+def decode_latents(model: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Images of latents in the model's own (VAE-scaled) space, e.g. the end of a sampling
+    trajectory: ``model.decode(latents / scaling_factor + shift_factor)`` (SD3: 1.5305 and
+    0.0609, as diffusers' pipeline and Flow-GRPO un-scale before the VAE; 1 and 0 when the
+    model has none). ``model.decode`` itself takes latents already un-scaled."""
+    scaling = float(getattr(model, "scaling_factor", 1.0))
+    shift = float(getattr(model, "shift_factor", 0.0))
+    if scaling != 1.0 or shift != 0.0:
+        latents = latents / scaling + shift
+    return model.decode(latents)
 
 
 @runtime_checkable

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from smartgrpo_fast.models.base import decode_latents
 from smartgrpo_fast.ops import philox_normal
 from smartgrpo_fast.rewards.base import Reward
 from smartgrpo_fast.sde import check_time_shift, flow_sigmas, integrate_ode, schedule_shift
@@ -225,8 +226,8 @@ def _evaluate(
     for start in chunks:
         chunk = rows[start : start + config.batch]
         cond = model.encode_prompts(chunk)
-        img = model.decode(integrate_ode(model, cond, x_t[start : start + len(chunk)].to(dev),
-                                         sigmas))  # fmt: skip
+        x0 = integrate_ode(model, cond, x_t[start : start + len(chunk)].to(dev), sigmas)
+        img = decode_latents(model, x0)
         r = reward(img, chunk)
         if not isinstance(r, torch.Tensor) or r.shape != (len(chunk),):
             got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
