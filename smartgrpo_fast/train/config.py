@@ -184,10 +184,12 @@ class TrainConfig:
         global_std: normalise advantages by the std of the whole step's rewards instead of
             each group's.
         kl_beta: weight of the KL to the base model (adapter disabled); 0 = no reference pass.
+            Scaled as Flow-GRPO's (its beta values, 0.01-0.04, mean the same here).
         max_grad_norm: gradient clipping (1.0); 0 = off.
         micro_batch: rollouts per training forward (gradient accumulation over micro-batches
             and SDE steps); the gradient does not depend on it.
-        ema_decay: EMA of the trained weights (Flow-GRPO: 0.9), None = off.
+        ema_decay: EMA of the trained weights (Flow-GRPO: 0.9), None = off; after optimizer
+            step s the decay is ``min((1 + s) / (10 + s), ema_decay)`` (Flow-GRPO's warm-up).
         ema_every: optimizer steps between EMA updates (Flow-GRPO: 8).
         save_every: optimizer steps between checkpoints (one is always written at the end).
         keep_last: complete checkpoints kept (older ones are deleted).
