@@ -194,3 +194,27 @@ def test_final_latents_are_unscaled_before_the_vae(tmp_path) -> None:
             torch.testing.assert_close(res.images, m.decode(x0 / 1.5305 + 0.0609))
     finally:
         t.close()
+
+
+def test_gradient_checkpointing_gives_the_lora_the_same_gradient(tmp_path) -> None:
+    """The sd35-medium config checkpoints the transformer's activations (recomputed in the
+    backward pass): the adapter's gradient, KL included, is the one without checkpointing
+    (a checkpoint whose inputs need no grad would silently give none)."""
+    grads = {}
+    for ckpt in ("false", "true"):
+        cfg = load_config("sd35-medium", [*_STEP, "noise=random", "sample.group_size=4",
+                                          "train.micro_batch=4", "train.kl_beta=0.01",
+                                          f"model.gradient_checkpointing={ckpt}"])  # fmt: skip
+        t = GRPOTrainer(cfg, tmp_path / f"run-{ckpt}")
+        try:
+            with torch.no_grad():
+                for p in t.params:
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
+            assert t.model.transformer.is_gradient_checkpointing == (ckpt == "true")
+            ro = t.rollouts(1)
+            t.backward(ro, torch.tensor([1.0, -1.0, 0.5, -0.5]))
+            grads[ckpt] = torch.cat([p.grad.flatten() for p in t.params])
+        finally:
+            t.close()
+    assert grads["false"].abs().max() > 0
+    torch.testing.assert_close(grads["true"], grads["false"], rtol=1e-5, atol=1e-9)
