@@ -218,3 +218,15 @@ def test_gradient_checkpointing_gives_the_lora_the_same_gradient(tmp_path) -> No
             t.close()
     assert grads["false"].abs().max() > 0
     torch.testing.assert_close(grads["true"], grads["false"], rtol=1e-5, atol=1e-9)
+
+
+def test_train_cli_refuses_a_step_that_does_not_fit_in_one_line(tmp_path, capsys) -> None:
+    from smartgrpo_fast.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--config", "sd35-medium", "--out", str(out), *_STEP,
+                 "train.memory_limit_gib=0.001"])  # fmt: skip
+    assert code == 2 and not out.exists()
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("smartgrpo-fast train: error: ") and "a step needs about" in line
+    assert ": lower it" in line or ": set it to true" in line
