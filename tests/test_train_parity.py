@@ -200,3 +200,50 @@ def test_ratio_is_one_with_the_transformer_compiled(tmp_path) -> None:
         assert upd["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     finally:
         t.close()
+
+
+def _ddp_worker(rank: int, port: int, out: str, overrides: list[str]) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE="2")  # fmt: skip
+    torch.set_num_threads(1)
+    t = GRPOTrainer(load_config("tiny", [*SMALL, *overrides]), Path(out) / "run")
+    try:
+        ro = t.rollouts(1)
+        adv = torch.tensor([1.0, -1.0, 0.5, -0.5]) if rank == 0 else torch.zeros(ro.size)
+        _, _, n = t.backward(ro, adv)
+        torch.save({"n": n, "grads": [p.grad.clone() for p in t.params]},
+                   Path(out) / f"rank{rank}.pt")  # fmt: skip
+    finally:
+        t.close()
+        t.dist.close()
+
+
+@pytest.mark.slow
+def test_ddp_rank_without_kept_rows_joins_the_all_reduce(tmp_path) -> None:
+    """With 2 processes, one whose rows all have advantage 0 still joins DDP's gradient
+    all-reduce (with a zero contribution: no hang) and the gradient is the 1-process one: the
+    mean over the kept rows of both processes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    overrides = ["sample.prompts_per_step=2", "train.async_reward=false", "train.micro_batch=4"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path), overrides), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["n"] == r1["n"] == 4
+    t = GRPOTrainer(load_config("tiny", [*SMALL, *overrides]), tmp_path / "one")
+    try:
+        ro = t.rollouts(1)
+        _, _, n = t.backward(ro, torch.tensor([1.0, -1.0, 0.5, -0.5, 0, 0, 0, 0]))
+        assert n == 4
+        for p, g0, g1 in zip(t.params, r0["grads"], r1["grads"], strict=True):
+            torch.testing.assert_close(g0, g1)  # DDP: the same averaged gradient on both
+            scale = float(p.grad.abs().max())
+            torch.testing.assert_close(g0, p.grad, rtol=1e-4, atol=1e-5 * scale)
+    finally:
+        t.close()
