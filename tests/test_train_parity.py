@@ -178,7 +178,8 @@ def test_trainer_ema_follows_the_warm_up(tmp_path) -> None:
             ema = [e + (1 - d) * (p.detach() - e) for e, p in zip(ema, t.params, strict=True)]
             for e, mine in zip(ema, t.ema, strict=True):
                 torch.testing.assert_close(mine, e, rtol=1e-6, atol=1e-8)
-        moved = max(float((e - p).abs().max()) for e, p in zip(t.ema, t.params, strict=True))
+        pairs = zip(t.ema, t.params, strict=True)
+        moved = max(float((e - p.detach()).abs().max()) for e, p in pairs)
         assert moved > 1e-5  # not simply a copy of the weights
     finally:
         t.close()
