@@ -35,7 +35,9 @@ def batch_gradients(trainer: GRPOTrainer, batches: int) -> torch.Tensor:
     for step in range(1, batches + 1):
         ro = trainer.rollouts(step)
         trainer.backward(ro, trainer.advantages(ro.rewards, ro.groups).values.to(trainer.device))
-        grads.append(torch.cat([p.grad.detach().flatten().double() for p in trainer.params]))
+        # no gradient when every advantage is 0 (the trainer drops those rows): a zero one
+        grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p))
+                                .detach().flatten().double() for p in trainer.params]))  # fmt: skip
     return torch.stack(grads)
 
 

@@ -22,8 +22,10 @@ SMALL = [
 def test_rows_split_the_step_into_calls_and_overhead() -> None:
     rows = run_train_bench(load_config("tiny", SMALL), steps=1, warmup=0, progress=False)
     med = {r["metric"]: r["median"] for r in rows}
-    keys = (*STAGES, "time_step", "overhead", "overhead_frac", *(f"call_{c}" for c in CALLS))
-    assert set(med) == set(keys)
+    keys = (*STAGES, "time_step", "overhead", "overhead_frac", "peak_mem_bytes",
+            *(f"call_{c}" for c in CALLS))  # fmt: skip
+    assert set(med) == set(keys)  # no estimated_peak_bytes: no memory check on a CPU by default
+    assert med["peak_mem_bytes"] > 2**20
     assert all(r["repeats"] == 1 and r["op"] == "grpo_step" for r in rows)
     calls = sum(med[f"call_{c}"] for c in CALLS)
     for c in CALLS:
@@ -73,8 +75,22 @@ def test_cli_writes_csv_and_prints_the_split(tmp_path, capsys) -> None:
     assert main(["bench", "train", "--steps", "1", "--warmup", "0", "--no-progress",
                  "--out", str(tmp_path), *SMALL]) == 0  # fmt: skip
     out = capsys.readouterr().out
-    for word in ("time_search", "call_forward", "overhead", "overhead_frac"):
+    for word in ("time_search", "call_forward", "overhead", "overhead_frac", "peak memory"):
         assert word in out
     (csv_file,) = tmp_path.glob("train_smart_cpu.csv")
     rows = list(csv.DictReader(csv_file.open()))
     assert {r["metric"] for r in rows} >= {"overhead_frac", "call_backward"}
+
+
+def test_cli_estimates_memory_and_refuses_what_does_not_fit(tmp_path, capsys) -> None:
+    """With train.memory_limit_gib the estimate is printed beside the measured peak; below the
+    estimate the command stops before any step with the setting to lower."""
+    args = ["bench", "train", "--steps", "1", "--warmup", "0", "--no-progress",
+            "--out", str(tmp_path), *SMALL]  # fmt: skip
+    assert main([*args, "train.memory_limit_gib=64"]) == 0
+    assert "estimated peak" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "train.memory_limit_gib=0.0001"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "a step needs about" in err and "train.memory_limit_gib = 0.0001 has" in err

@@ -448,3 +448,63 @@ def test_cli_eval_lora_folder_without_adapter(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--num-prompts", "1", "--steps", "1", "--lora", str(tmp_path)])
     assert exc.value.code == 2 and "adapter_config.json" in capsys.readouterr().err
+
+
+def test_cli_eval_run_uses_the_runs_reward_and_the_judge(tmp_path: Path, capsys) -> None:
+    """eval --run RUN: the newest checkpoint's adapter, scored by the reward the run trained on
+    (tiny-prob here, not eval's default tiny) and by the analytic judge on the same images;
+    result.json names both. A trainer checkpoint as --lora reads the same run defaults."""
+    from smartgrpo_fast.train.config import load_config
+    from smartgrpo_fast.train.trainer import GRPOTrainer
+
+    run = tmp_path / "run"
+    cfg = load_config("tiny", [
+        "reward=tiny-prob", "sample.prompts_per_step=2", "sample.group_size=2", "sample.steps=3",
+        "sample.sde_window_range=[1, 3]", "search.k=2", "search.rounds=1", "search.top=1",
+        "train.steps=1", "eval.every=0", "log.progress=false", "log.tensorboard=false",
+        "lora.rank=2", "lora.alpha=4", "device=cpu", "train.lr=0.05",
+    ])  # fmt: skip
+    GRPOTrainer(cfg, run).train()
+    common = ["--num-prompts", "3", "--steps", "2", "--prompt-seed", "1001", "--no-progress"]
+    assert main(["eval", "--run", str(run), *common, "--out", str(tmp_path / "a")]) == 0
+    res = json.loads((tmp_path / "a" / "result.json").read_text())
+    c = res["config"]
+    assert c["run"] == str(run) and c["reward"] == "tiny-prob" and c["judge"] == "shapes-judge"
+    assert c["lora"] == str(run / "checkpoints" / "step-000001" / "adapter")
+    judge = res["judge"]
+    assert judge["name"] == "shapes-judge"
+    assert len(judge["reward"]) == len(judge["reward_base"]) == 3
+    assert {"reward", "reward_base", "adapter_vs_base"} <= set(judge["summary"])
+    assert judge["match_rate"] is not None
+    out = capsys.readouterr().out
+    assert "-- tiny-prob" in out and "-- shapes-judge (judge)" in out
+    # the reward is tiny-prob's: the same as naming it and the checkpoint explicitly
+    ckpt = run / "checkpoints" / "step-000001"
+    assert main(["eval", "--lora", str(ckpt), "--reward", "tiny-prob", "--judge", "none",
+                 *common, "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    plain = json.loads((tmp_path / "b" / "result.json").read_text())
+    assert "judge" not in plain and plain["config"]["run"] == str(run)
+    assert plain["reward"] == res["reward"] and plain["reward_base"] == res["reward_base"]
+    # the judge's values are the judge's on those images
+    assert main(["eval", "--lora", str(ckpt), "--reward", "shapes-judge", *common,
+                 "--out", str(tmp_path / "c")]) == 0  # fmt: skip
+    judged = json.loads((tmp_path / "c" / "result.json").read_text())
+    assert judged["config"]["judge"] is None  # auto: the reward is the judge already
+    assert judged["reward"] == judge["reward"] and judged["reward_base"] == judge["reward_base"]
+    # a checkpoint as --lora alone: the run's reward by default
+    assert main(["eval", "--lora", str(ckpt), *common, "--out", str(tmp_path / "d")]) == 0
+    alone = json.loads((tmp_path / "d" / "result.json").read_text())
+    assert alone["config"]["reward"] == "tiny-prob" and alone["reward"] == res["reward"]
+
+
+def test_cli_eval_run_errors(tmp_path: Path, capsys) -> None:
+    for extra, match in (
+        (["--run", str(tmp_path / "nope")], "argument --run: "),
+        (["--run", str(tmp_path)], "config.yaml not found"),
+        (["--judge", "nope"], "argument --judge: expected reward names"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["eval", "--num-prompts", "1", "--steps", "1", "--out", str(tmp_path / "o"),
+                  *extra])  # fmt: skip
+        assert exc.value.code == 2
+        assert match in capsys.readouterr().err.strip().splitlines()[-1]

@@ -69,7 +69,10 @@ def test_recomputed_log_prob_equals_the_rollouts(tmp_path, noise, micro, backend
                 p.add_(0.05 * torch.randn_like(p))
         ro = t.rollouts(1)
         assert ro.log_probs.shape == (8, 2) and torch.isfinite(ro.log_probs).all()
-        upd = t.update(ro, torch.zeros(ro.size))
+        # every row kept (rows with advantage 0 are dropped before the update)
+        adv = torch.where(torch.arange(ro.size) % 2 == 0, 1.0, -1.0)
+        upd = t.update(ro, adv)
+        assert upd["rows_kept"] == ro.size
         assert upd["logp_diff_max"] < 1e-5
         assert upd["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     finally:

@@ -37,11 +37,23 @@ from smartgrpo_fast.train.rollout import sde_window
 
 
 def test_shipped_configs_parse_and_round_trip() -> None:
-    assert {"tiny", "sd35-medium"} <= set(shipped_configs())
+    assert {"tiny", "tiny-align", "sd35-medium"} <= set(shipped_configs())
     for name in shipped_configs():
         cfg = load_config(name)
         assert isinstance(cfg, RunConfig)
         assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_tiny_align_config_is_the_prompt_match_reward_at_gpu_scale() -> None:
+    """tiny-align: the embedded model and its prompt-match reward at benchmarks/gpu_lease.sh's
+    train_scale size (sample.prompts_per_step=64 sample.batch=256 train.micro_batch=256
+    train.steps=200 train.save_every=25 eval.every=50, CUDA)."""
+    cfg = load_config("tiny-align")
+    assert cfg.model.name == "tiny" and cfg.reward == "tiny" and cfg.device == "cuda"
+    assert cfg.sample.prompts_per_step * cfg.sample.group_size == 512
+    assert (cfg.sample.batch, cfg.train.micro_batch) == (256, 256)
+    assert (cfg.train.steps, cfg.train.save_every, cfg.eval.every) == (200, 25, 50)
+    assert "tiny-align" in shipped_configs()
 
 
 def test_tiny_config_values() -> None:

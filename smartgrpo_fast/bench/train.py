@@ -129,7 +129,7 @@ def run_train_bench(
                 line = trainer.train_step()
                 if i < warmup:
                     continue
-                values = {k: line[k] for k in (*STAGES, "time_step")}
+                values = {k: line[k] for k in (*STAGES, "time_step", "peak_mem_bytes")}
                 values |= {f"call_{k}": v for k, v in timers.seconds.items()}
                 values["overhead"] = line["time_step"] - sum(timers.seconds.values())
                 values["overhead_frac"] = values["overhead"] / line["time_step"]
@@ -137,6 +137,7 @@ def run_train_bench(
                     samples.setdefault(metric, []).append(value)
         finally:
             trainer.close()
+        estimate = trainer.memory_estimate
     base = {
         "op": "grpo_step", "provider": cfg.noise, "mode": "train", "x_name": "rollouts",
         "x": cfg.sample.prompts_per_step * cfg.sample.group_size, "k": cfg.search.k,
@@ -144,9 +145,12 @@ def run_train_bench(
         "dtype": cfg.model.dtype, "repeats": steps,
         **info.as_row(),
     }  # fmt: skip
+    if estimate is not None:
+        samples["estimated_peak_bytes"] = [float(estimate.peak)]
     rows = []
     for metric, values in samples.items():
-        unit = "fraction" if metric == "overhead_frac" else "s"
+        unit = {"overhead_frac": "fraction", "peak_mem_bytes": "bytes",
+                "estimated_peak_bytes": "bytes"}.get(metric, "s")  # fmt: skip
         t = summarize(values)
         stats = {"metric": metric, "unit": unit, "median": t.median, "p20": t.p20, "p80": t.p80}
         rows.append(ordered_row(base | stats))
@@ -161,6 +165,11 @@ def format_train_table(rows: Sequence[dict]) -> str:
     for metric in (*STAGES, *(f"call_{c}" for c in CALLS), "overhead", "time_step"):
         lines.append(f"{metric:<16} {med[metric]:>10.3f} {med[metric] / step:>8.1%}")
     lines.append(f"{'overhead_frac':<16} {med['overhead_frac']:>10.3f}")
+    lines.append(f"{'peak memory':<16} {med['peak_mem_bytes'] / 2**30:>10.2f} GiB (measured: "
+                 "CUDA max allocated, or the process's peak RSS on a CPU)")  # fmt: skip
+    if "estimated_peak_bytes" in med:
+        lines.append(f"{'estimated peak':<16} {med['estimated_peak_bytes'] / 2**30:>10.2f} GiB "
+                     "(train/memory.py, checked before the first rollout)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -197,8 +206,11 @@ def _run_bench_train(args: Any) -> int:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:
         parser.error(str(err))
-    rows = run_train_bench(config, steps=args.steps, warmup=args.warmup,
-                           progress=not args.no_progress)  # fmt: skip
+    try:
+        rows = run_train_bench(config, steps=args.steps, warmup=args.warmup,
+                               progress=not args.no_progress)  # fmt: skip
+    except ConfigError as err:
+        parser.error(str(err))
     first = rows[0]
     stem = args.out / f"train_{config.noise}_{first['device'].replace(':', '')}"
     csv_path, json_path = write_csv(rows, stem.with_suffix(".csv")), write_json(

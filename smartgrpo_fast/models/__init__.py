@@ -3,7 +3,9 @@
 ``load(name_or_path)`` returns a :class:`FlowModel`: ``"tiny"`` is the embedded pixel-space
 model that ships in the package (:mod:`smartgrpo_fast.shapes.model`); a local
 StableDiffusion3Pipeline folder or a repo id already in the Hugging Face cache gives an
-:class:`SD3FlowModel`.
+:class:`SD3FlowModel`; ``"random:sd35-medium"`` (or ``random:sd3-tiny``) one with random weights
+and random prompt embeddings, built in memory
+(:func:`~smartgrpo_fast.models.sd3_configs.random_sd3_model`), for timing without weights.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ def __getattr__(name: str) -> Any:
 
 
 def load(name_or_path: str | Path, **kwargs: Any) -> FlowModel:
-    """Load a flow model: ``"tiny"`` (embedded), or a StableDiffusion3Pipeline folder or
-    HF-cache repo id.
+    """Load a flow model: ``"tiny"`` (embedded), a StableDiffusion3Pipeline folder or
+    HF-cache repo id, or ``"random:sd35-medium"`` / ``"random:sd3-tiny"`` (random weights).
 
     Keyword arguments go to :meth:`TinyFlowModel.from_pretrained` (device, dtype, graph, lora) or
     :meth:`SD3FlowModel.from_pretrained` (dtype, device, local_files_only, attention, config,
@@ -36,6 +38,12 @@ def load(name_or_path: str | Path, **kwargs: Any) -> FlowModel:
         from smartgrpo_fast.shapes.model import TinyFlowModel
 
         return TinyFlowModel.from_pretrained(**kwargs)
+    if str(name_or_path).startswith("random:"):
+        from smartgrpo_fast.models.sd3_configs import random_sd3_model
+
+        kwargs.pop("local_files_only", None)
+        kwargs.pop("attention", None)
+        return random_sd3_model(str(name_or_path).removeprefix("random:"), **kwargs)
     from smartgrpo_fast.models.sd3 import SD3FlowModel
 
     return SD3FlowModel.from_pretrained(name_or_path, **kwargs)

@@ -17,6 +17,7 @@ __all__ = [
     "Cond",
     "DiTFlowModel",
     "FlowModel",
+    "decode_latents",
     "decoder_unscaling",
     "has_preview_decoder",
     "preview_decode",
@@ -151,6 +152,18 @@ def preview_decode(model: Any, x0: torch.Tensor, size: int | None = None) -> tor
     ``model.decode``; ``size`` resizes them (a reward's input size)."""
     fn = getattr(model, "decode_preview", None) or model.decode
     return fn(x0) if size is None else fn(x0, size=size)
+
+
+def decode_latents(model: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Images of latents in the model's own (VAE-scaled) space, e.g. the end of a sampling
+    trajectory: ``model.decode(latents / scaling_factor + shift_factor)`` (SD3: 1.5305 and
+    0.0609, as diffusers' pipeline and Flow-GRPO un-scale before the VAE; 1 and 0 when the
+    model has none). ``model.decode`` itself takes latents already un-scaled."""
+    scaling = float(getattr(model, "scaling_factor", 1.0))
+    shift = float(getattr(model, "shift_factor", 0.0))
+    if scaling != 1.0 or shift != 0.0:
+        latents = latents / scaling + shift
+    return model.decode(latents)
 
 
 @runtime_checkable

@@ -10,10 +10,15 @@
 * :func:`build_tiny_preview_decoder` / :func:`save_tiny_preview_decoder`: a tiny random
   ``AutoencoderTiny`` in the TAESD3 layout (16 latent channels) at the tiny pipeline's 2x
   factor; :func:`random_taesd3`: the same class at TAESD3's full size (8x), random weights.
+* :func:`random_sd3_model`: a whole :class:`~smartgrpo_fast.models.sd3.SD3FlowModel` with
+  random weights (``models.load("random:sd35-medium")``, ``random:sd3-tiny``), built in memory
+  on the device, whose prompt embeddings are random too (:class:`RandomTextSD3FlowModel`):
+  what a full-size training step costs, without any weights on disk.
 """
 
 from __future__ import annotations
 
+import hashlib
 import string
 from pathlib import Path
 from types import MappingProxyType
@@ -21,15 +26,20 @@ from typing import Any
 
 import torch
 
+from smartgrpo_fast.models.sd3 import SD3FlowModel
+
 __all__ = [
+    "RANDOM_MODELS",
     "SD3_VAE",
     "SD35_MEDIUM_TRANSFORMER",
     "TAESD3",
     "TINY_TAESD3",
     "TINY_TRANSFORMER",
     "TINY_VAE",
+    "RandomTextSD3FlowModel",
     "build_tiny_preview_decoder",
     "build_tiny_sd3_pipeline",
+    "random_sd3_model",
     "random_sd35_medium",
     "random_taesd3",
     "save_tiny_preview_decoder",
@@ -292,3 +302,90 @@ def random_taesd3(
         decoder = AutoencoderTiny(**TAESD3).eval()
     # nn.Module.to: diffusers' ModelMixin.to logs a notice about casting that does not apply
     return torch.nn.Module.to(decoder, dtype)
+
+
+#: ``models.load("random:NAME")``: (transformer config, VAE config) of each random model.
+RANDOM_MODELS: MappingProxyType[str, tuple[Any, Any]] = MappingProxyType(
+    {
+        "sd35-medium": (SD35_MEDIUM_TRANSFORMER, SD3_VAE),
+        "sd3-tiny": (TINY_TRANSFORMER, TINY_VAE),
+    }
+)
+
+
+class _RandomPipe:
+    """The components :class:`~smartgrpo_fast.models.sd3.SD3FlowModel` reads, without text
+    encoders (their embeddings are drawn instead)."""
+
+    text_encoder = text_encoder_2 = text_encoder_3 = None
+
+    def __init__(self, transformer: Any, vae: Any) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.transformer = transformer
+        self.vae = vae
+        self.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+class RandomTextSD3FlowModel(SD3FlowModel):
+    """An SD3FlowModel whose prompt embeddings are random: for each prompt, (77 +
+    ``max_sequence_length``, ``joint_attention_dim``) token embeddings and a
+    (``pooled_projection_dim``,) pooled vector drawn from N(0, 1) with a seed taken from the
+    prompt's SHA-256, so a prompt always gets the same conditioning. They have the shapes, and
+    so the cost in the transformer, of CLIP-L + CLIP-G + T5-XXL's embeddings, not their
+    meaning: a training step is timed without the 5.6 B text-encoder parameters (a real run
+    encodes each prompt once, outside the step, with ``model.embedding_cache``)."""
+
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        c = self.transformer.config
+        tokens = 77 + self.config.max_sequence_length
+        guided = self.config.guidance_scale > 1.0
+        out: dict[str, list[torch.Tensor]] = {}
+        for prompt in prompts:
+            for neg in (False, True) if guided else (False,):
+                text = ("negative:" if neg else "prompt:") + prompt
+                seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+                gen = torch.Generator().manual_seed(seed)
+                emb = torch.randn(1, tokens, c.joint_attention_dim, generator=gen)
+                pooled = torch.randn(1, c.pooled_projection_dim, generator=gen)
+                pre = "negative_" if neg else ""
+                out.setdefault(f"{pre}prompt_embeds", []).append(emb)
+                out.setdefault(f"{pre}pooled", []).append(pooled)
+        return {k: torch.cat(v).to(self.device, self.dtype) for k, v in out.items()}
+
+
+def random_sd3_model(
+    name: str = "sd35-medium",
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    config: Any = None,
+    seed: int = 0,
+    lora: str | Path | None = None,
+) -> Any:
+    """An SD3FlowModel of :data:`RANDOM_MODELS` ``name`` with random weights, built on
+    ``device`` (the transformer in ``dtype``, the VAE in float32 as ``from_pretrained`` loads
+    it; random prompt embeddings: :class:`RandomTextSD3FlowModel`). ``sd35-medium`` has 2.5 B
+    transformer parameters: build it on the GPU, where it takes seconds (minutes on a CPU)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    from smartgrpo_fast.models.sd3 import SD3Config
+
+    if name not in RANDOM_MODELS:
+        raise ValueError(
+            f"random:{name}: expected random:{' or random:'.join(RANDOM_MODELS)} "
+            "(a random-weight model built in memory)"
+        )
+    tcfg, vcfg = RANDOM_MODELS[name]
+    torch.manual_seed(seed)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**tcfg).eval()
+        vae = AutoencoderKL(**vcfg).eval()
+    torch.nn.Module.to(transformer, dtype)  # diffusers' own .to warns about fp32 modules (none)
+    pipe = _RandomPipe(transformer, vae)
+    model = RandomTextSD3FlowModel(pipe, config or SD3Config(), name=f"random:{name}")
+    if lora is not None:
+        from smartgrpo_fast.models.lora import load_adapter
+
+        load_adapter(model, lora)
+    return model

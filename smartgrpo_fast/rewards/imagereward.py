@@ -33,6 +33,7 @@ as a CUDA graph once and replayed for other prompts.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,7 @@ __all__ = [
     "load_tokenizer",
     "preprocess_images",
     "preprocess_pil",
+    "random_imagereward",
 ]
 
 DEFAULT_TOKENIZER = "bert-base-uncased"
@@ -355,12 +357,22 @@ def load_imagereward(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     quantize: bool = False,
+    random: bool = False,
 ) -> ImageRewardModel:
     """ImageReward from ``ImageReward.pt`` + ``med_config.json`` (paths, or each missing one
     from the Hugging Face cache of ``THUDM/ImageReward``, offline) and a BERT tokenizer
     (``tokenizer``: vocabulary folder, cached hub id or object; default cached
     ``bert-base-uncased``). ``quantize``: round images to uint8 levels as the package's PIL
-    path does (see :func:`preprocess_images`). Raises FileNotFoundError naming a missing file."""
+    path does (see :func:`preprocess_images`). Raises FileNotFoundError naming a missing file.
+    ``random=True``: no files, :func:`random_imagereward` (the architecture at full size with
+    random weights, for timing; ``checkpoint``, ``med_config`` and ``tokenizer`` must be unset).
+    """
+    if random:
+        given = [n for n, v in (("checkpoint", checkpoint), ("med_config", med_config),
+                                ("tokenizer", tokenizer)) if v is not None]  # fmt: skip
+        if given:
+            raise ValueError(f"random=True builds random weights; do not also give {given[0]}")
+        return random_imagereward(device=device, dtype=dtype, quantize=quantize)
     ckpt_path = resolve_file(checkpoint, CHECKPOINT_FILE, "checkpoint")
     med_path = resolve_file(med_config, MED_CONFIG_FILE, "med_config")
     tok = load_tokenizer(tokenizer)
@@ -370,3 +382,67 @@ def load_imagereward(
     return ImageRewardModel.from_state_dict(
         sd, read_med_config(med_path), tokenizer=tok, device=device, dtype=dtype, quantize=quantize
     )
+
+
+#: ImageReward-v1.0's sizes: BLIP's ViT-L/16 at 224 px and BERT-base with cross-attention
+#: (``med_config.json``; vocabulary 30524 = BERT's 30522 + [DEC] + [ENC]).
+FULL_MED_CONFIG: dict[str, Any] = {
+    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "vocab_size": 30524, "max_position_embeddings": 512,
+    "layer_norm_eps": 1e-12, "hidden_act": "gelu", "add_cross_attention": True,
+    "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "pad_token_id": 0,
+}  # fmt: skip
+_FULL_VISION = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                "image_size": 224, "patch_size": 16}  # fmt: skip
+_HEAD_SIZES = (768, 1024, 128, 64, 16, 1)
+
+
+def _random_tokenizer() -> Any:
+    """A BERT WordPiece tokenizer over letters, digits and punctuation (ids below 100, inside
+    the model's 30524-row table): prompts tokenise to as many tokens as characters, which
+    the 35-token cut bounds like the real vocabulary's."""
+    import string
+    import tempfile
+
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase,
+             *string.digits, *".,!?'-:;()"]  # fmt: skip
+    words += ["##" + c for c in string.ascii_lowercase + string.digits]
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = Path(tmp) / "vocab.txt"
+        vocab.write_text("\n".join(words) + "\n")
+        tok = BertTokenizer(str(vocab), do_lower_case=True)
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    return tok
+
+
+def random_imagereward(
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    quantize: bool = False,
+) -> ImageRewardModel:
+    """ImageReward's architecture at full size (ViT-L/16 at 224 px, 24 layers; BERT-base, 12
+    layers cross-attending to the image tokens; the five-layer head: about 450 M parameters)
+    with random weights, built on ``device``, and a character-level tokenizer
+    (:func:`_random_tokenizer`): it costs what ImageReward costs per image and scores
+    meaninglessly (for timing a full-size step without the checkpoint)."""
+    from transformers import BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    from smartgrpo_fast.rewards.imagereward_checkpoint import text_config_from_med_config
+
+    torch.manual_seed(seed)
+    width = _FULL_VISION["hidden_size"]
+    vcfg = BlipVisionConfig(**_FULL_VISION, num_attention_heads=width // 64, hidden_act="gelu",
+                            layer_norm_eps=1e-6, attention_dropout=0.0)  # fmt: skip
+    tcfg = text_config_from_med_config(FULL_MED_CONFIG, width)
+    dev = torch.device(device)
+    with dev:
+        vision = BlipVisionModel(vcfg).to(dtype)
+        text = BlipTextModel(tcfg, add_pooling_layer=False).to(dtype)
+        head = nn.Sequential(*(nn.Linear(a, b) for a, b in itertools.pairwise(_HEAD_SIZES)))
+    return ImageRewardModel(vision, text, head, _random_tokenizer(), vcfg.image_size,
+                            quantize=quantize)  # fmt: skip

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from smartgrpo_fast.models.base import has_preview_decoder
+from smartgrpo_fast.models.base import decode_latents, has_preview_decoder
 from smartgrpo_fast.ops import philox_normal
 from smartgrpo_fast.rewards.base import Reward
 from smartgrpo_fast.sde import (
@@ -209,7 +209,8 @@ def compare_noise(
             stats[key].append(res.rounds)
         for key in out:
             x_next = (step.mean + step.std * eps[key].float()).to(x.dtype)
-            img = model.decode(integrate_ode(model, cond, x_next, sigmas[s_idx + 1 :]))
+            # the end of the trajectory is in the model's (VAE-scaled) space: un-scale it
+            img = decode_latents(model, integrate_ode(model, cond, x_next, sigmas[s_idx + 1 :]))
             images[key].append(img.cpu())
             out[key].append(reward(img, chunk).float().cpu())
     return Comparison(

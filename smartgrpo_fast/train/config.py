@@ -184,15 +184,21 @@ class TrainConfig:
         global_std: normalise advantages by the std of the whole step's rewards instead of
             each group's.
         kl_beta: weight of the KL to the base model (adapter disabled); 0 = no reference pass.
+            Scaled as Flow-GRPO's (its beta values, 0.01-0.04, mean the same here).
         max_grad_norm: gradient clipping (1.0); 0 = off.
         micro_batch: rollouts per training forward (gradient accumulation over micro-batches
             and SDE steps); the gradient does not depend on it.
-        ema_decay: EMA of the trained weights (Flow-GRPO: 0.9), None = off.
+        ema_decay: EMA of the trained weights (Flow-GRPO: 0.9), None = off; after optimizer
+            step s the decay is ``min((1 + s) / (10 + s), ema_decay)`` (Flow-GRPO's warm-up).
         ema_every: optimizer steps between EMA updates (Flow-GRPO: 8).
         save_every: optimizer steps between checkpoints (one is always written at the end).
         keep_last: complete checkpoints kept (older ones are deleted).
         async_reward: score a rollout batch's images in the background while the next batch
             is sampled (``rewards.AsyncReward``).
+        memory_limit_gib: device memory a step may use (:mod:`~.memory`'s estimate, checked
+            after the models are built and before the first rollout; an estimate above it is
+            an error naming the setting to lower). None: the CUDA device's total memory (no
+            check on a CPU). E.g. 80 checks on a larger GPU that a step fits an 80 GB one.
     """
 
     steps: int = 100
@@ -211,6 +217,7 @@ class TrainConfig:
     save_every: int = 50
     keep_last: int = 2
     async_reward: bool = True
+    memory_limit_gib: float | None = None
 
     def __post_init__(self) -> None:
         _positive_int("steps", self.steps)
@@ -229,6 +236,8 @@ class TrainConfig:
         _positive_int("ema_every", self.ema_every)
         _positive_int("save_every", self.save_every)
         _positive_int("keep_last", self.keep_last)
+        if self.memory_limit_gib is not None:
+            _finite("memory_limit_gib", self.memory_limit_gib, 0.0, lo_open=True)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from smartgrpo_fast.models.base import decode_latents
 from smartgrpo_fast.ops import philox_normal
 from smartgrpo_fast.rewards.base import Reward
 from smartgrpo_fast.sde import check_time_shift, flow_sigmas, integrate_ode, schedule_shift
@@ -225,8 +226,8 @@ def _evaluate(
     for start in chunks:
         chunk = rows[start : start + config.batch]
         cond = model.encode_prompts(chunk)
-        img = model.decode(integrate_ode(model, cond, x_t[start : start + len(chunk)].to(dev),
-                                         sigmas))  # fmt: skip
+        x0 = integrate_ode(model, cond, x_t[start : start + len(chunk)].to(dev), sigmas)
+        img = decode_latents(model, x0)
         r = reward(img, chunk)
         if not isinstance(r, torch.Tensor) or r.shape != (len(chunk),):
             got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
@@ -254,6 +255,29 @@ def _evaluate(
             stacklevel=3,
         )
     return result
+
+
+@torch.no_grad()
+def rescore(res: EvalResult, reward: Reward, *, batch: int = 32) -> EvalResult:
+    """``res``'s images scored by another reward (a judge), in batches of ``batch`` images:
+    the same prompts, images and per-prompt averaging, the other reward's values and
+    ``matches``."""
+    t0 = time.perf_counter()
+    m = res.images_per_prompt
+    rows = [p for p in res.prompts for _ in range(m)]
+    has_matches = callable(getattr(reward, "matches", None))
+    scores, matches = [], []
+    for lo in range(0, len(rows), batch):
+        img, chunk = res.images[lo : lo + batch], rows[lo : lo + batch]
+        scores.append(reward(img, chunk).detach().float().cpu())
+        if has_matches:
+            matches.append(_all_matched(reward.matches(img, chunk), len(chunk)))
+    r = torch.cat(scores)
+    r = torch.where(torch.isfinite(r), r, torch.full_like(r, float("nan")))
+    return EvalResult(prompts=res.prompts, rewards=r.view(len(res.prompts), m).mean(dim=1),
+                      images=res.images, matches=torch.cat(matches) if has_matches else None,
+                      seconds=time.perf_counter() - t0, shift=res.shift,
+                      image_rewards=r if m > 1 else None)  # fmt: skip
 
 
 def paired_comparison(a: EvalResult, b: EvalResult) -> dict[str, float]:

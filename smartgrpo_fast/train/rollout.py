@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from smartgrpo_fast.models.base import Cond
+from smartgrpo_fast.models.base import Cond, decode_latents
 from smartgrpo_fast.ops import philox_normal
 from smartgrpo_fast.sde import ode_step, sde_log_prob, sde_step
 from smartgrpo_fast.search import NoiseSearch
@@ -188,7 +188,7 @@ def sample_rollouts(
             next_latents[lo:hi, j] = x_next
             log_probs[lo:hi, j] = sde_log_prob(x_next, st)
             x = x_next
-        img = model.decode(x)
+        img = decode_latents(model, x)
         images.append(img)
         if async_reward is not None:
             pending.append(async_reward.submit(img, row_prompts[lo:hi]))

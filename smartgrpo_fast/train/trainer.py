@@ -8,12 +8,14 @@ One optimizer step (:meth:`GRPOTrainer.train_step`):
    ``smart`` / ``random`` / ``bestof`` at the SDE steps, final rewards (optionally scored in the
    background while the next batch samples);
 3. rewards all-gathered, per-prompt advantages (:func:`~.loss.group_advantages`);
-4. for every micro-batch of rollouts and every SDE step: a training forward at the stored
-   latent, the policy's log-probability of the stored next latent, Flow-GRPO's clipped loss
-   plus ``kl_beta`` times the KL to the adapter-disabled model, backward (accumulated; the
-   gradient is the mean over rollouts and SDE steps, whatever ``micro_batch`` is); DDP
-   averages it over processes;
-5. gradient clipping, AdamW, optional EMA; metrics, checkpoints, evaluation.
+4. rows whose advantage is 0 dropped (Flow-GRPO); for every micro-batch of the kept rollouts
+   and every SDE step: a training forward at the stored latent, the policy's log-probability
+   of the stored next latent, Flow-GRPO's clipped loss plus ``kl_beta`` times the KL to the
+   adapter-disabled model (Flow-GRPO's scale), backward (accumulated; the gradient is the
+   mean over the kept rollouts of all processes and the SDE steps, whatever ``micro_batch``
+   is); DDP averages it over processes;
+5. gradient clipping, AdamW, optional EMA (Flow-GRPO's warm-up); metrics, checkpoints,
+   evaluation.
 
 ``RUN/`` layout (a contract): ``config.yaml``, ``metrics.jsonl`` (one object per optimizer
 step), ``eval.jsonl``, ``samples/step-NNNNNN.png``, ``checkpoints/step-NNNNNN/`` (see
@@ -75,7 +77,7 @@ METRIC_KEYS = (
     "step", "reward_mean", "reward_std", "loss", "policy_loss", "kl", "clip_frac", "approx_kl",
     "logp_diff_max", "grad_norm", "lr", "zero_std_frac", "nonfinite_rewards", "search_gain",
     "time_search", "time_rollout", "time_reward", "time_update", "time_step", "peak_mem_bytes",
-    "world_size",
+    "world_size", "rows_kept",
 )  # fmt: skip
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: What a checkpoint must agree on with the run that resumes it.
@@ -227,6 +229,43 @@ class _Dist:
             dist.destroy_process_group()
 
 
+def _module_bytes(*objects: Any) -> int:
+    """Bytes of the distinct tensors (parameters and buffers) of the modules that ``objects``
+    are or hold as attributes (a flow model's transformer, VAE and text encoders, a reward)."""
+    seen: set[int] = set()
+    total = 0
+    for obj in objects:
+        mods = [obj] if isinstance(obj, torch.nn.Module) else []
+        holders = [obj, getattr(obj, "pipe", None), getattr(obj, "reward", None)]
+        for h in holders:
+            if h is not None and not isinstance(h, torch.nn.Module):
+                mods += [v for v in vars(h).values() if isinstance(v, torch.nn.Module)]
+        for m in mods:
+            for t in [*m.parameters(), *m.buffers()]:
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def _row_list(rows: slice | list[int]) -> list[int]:
+    return list(range(rows.start, rows.stop)) if isinstance(rows, slice) else list(rows)
+
+
+def _take(t: torch.Tensor, rows: slice | list[int], idx: list[int], j: int) -> torch.Tensor:
+    """``t[rows, j]``: a view for a slice, a gather for row indices."""
+    if isinstance(rows, slice):
+        return t[rows, j]
+    return t[torch.as_tensor(idx, device=t.device), j]
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """Flow-GRPO's EMA decay after ``step`` optimizer steps: ``min((1 + step) / (10 + step),
+    decay)`` (a warm-up: 0.18 after the first step, 0.5 after 8, ``decay`` from then on for
+    0.9)."""
+    return min((1.0 + step) / (10.0 + step), decay)
+
+
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -312,11 +351,37 @@ class GRPOTrainer:
         self._tb = None
         #: A context manager around each backward pass (``bench train`` times them).
         self.backward_timer: Any = contextlib.nullcontext
+        #: The step's memory estimate (:mod:`.memory`), None where none was checked.
+        self.memory_estimate = self._check_memory()
         if resume:
             self._resume()
         elif self.dist.main:
             self._start_run_folder()
         self.dist.barrier()
+
+    def _check_memory(self) -> Any:
+        """Estimate the step's device memory and raise a ConfigError naming the setting to
+        lower when it exceeds ``train.memory_limit_gib`` (default: the CUDA device's memory;
+        on a CPU only when that is set). Runs before the first rollout."""
+        from smartgrpo_fast.train.memory import GIB, check_fits, estimate_for_trainer
+
+        limit = self.cfg.train.memory_limit_gib
+        if self.device.type == "cuda":
+            resident = torch.cuda.memory_allocated(self.device)
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            where = f"{self.device} ({torch.cuda.get_device_name(self.device)})"
+        elif limit is not None:
+            resident = _module_bytes(self.model, self.reward)
+            total, where = None, "the limit"
+        else:
+            return None
+        if not hasattr(getattr(self.model, "transformer", None), "config"):
+            return None
+        est = estimate_for_trainer(self, resident)
+        if limit is not None:
+            total, where = int(limit * GIB), f"train.memory_limit_gib = {limit:g}"
+        check_fits(est, total, where)
+        return est
 
     # ------------------------------------------------------------------ run folder
 
@@ -464,89 +529,117 @@ class GRPOTrainer:
             async_reward=self.async_reward, shared_initial_noise=s.shared_initial_noise,
         )  # fmt: skip
 
-    def policy_log_probs(self, ro: Rollouts, rows: slice, j: int) -> tuple[torch.Tensor, Any]:
-        """(n,) log-probability of the stored next latents of ``rows`` at SDE step ``j`` under
-        the current policy, with gradient; and the step's Gaussian."""
+    def policy_log_probs(
+        self, ro: Rollouts, rows: slice | list[int], j: int
+    ) -> tuple[torch.Tensor, Any]:
+        """(n,) log-probability of the stored next latents of ``rows`` (a slice or row
+        indices) at SDE step ``j`` under the current policy, with gradient; and the step's
+        Gaussian."""
+        idx = _row_list(rows)
         i = ro.sde_steps[j]
         s, s_next = ro.sigmas[i], ro.sigmas[i + 1]
-        x = ro.latents[rows, j]
-        c = ro.cond.select(list(range(rows.start, rows.stop)))
+        x = _take(ro.latents, rows, idx, j)
         with self._policy_forward():
-            v = self.model.velocity(x, s, c)
+            v = self.model.velocity(x, s, ro.cond.select(idx))
         st = sde_step(x, v, s, s_next, noise_level=self.cfg.sample.noise_level,
                       sigma_max=ro.sigmas[1], sde_type=self.cfg.sample.sde_type)  # fmt: skip
-        return sde_log_prob(ro.next_latents[rows, j], st), st
+        return sde_log_prob(_take(ro.next_latents, rows, idx, j), st), st
 
-    def _kl(self, ro: Rollouts, rows: slice, j: int, st: Any) -> torch.Tensor:
+    def _kl(self, ro: Rollouts, rows: slice | list[int], j: int, st: Any) -> torch.Tensor:
         """(n,) KL of the policy's step to the adapter-disabled model's, with gradient through
-        the policy's mean: mean over elements of (mean - mean_ref)^2 / (2 std^2)."""
+        the policy's mean, as Flow-GRPO computes it: mean over elements of (mean - mean_ref)^2
+        / (2 std_dev_t^2), where std_dev_t is the step's noise scale *before* the sqrt(-dt)
+        factor for ``sde`` (``noise_level * sqrt(sigma / (1 - sigma'))``; the Gaussian's own
+        std is std_dev_t * sqrt(-dt)) and the Gaussian's std for ``cps``
+        (``sigma_next * sin(noise_level * pi / 2)``)."""
+        idx = _row_list(rows)
         i = ro.sde_steps[j]
         s, s_next = ro.sigmas[i], ro.sigmas[i + 1]
-        x = ro.latents[rows, j]
+        x = _take(ro.latents, rows, idx, j)
         with torch.no_grad(), adapter_disabled(self.model):
-            v_ref = self.model.velocity(x, s, ro.cond.select(list(range(rows.start, rows.stop))))
+            v_ref = self.model.velocity(x, s, ro.cond.select(idx))
         ref = sde_step(x, v_ref, s, s_next, noise_level=self.cfg.sample.noise_level,
                        sigma_max=ro.sigmas[1], sde_type=self.cfg.sample.sde_type)  # fmt: skip
-        return ((st.mean - ref.mean) ** 2).flatten(1).mean(1) / (2 * st.std**2)
+        std_dev_t = st.std / math.sqrt(s - s_next) if st.kind == "sde" else st.std
+        return ((st.mean - ref.mean) ** 2).flatten(1).mean(1) / (2 * std_dev_t**2)
 
     def advantages(self, rewards: torch.Tensor, groups: torch.Tensor) -> Advantages:
         """The config's GRPO advantages of (R,) rewards in (R,) groups (all processes' rows)."""
         t = self.cfg.train
         return group_advantages(rewards, groups, adv_clip=t.adv_clip, global_std=t.global_std)
 
-    def backward(self, ro: Rollouts, advantages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero the gradients and accumulate those of the GRPO loss of all rollouts (mean over
-        rows and SDE steps; micro-batches of ``train.micro_batch`` rows) into the trainable
-        parameters' ``.grad``, unclipped. Returns (6,) float64 sums of the per-sample loss,
-        policy loss, KL, clipped, approx KL and ratio, and the largest ``logp_diff``."""
+    def backward(
+        self, ro: Rollouts, advantages: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Zero the gradients and accumulate those of the GRPO loss into the trainable
+        parameters' ``.grad``, unclipped. Rows whose advantage is 0 (a group without spread, a
+        non-finite reward) carry no policy gradient and are dropped first, as Flow-GRPO does
+        (``advantages.abs().sum(1) != 0``); the loss is the mean over the kept rows of all
+        processes and the SDE steps (micro-batches of ``train.micro_batch`` kept rows; the
+        gradient does not depend on it). Returns (6,) float64 sums over the kept rows of the
+        per-sample loss, policy loss, KL, clipped, approx KL and ratio, the largest
+        ``logp_diff`` and the number of rows kept on all processes."""
         cfg = self.cfg.train
-        n_rows, w = ro.size, len(ro.sde_steps)
-        total = n_rows * w
+        w = len(ro.sde_steps)
+        kept = torch.nonzero(advantages.detach().cpu() != 0).flatten().tolist()
+        n_all = int(self.dist.reduce(torch.tensor(len(kept), device=self.device), "sum"))
         sums = torch.zeros(6, dtype=torch.float64, device=self.device)
         diff_max = torch.zeros((), dtype=torch.float64, device=self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        batches = [slice(lo, min(n_rows, lo + cfg.micro_batch))
-                   for lo in range(0, n_rows, cfg.micro_batch)]  # fmt: skip
+        if n_all == 0:
+            return sums, diff_max, 0
+        # DDP averages the processes' gradients: each divides by the kept rows of all of them
+        # over the number of processes, so that the average is the mean over all kept rows.
+        total = n_all * w / self.dist.world
+        weight = 1.0
+        if not kept and self.ddp is not None:  # still join the gradient all-reduce, with 0
+            kept, weight = [0], 0.0
+        batches = [kept[lo : lo + cfg.micro_batch] for lo in range(0, len(kept), cfg.micro_batch)]
         pairs = [(b, j) for b in batches for j in range(w)]
         for n, (rows, j) in enumerate(pairs):
             sync = self.ddp is None or n == len(pairs) - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 logp, st = self.policy_log_probs(ro, rows, j)
-                loss, stats = policy_terms(logp, ro.log_probs[rows, j], advantages[rows],
+                index = torch.as_tensor(rows, device=advantages.device)
+                old = ro.log_probs[torch.as_tensor(rows, device=ro.log_probs.device), j]
+                loss, stats = policy_terms(logp, old, advantages[index].to(logp.device),
                                            cfg.clip_range)  # fmt: skip
                 kl = self._kl(ro, rows, j, st) if cfg.kl_beta > 0 else torch.zeros_like(loss)
                 per_sample = loss + cfg.kl_beta * kl
                 with self.backward_timer():
-                    (per_sample.sum() / total).backward()
-            sums += torch.stack([
-                per_sample.detach().sum(), loss.detach().sum(), kl.detach().sum(),
-                stats["clipped"].sum(), stats["approx_kl"].sum(), stats["ratio"].sum(),
-            ]).double()  # fmt: skip
-            diff_max = torch.maximum(diff_max, stats["logp_diff"].max().double())
-        return sums, diff_max
+                    (weight * per_sample.sum() / total).backward()
+            if weight:
+                sums += torch.stack([
+                    per_sample.detach().sum(), loss.detach().sum(), kl.detach().sum(),
+                    stats["clipped"].sum(), stats["approx_kl"].sum(), stats["ratio"].sum(),
+                ]).double()  # fmt: skip
+                diff_max = torch.maximum(diff_max, stats["logp_diff"].max().double())
+        return sums, diff_max, n_all
 
     def update(self, ro: Rollouts, advantages: torch.Tensor) -> dict[str, float]:
-        """One optimizer step on the rollouts; returns the update's metrics."""
+        """One optimizer step on the rollouts; returns the update's metrics (averages over the
+        rows kept, ``rows_kept`` of all processes; without any, no optimizer step)."""
         cfg = self.cfg.train
-        sums, diff_max = self.backward(ro, advantages)
-        total = ro.size * len(ro.sde_steps)
-        clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        sums, diff_max, n_all = self.backward(ro, advantages)
         lr = self._lr(self.step + 1)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        grad_norm = torch.zeros(())
+        if n_all:
+            clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
         if self.ema is not None and (self.step + 1) % cfg.ema_every == 0:
+            decay = ema_decay_at(self.step + 1, cfg.ema_decay)
             with torch.no_grad():
-                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params],
-                                     1.0 - cfg.ema_decay)  # fmt: skip
-        sums = self.dist.reduce(sums, "sum") / (total * self.dist.world)
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - decay)
+        sums = self.dist.reduce(sums, "sum") / max(n_all * len(ro.sde_steps), 1)
         diff_max = self.dist.reduce(diff_max, "max")
         return {
             "loss": float(sums[0]), "policy_loss": float(sums[1]), "kl": float(sums[2]),
             "clip_frac": float(sums[3]), "approx_kl": float(sums[4]),
-            "ratio_mean": float(sums[5]), "logp_diff_max": float(diff_max),
-            "grad_norm": float(grad_norm), "lr": lr,
+            "ratio_mean": float(sums[5]) if n_all else 1.0, "logp_diff_max": float(diff_max),
+            "grad_norm": float(grad_norm), "lr": lr, "rows_kept": n_all,
         }  # fmt: skip
 
     def train_step(self) -> dict[str, Any]:
