@@ -20,6 +20,7 @@ from smartgrpo_fast.train.memory import (
     DECODE_BYTES_PER_PIXEL,
     FWD_LIVE,
     MARGIN,
+    PREVIEW_DECODE_BYTES_PER_PIXEL,
     TRAIN_LIVE,
     StepShape,
     check_fits,
@@ -65,6 +66,42 @@ def test_estimate_arithmetic_written_out() -> None:
     cfg = estimate_step_memory(SD35_512, resident_bytes=0, trainable_bytes=0, rollout_batch=4,
                                graphs=True, guidance=True, **STEP)  # fmt: skip
     assert cfg.parts["rollout"] == 4 * (2 * hidden * FWD_LIVE + decode)
+
+
+def test_a_preview_decoder_prices_the_search_decodes_at_its_own_cost() -> None:
+    """With ``model.preview_decoder`` the search round's B*K decodes cost the preview
+    decoder's bytes per pixel in the transformer's dtype (bf16: half the float32 figure);
+    the rollout's final decodes stay the VAE's. The sd35-medium step at sample.batch 8 then
+    fits 80 GiB (~33 GiB instead of ~97)."""
+    from dataclasses import replace
+
+    kw = dict(resident_bytes=int(7.5 * GIB), trainable_bytes=2 * 10**8, graphs=True, **STEP)
+    preview = replace(SD35_512, preview=True)
+    hidden = (1024 + 205) * 1536 * 2
+    vae = 512 * 512 * DECODE_BYTES_PER_PIXEL
+    tiny = 512 * 512 * PREVIEW_DECODE_BYTES_PER_PIXEL * 2 // 4  # bf16
+    for b in (4, 8):
+        est = estimate_step_memory(preview, rollout_batch=b, **kw)
+        ref = estimate_step_memory(SD35_512, rollout_batch=b, **kw)
+        assert est.parts["search"] == b * 8 * (hidden * FWD_LIVE + tiny)
+        assert ref.parts["search"] == b * 8 * (hidden * FWD_LIVE + vae)
+        assert est.parts["rollout"] == ref.parts["rollout"] == b * (hidden * FWD_LIVE + vae)
+        assert {k: v for k, v in est.parts.items() if k != "search"} == {
+            k: v for k, v in ref.parts.items() if k != "search"
+        }
+        assert est.peak == math.ceil(MARGIN * sum(est.parts.values()))
+    check_fits(estimate_step_memory(preview, rollout_batch=8, **kw), 80 * GIB, "an 80 GB GPU")
+    fp32 = replace(preview, act_bytes=4)
+    est = estimate_step_memory(fp32, rollout_batch=4, **kw)
+    assert est.parts["search"] == 4 * 8 * (
+        2 * hidden * FWD_LIVE + 512 * 512 * PREVIEW_DECODE_BYTES_PER_PIXEL
+    )
+    # the advice names the preview decoder only where there is none
+    assert (
+        "model.preview_decoder"
+        in estimate_step_memory(SD35_512, rollout_batch=8, **kw).knobs["search"]
+    )
+    assert "model.preview_decoder" not in est.knobs["search"]
 
 
 def test_the_error_names_the_setting_to_lower() -> None:

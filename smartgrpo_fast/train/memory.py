@@ -18,7 +18,14 @@ the device into a :class:`~.config.ConfigError` naming the setting to lower. The
   decode of B*K latents at full resolution (``DECODE_BYTES_PER_PIXEL`` per output pixel, in
   float32: a decoder block at full resolution holds its input, a normalised copy and the
   activation; measured on CPU, 4.6 KB per pixel for one 256 px image, allocator slack
-  included); with CUDA graphs the round's memory stays reserved in the graph pool;
+  included); with CUDA graphs the round's memory stays reserved in the graph pool. With a
+  preview decoder (``model.preview_decoder``, TAESD3's ``AutoencoderTiny`` layout) the round
+  decodes with it instead: ``PREVIEW_DECODE_BYTES_PER_PIXEL`` per output pixel in float32,
+  scaled to the transformer's dtype (the decoder runs in it). Measured on CPU as the VAE's
+  (peak RSS over one no-grad decode of a random full-size TAESD3, float32, in a fresh
+  process): 1.1 KB per pixel at 512 px, 1.8 KB at 256 px where the allocator's slack weighs
+  more; its layers agree: at full resolution three 64-channel tensors are alive at once (a
+  block's input, its convolution's output and the skip sum), 768 B per pixel in float32;
 * ``rollout``: a sampling forward of ``sample.batch`` rows and the final decode of as many
   images (graph pool too under ``model.graph: graph``);
 * ``training``: a micro-batch's training forward kept for backward: without gradient
@@ -44,6 +51,7 @@ from smartgrpo_fast.train.config import ConfigError
 
 __all__ = [
     "DECODE_BYTES_PER_PIXEL",
+    "PREVIEW_DECODE_BYTES_PER_PIXEL",
     "MemoryEstimate",
     "StepShape",
     "check_fits",
@@ -54,6 +62,9 @@ __all__ = [
 GIB = 2**30
 #: VAE decode, float32, per output pixel and image (module docstring).
 DECODE_BYTES_PER_PIXEL = 4096
+#: Preview decoder (TAESD3's AutoencoderTiny layout) decode, float32, per output pixel and
+#: image (module docstring); scaled by ``act_bytes / 4``.
+PREVIEW_DECODE_BYTES_PER_PIXEL = 1024
 #: Hidden-sized values per token alive at once in a no-grad transformer forward.
 FWD_LIVE = 12
 #: Hidden-sized values per token and layer kept for backward, at 2 bytes each (34 bytes).
@@ -74,6 +85,8 @@ class StepShape:
         image_pixels: pixels of one decoded image (H * W at full resolution).
         act_bytes: bytes per activation element (the transformer's dtype).
         vae: whether images are decoded by a VAE (False: the embedded pixel-space model).
+        preview: whether the search decodes its candidates with a preview decoder (in the
+            transformer's dtype, ``act_bytes``) instead of the VAE.
     """
 
     layers: int
@@ -84,6 +97,7 @@ class StepShape:
     image_pixels: int
     act_bytes: int = 2
     vae: bool = True
+    preview: bool = False
 
     @property
     def tokens(self) -> int:
@@ -146,11 +160,14 @@ def estimate_step_memory(
     cfg_rows = 2 if guidance else 1
     hidden = shape.row_hidden_bytes()
     decode = shape.image_pixels * DECODE_BYTES_PER_PIXEL if shape.vae else 0
+    search_decode = decode
+    if shape.vae and shape.preview:
+        search_decode = shape.image_pixels * PREVIEW_DECODE_BYTES_PER_PIXEL * shape.act_bytes // 4
     parts = {
         "resident": resident_bytes,
         "optimizer": trainable_bytes * (3 + int(ema)),
         "rollout_store": rows * (2 * window * shape.latent_elems + 3 * shape.image_pixels) * 4,
-        "search": (b * search_k * (cfg_rows * hidden * FWD_LIVE + decode)) if search_k else 0,
+        "search": b * search_k * (cfg_rows * hidden * FWD_LIVE + search_decode) if search_k else 0,
         "rollout": b * (cfg_rows * hidden * FWD_LIVE + decode),
     }
     if gradient_checkpointing:
@@ -165,7 +182,8 @@ def estimate_step_memory(
         phases = max(parts["search"], parts["rollout"], parts["training"])
     knobs = {
         "search": "sample.batch: lower it (a search round decodes sample.batch x search.k "
-        "images at once), or search.k",
+        "images at once), or search.k"
+        + ("" if shape.preview or not shape.vae else ", or set model.preview_decoder"),
         "rollout": "sample.batch: lower it",
         "training": "train.micro_batch: lower it"
         if gradient_checkpointing
@@ -211,6 +229,7 @@ def _shape_of(model: Any, act_bytes: int) -> StepShape:
         image_pixels=side * side if vae is not None else h * w,
         act_bytes=act_bytes,
         vae=vae is not None,
+        preview=getattr(model, "preview_decoder", None) is not None,
     )
 
 
