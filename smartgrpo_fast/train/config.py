@@ -77,6 +77,13 @@ class ModelConfig:
             the text encoders' memory afterwards.
         embedding_cache: folder of cached prompt embeddings (SD3), None for none.
         max_sequence_length: T5 tokens per prompt (SD3; Flow-GRPO uses 128).
+        preview_decoder: SD3: the decoder of the search's one-step estimates (the rollouts'
+            final images still go through the VAE): a local diffusers ``AutoencoderTiny``
+            folder such as TAESD3, or ``random``: TAESD3's layout with random weights at the
+            model's size, for timing only (the full-size one when the VAE up-samples 8x, as
+            ``random:sd35-medium`` and real SD3 folders; the tiny one for ``random:sd3-tiny``
+            and the tiny random pipeline). Run in the transformer's dtype. None: the search
+            decodes with the VAE. The embedded model ``tiny`` decodes nothing (pixel space).
     """
 
     name: str = "tiny"
@@ -88,10 +95,20 @@ class ModelConfig:
     release_text_encoders: bool = False
     embedding_cache: str | None = None
     max_sequence_length: int = 128
+    preview_decoder: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name: expected a model name or path, got {self.name!r}")
+        if self.preview_decoder is not None:
+            if not isinstance(self.preview_decoder, str) or not self.preview_decoder:
+                raise ValueError(f"preview_decoder: expected an AutoencoderTiny folder, random "
+                                 f"or null, got {self.preview_decoder!r}")  # fmt: skip
+            if self.name == "tiny":
+                raise ValueError(
+                    f"preview_decoder: the embedded model tiny works in pixel space and decodes "
+                    f"nothing; expected null, got {self.preview_decoder!r}"
+                )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {self.dtype!r}")
         if self.resolution is not None:

@@ -33,6 +33,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ __all__ = [
     "METRIC_KEYS",
     "GRPOTrainer",
     "build_model",
+    "build_preview_decoder",
     "build_reward",
     "read_prompts",
     "resolve_device",
@@ -134,14 +136,74 @@ def read_prompts(cfg: RunConfig) -> tuple[PromptSource, list[str]]:
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> Any:
-    """The run's flow model (``model.*``), on ``device``; a folder that does not load is a
-    :class:`ConfigError` naming ``model.name``."""
+    """The run's flow model (``model.*``), on ``device``, with its preview decoder
+    (``model.preview_decoder``) attached; a folder that does not load is a
+    :class:`ConfigError` naming ``model.name`` (``model.preview_decoder`` for the decoder's,
+    checked before the model is built)."""
+    if cfg.model.preview_decoder not in (None, PREVIEW_RANDOM):
+        with _preview_errors():
+            from smartgrpo_fast.models.sd3 import _check_preview_layout
+
+            path = Path(cfg.model.preview_decoder).expanduser()
+            _check_preview_layout(path, _latent_channels(cfg.model.name))
     try:
-        return _build_model(cfg, device)
+        model = _build_model(cfg, device)
     except (OSError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"model.name: {_one_line(err)}") from err
+    if cfg.model.preview_decoder is not None:
+        with _preview_errors():
+            model.set_preview_decoder(build_preview_decoder(cfg.model.preview_decoder, model))
+    return model
+
+
+#: ``model.preview_decoder`` value that builds TAESD3's layout with random weights.
+PREVIEW_RANDOM = "random"
+
+
+@contextlib.contextmanager
+def _preview_errors() -> Iterator[None]:
+    """Re-raise a preview decoder's loading error as a ConfigError naming the key."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.preview_decoder: {_one_line(err)}") from err
+
+
+def _latent_channels(name: str) -> int:
+    """Latent channels of the SD3 model ``name`` read without building it (its
+    ``transformer/config.json``, or the random model's config; 16, SD3's, when unreadable:
+    the decoder is checked again against the built model)."""
+    from smartgrpo_fast.models.sd3_configs import RANDOM_MODELS
+
+    if name.startswith("random:"):
+        configs = RANDOM_MODELS.get(name.removeprefix("random:"))
+        return int(configs[0]["in_channels"]) if configs else 16
+    try:
+        meta = json.loads((Path(name).expanduser() / "transformer" / "config.json").read_text())
+        return int(meta.get("in_channels", 16))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 16
+
+
+def build_preview_decoder(spec: str, model: Any) -> Any:
+    """The decoder of ``model.preview_decoder = spec`` for ``model`` (an SD3FlowModel), in the
+    transformer's dtype on the model's device: a local ``AutoencoderTiny`` folder
+    (``models.sd3.load_preview_decoder``), or ``random``: TAESD3's layout with random weights
+    whose up-sampling is the VAE's (8x: ``sd3_configs.random_taesd3``, as for
+    ``random:sd35-medium`` and real SD3 folders; 2x: the tiny pipeline's,
+    ``build_tiny_preview_decoder``; ``bench search``'s rule)."""
+    from smartgrpo_fast.models.sd3 import load_preview_decoder
+    from smartgrpo_fast.models.sd3_configs import build_tiny_preview_decoder, random_taesd3
+
+    if spec != PREVIEW_RANDOM:
+        return load_preview_decoder(spec, latent_channels=model.latent_shape[0],
+                                    dtype=model.dtype, device=model.device)  # fmt: skip
+    if getattr(model, "vae_scale_factor", 8) == 2:
+        dec = build_tiny_preview_decoder(seed=0).to(model.device)
+        return torch.nn.Module.to(dec, model.dtype)
+    return random_taesd3(dtype=model.dtype, device=model.device)
 
 
 def _build_model(cfg: RunConfig, device: torch.device) -> Any:
