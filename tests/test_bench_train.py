@@ -94,3 +94,32 @@ def test_cli_estimates_memory_and_refuses_what_does_not_fit(tmp_path, capsys) ->
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "a step needs about" in err and "train.memory_limit_gib = 0.0001 has" in err
+
+
+#: One step of the sd35-medium config on the tiny random SD3 model (SD3's decode path).
+SD3_SMALL = [
+    "model.name=random:sd3-tiny", "model.dtype=float32", "model.resolution=null",
+    "model.graph=eager", "device=cpu", "reward=tiny-color", "sample.prompts_per_step=1",
+    "sample.group_size=2", "sample.steps=4", "sample.sde_window_range=[0, 3]", "search.k=2",
+    "search.rounds=1", "search.top=1", "search.decode_size=null", "lora.rank=2",
+    "lora.alpha=4", "train.micro_batch=2",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("preview", [None, "random"])
+def test_the_search_decodes_are_timed_inside_the_search(tmp_path, capsys, preview) -> None:
+    """An SD3 model's candidate decodes (``decode_preview``: the preview decoder, or the VAE
+    without one) are timed as call_preview_decode, a part of call_search (stage by stage on a
+    CPU: no replayed rounds); the overhead subtracts them once, inside the search."""
+    extra = [] if preview is None else [f"model.preview_decoder={preview}"]
+    args = ["bench", "train", "--config", "sd35-medium", "--steps", "1", "--warmup", "0",
+            "--no-progress", "--out", str(tmp_path), *SD3_SMALL, *extra]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "preview_decode" in out and "of call_search" in out and "not timed" not in out
+    (csv_file,) = tmp_path.glob("train_smart_cpu.csv")
+    med = {r["metric"]: float(r["median"]) for r in csv.DictReader(csv_file.open())}
+    assert 0 < med["call_preview_decode"] < med["call_search"]
+    assert med["search_rounds_replayed"] == 0
+    calls = sum(med[f"call_{c}"] for c in CALLS)
+    assert abs(med["overhead"] - (med["time_step"] - calls)) < 1e-6

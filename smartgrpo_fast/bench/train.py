@@ -7,6 +7,15 @@ rewards and fused ops, or its captured CUDA graph: ``bench search`` splits it). 
 in ``time_step`` is the trainer's own overhead: Python, tensor bookkeeping, advantages, the
 optimizer step. One row per step and quantity goes to CSV/JSON (``bench_out/train_*.csv``)
 through the benchmarks' writers (:mod:`smartgrpo_fast.bench.rows`).
+
+Inside the search, an SD3 model's candidate decodes (``model.decode_preview``: its preview
+decoder, ``model.preview_decoder``, when it has one, else the VAE) are also timed, as
+``call_preview_decode``: a part of ``call_search``, not a call of its own (the overhead does
+not subtract it twice). It is measured only when the search's rounds run stage by stage (a
+CPU, or ``search.graph=false``: then a synchronisation before and after each decode); rounds
+replayed from a captured CUDA graph run no Python, and the table says so: compare
+``call_search`` with and without ``model.preview_decoder`` there. The rollouts' final images
+always go through the VAE, as ``call_decode``.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ __all__ = ["CallTimers", "TimedReward", "format_train_table", "run_train_bench"]
 #: What a step is split into: the trainer's stages, then the model calls inside them.
 STAGES = ("time_search", "time_rollout", "time_reward", "time_update")
 CALLS = ("forward", "backward", "decode", "reward", "search")
+#: Calls timed inside another (already in its time): the search's candidate decodes.
+INNER = ("preview_decode",)
 
 
 class CallTimers:
@@ -38,6 +49,8 @@ class CallTimers:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.seconds = dict.fromkeys(CALLS, 0.0)
+        #: Seconds of the :data:`INNER` calls (inside an outer call, counted there too).
+        self.inner = dict.fromkeys(INNER, 0.0)
         self._depth = 0
 
     @contextlib.contextmanager
@@ -59,15 +72,34 @@ class CallTimers:
         finally:
             self._depth -= 1
 
+    @contextlib.contextmanager
+    def timed_inner(self, kind: str) -> Iterator[None]:
+        """Time the block as the :data:`INNER` ``kind`` whatever encloses it (synchronised
+        on CUDA); nothing is timed during a CUDA graph capture."""
+        if is_capturing(self.device):
+            yield
+            return
+        sync = self.device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if sync:
+            torch.cuda.synchronize(self.device)
+        self.inner[kind] += time.perf_counter() - t0
+
     def wrap(self, kind: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        timed = self.timed_inner if kind in INNER else self.timed
+
         def timed_call(*args: Any, **kwargs: Any) -> Any:
-            with self.timed(kind):
+            with timed(kind):
                 return fn(*args, **kwargs)
 
         return timed_call
 
     def reset(self) -> None:
         self.seconds = dict.fromkeys(CALLS, 0.0)
+        self.inner = dict.fromkeys(INNER, 0.0)
 
 
 class TimedReward:
@@ -110,6 +142,9 @@ def run_train_bench(
     model = build_model(cfg, device)
     model._forward = timers.wrap("forward", model._forward)
     model.decode = timers.wrap("decode", model.decode)
+    preview = callable(getattr(model, "decode_preview", None))
+    if preview:  # the search's candidates (SD3): the preview decoder, or the VAE without one
+        model.decode_preview = timers.wrap("preview_decode", model.decode_preview)
     reward = TimedReward(build_reward(cfg, device), timers)
     info = collect_run_info(device)
     samples: dict[str, list[float]] = {}
@@ -124,13 +159,18 @@ def run_train_bench(
 
             it = tqdm(it, desc="bench train", unit="step")
         try:
+            replays = 0
             for i in it:
                 timers.reset()
+                before = _replays(trainer.searcher)
                 line = trainer.train_step()
                 if i < warmup:
                     continue
+                replays += _replays(trainer.searcher) - before
                 values = {k: line[k] for k in (*STAGES, "time_step", "peak_mem_bytes")}
                 values |= {f"call_{k}": v for k, v in timers.seconds.items()}
+                if preview:
+                    values["call_preview_decode"] = timers.inner["preview_decode"]
                 values["overhead"] = line["time_step"] - sum(timers.seconds.values())
                 values["overhead_frac"] = values["overhead"] / line["time_step"]
                 for metric, value in values.items():
@@ -147,14 +187,23 @@ def run_train_bench(
     }  # fmt: skip
     if estimate is not None:
         samples["estimated_peak_bytes"] = [float(estimate.peak)]
+    if preview and trainer.searcher is not None:
+        # rounds replayed from a captured graph ran no Python: their decodes are not timed
+        samples["search_rounds_replayed"] = [float(replays)]
     rows = []
     for metric, values in samples.items():
         unit = {"overhead_frac": "fraction", "peak_mem_bytes": "bytes",
-                "estimated_peak_bytes": "bytes"}.get(metric, "s")  # fmt: skip
+                "estimated_peak_bytes": "bytes",
+                "search_rounds_replayed": "count"}.get(metric, "s")  # fmt: skip
         t = summarize(values)
         stats = {"metric": metric, "unit": unit, "median": t.median, "p20": t.p20, "p80": t.p80}
         rows.append(ordered_row(base | stats))
     return rows
+
+
+def _replays(searcher: Any) -> int:
+    stats = getattr(searcher, "graph_stats", None)
+    return int(getattr(stats, "replays", 0))
 
 
 def format_train_table(rows: Sequence[dict]) -> str:
@@ -164,6 +213,12 @@ def format_train_table(rows: Sequence[dict]) -> str:
     lines = [f"{'quantity':<16} {'median s':>10} {'of step':>8}"]
     for metric in (*STAGES, *(f"call_{c}" for c in CALLS), "overhead", "time_step"):
         lines.append(f"{metric:<16} {med[metric]:>10.3f} {med[metric] / step:>8.1%}")
+        if metric == "call_search" and "call_preview_decode" in med:
+            v = med["call_preview_decode"]
+            note = "of call_search: the search's candidate decodes"
+            if med.get("search_rounds_replayed", 0) > 0:
+                note += " (rounds replayed from a CUDA graph: not timed)"
+            lines.append(f"{'  preview_decode':<16} {v:>10.3f} {v / step:>8.1%}  {note}")
     lines.append(f"{'overhead_frac':<16} {med['overhead_frac']:>10.3f}")
     lines.append(f"{'peak memory':<16} {med['peak_mem_bytes'] / 2**30:>10.2f} GiB (measured: "
                  "CUDA max allocated, or the process's peak RSS on a CPU)")  # fmt: skip
