@@ -249,7 +249,7 @@ def _sample_perturb(
         SIGMA_MODE=int(p_sigma.mode),
         SCALE_MODE=int(p_scale.mode),
         BLOCK=block,
-        **seed_args(seed, rnd, device, row_offset),
+        **seed_args(seed, rnd, device, row_offset, traced=wrap),
     )
     return out
 
