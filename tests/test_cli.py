@@ -120,14 +120,11 @@ def test_bench_ops_writes_csv_with_every_op_and_provider(full_run: CliRun) -> No
     assert {r["unit"] for r in host if r["metric"] == "time"} == {"us"}
     assert {r["unit"] for r in host if r["metric"] == "ratio"} == {"x torch.add"}
     (add,) = [r for r in host if r["op"] == "torch.add"]
+    assert 0 < float(add["median"]) < math.inf
     for r in host:
-        if r["metric"] == "ratio":  # the ratio row is the time row over torch.add's
-            time_row = next(
-                t for t in host
-                if (t["op"], t["provider"], t["metric"]) == (r["op"], r["provider"], "time")
-            )  # fmt: skip
-            want = float(time_row["median"]) / float(add["median"])
-            assert float(r["median"]) == pytest.approx(want, rel=1e-9)
+        if r["metric"] == "ratio":  # time over the torch.add timed just before: > 0, finite
+            med, p20, p80 = (float(r[q]) for q in ("median", "p20", "p80"))
+            assert 0 < p20 <= med <= p80 < math.inf
 
 
 def test_bench_ops_rows_carry_run_metadata(full_run: CliRun) -> None:

@@ -331,21 +331,24 @@ def run_ops_bench(config: OpsBenchConfig, *, progress: bool = True) -> list[dict
 
 def host_rows(config: OpsBenchConfig, info: RunInfo) -> list[dict]:
     """The ``host`` rows of ``config``: µs a call of each (op, provider) on the host case and of
-    one ``torch.add`` (op ``torch.add``, provider ``unfused``), and each one's ratio to it."""
+    one ``torch.add`` (op ``torch.add``, provider ``unfused``: every sample taken), and each
+    one's ratio to the ``torch.add`` timed just before it (so that a busy machine slows both
+    sides of a ratio alike)."""
     device = parse_device(config.device)
     dtype = DTYPES[config.dtype]
     add_case = OpCase("torch.add", "unfused", HOST_SHAPE, dtype, device,
                       host_baseline(dtype, device), 0)  # fmt: skip
-    add = measure_host(add_case.fn, device)
-    rows = [_host_row(add_case, add, info, "time", "us")]
+    rows, add_samples = [], []
     for op in config.ops:
         for provider in config.providers:
             case = build_host_case(op, provider, dtype=dtype, device=device, seed=config.seed)
+            add = measure_host(add_case.fn, device)
+            add_samples += add.samples
             with forced_backend(case.backend):
                 timing = measure_host(case.fn, device)
             rows.append(_host_row(case, timing, info, "time", "us"))
             rows.append(_host_row(case, _ratio_timing(timing, add), info, "ratio", "x torch.add"))
-    return rows
+    return [_host_row(add_case, summarize(add_samples), info, "time", "us"), *rows]
 
 
 def _ratio_timing(timing: Timing, base: Timing) -> Timing:

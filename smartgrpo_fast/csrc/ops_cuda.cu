@@ -211,11 +211,13 @@ __device__ __forceinline__ int64_t elite_at(const SgfCemUpdateArgs& a, int64_t b
                         : static_cast<const int64_t*>(a.elite_idx)[at];
 }
 
-//! s1 += n, s2 += n^2, element by element.
-__device__ __forceinline__ void accumulate(float s1[4], float s2[4], const float n[4]) {
+//! s1 += d, s2 += d^2 with d = n - c, element by element.
+__device__ __forceinline__ void accumulate(float s1[4], float s2[4], const float n[4],
+                                           const float c[4]) {
   for (int w = 0; w < 4; ++w) {
-    s1[w] += n[w];
-    s2[w] += n[w] * n[w];
+    const float d = n[w] - c[w];
+    s1[w] += d;
+    s2[w] += d * d;
   }
 }
 
@@ -235,10 +237,17 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t e0 = 4 * g;
       const int64_t valid = e0 < a.d ? min64(4, a.d - e0) : 0;
       bool bad = count < 0 || count > a.t;
-      // Sums of the standard normals and of their squares over the elites; eps = mu + sigma n
-      // is formed once at the end.
+      // Sums over the elites of d = n - c and d^2, n the standard normals and c the first
+      // elite's (a shift that keeps s2 - s1^2 / t free of cancellation); eps = mu + sigma n is
+      // formed once at the end.
       float s1[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s2[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      for (int64_t i0 = 0; i0 < used; i0 += kIdxStage) {
+      float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (used > 0) {
+        const int64_t j0 = elite_at(a, b, 0);
+        bad = bad || j0 < 0 || j0 >= a.k;
+        if (valid > 0) normals4(c, static_cast<uint32_t>(g), static_cast<uint32_t>(j0), b, key);
+      }
+      for (int64_t i0 = 1; i0 < used; i0 += kIdxStage) {
         const int64_t n_stage = min64(kIdxStage, used - i0);
         __syncthreads();  // the previous stage is consumed
         for (int64_t i = threadIdx.x; i < n_stage; i += kThreads) idx_s[i] = elite_at(a, b, i0 + i);
@@ -250,13 +259,13 @@ __global__ void __launch_bounds__(kThreads)
           float n_a[4], n_b[4];
           normals4(n_a, static_cast<uint32_t>(g), static_cast<uint32_t>(idx_s[i]), b, key);
           normals4(n_b, static_cast<uint32_t>(g), static_cast<uint32_t>(idx_s[i + 1]), b, key);
-          accumulate(s1, s2, n_a);
-          accumulate(s1, s2, n_b);
+          accumulate(s1, s2, n_a, c);
+          accumulate(s1, s2, n_b, c);
         }
         if (i < n_stage) {
           float n_a[4];
           normals4(n_a, static_cast<uint32_t>(g), static_cast<uint32_t>(idx_s[i]), b, key);
-          accumulate(s1, s2, n_a);
+          accumulate(s1, s2, n_a, c);
         }
       }
       const float t = static_cast<float>(used > 0 ? used : 1);  // a row of no elite: no 0 / 0
@@ -266,8 +275,8 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t e = w < valid ? e0 + w : 0;
         const float mu = param_at(a.mu, b, e);
         const float sigma = param_at(a.sigma, b, e);
-        const float mean_n = s1[w] / t;
-        const float d = s2[w] - (s1[w] * s1[w]) / t;  // exactly 0 for one elite
+        const float mean_n = c[w] + s1[w] / t;
+        const float d = s2[w] - (s1[w] * s1[w]) / t;  // shift-invariant; 0 for one elite
         const float var_n = d > 0.0f ? d / t : 0.0f;
         const float m = a.one_minus_alpha * mu + a.alpha * (mu + sigma * mean_n);
         mu_new[w] = bad ? nan : (unchanged ? mu : m);

@@ -40,6 +40,17 @@ from smartgrpo_fast.ops._common import (
     normalize_param,
     resolve_backend,
 )
+from smartgrpo_fast.ops._fast import (
+    MISSING,
+    U32,
+    U64,
+    PlanCache,
+    backend_env,
+    direct,
+    form,
+    int_words,
+    seed_words,
+)
 from smartgrpo_fast.ops._library import (
     compiling,
     define_op,
@@ -81,9 +92,9 @@ if triton is not None:
         return p
 
     @triton.jit
-    def _accumulate(s1, s2, n):
-        """(s1 + sum of n over its elites axis, s2 + sum of n^2): the (E, G) tile n."""
-        return s1 + tl.sum(n, axis=0), s2 + tl.sum(n * n, axis=0)
+    def _accumulate(s1, s2, d):
+        """(s1 + sum of d over its elites axis, s2 + sum of d^2): the (E, G) tile d."""
+        return s1 + tl.sum(d, axis=0), s2 + tl.sum(d * d, axis=0)
 
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "round_val", "row_offset_val", "K", "T"])
     def _cem_update_kernel(
@@ -144,38 +155,44 @@ if triton is not None:
             n_bad = tl.program_id(0) * 0
             n_used = T
 
-        # Sums of the standard normals n and of n^2 over the used elites, per element; eps =
-        # mu + sigma n is formed once at the end. ELITES elites a step: ELITES x GROUPS
-        # independent Philox chains, their indices loaded one step ahead (no dependent load);
-        # full steps first, unmasked, then the last partial one.
-        g = i_blk * GROUPS + tl.arange(0, GROUPS)[None, :]  # (1, G) Philox groups
-        e_offs = tl.arange(0, ELITES)
+        # Sums over the used elites of d = n - c and d^2, per element, with n the standard
+        # normals and c the first elite's (a shift that keeps S2 - S1^2 / T free of
+        # cancellation); eps = mu + sigma n is formed once at the end. After the first elite,
+        # ELITES elites a step: ELITES x GROUPS independent Philox chains, their indices loaded
+        # one step ahead (no dependent load); full steps unmasked, then the last partial one.
+        g1 = i_blk * GROUPS + tl.arange(0, GROUPS)  # (G,) Philox groups
+        g = g1[None, :]
         p_idx = idx_ptr + i_b * stride_idx_b
+        j0 = tl.load(p_idx, mask=n_used > 0, other=0).to(tl.int64)
+        n_bad += ((n_used > 0) & ((j0 < 0) | (j0 >= K))).to(tl.int32)
+        c_0, c_1, c_2, c_3 = philox_normal4(g1, j0, b_word, rnd, k0, k1)
+        e_offs = 1 + tl.arange(0, ELITES)  # elites 1, 2, ... of the row
         j_next = tl.load(p_idx + e_offs * stride_idx_t, mask=e_offs < n_used, other=0)
         zero = tl.zeros([GROUPS], dtype=tl.float32)
         s1_0, s1_1, s1_2, s1_3 = zero, zero, zero, zero
         s2_0, s2_1, s2_2, s2_3 = zero, zero, zero, zero
-        n_full = (n_used // ELITES) * ELITES
+        n_rest = tl.maximum(n_used - 1, 0)
+        n_full = (n_rest // ELITES) * ELITES
         for i0 in range(0, n_full, ELITES):
             j = j_next.to(tl.int64)
             nxt = i0 + ELITES + e_offs
             j_next = tl.load(p_idx + nxt * stride_idx_t, mask=nxt < n_used, other=0)
             n_bad += tl.sum(((j < 0) | (j >= K)).to(tl.int32), axis=0)
             n0, n1, n2, n3 = philox_normal4(g, j[:, None], b_word, rnd, k0, k1)
-            s1_0, s2_0 = _accumulate(s1_0, s2_0, n0)
-            s1_1, s2_1 = _accumulate(s1_1, s2_1, n1)
-            s1_2, s2_2 = _accumulate(s1_2, s2_2, n2)
-            s1_3, s2_3 = _accumulate(s1_3, s2_3, n3)
-        if n_full < n_used:
+            s1_0, s2_0 = _accumulate(s1_0, s2_0, n0 - c_0[None, :])
+            s1_1, s2_1 = _accumulate(s1_1, s2_1, n1 - c_1[None, :])
+            s1_2, s2_2 = _accumulate(s1_2, s2_2, n2 - c_2[None, :])
+            s1_3, s2_3 = _accumulate(s1_3, s2_3, n3 - c_3[None, :])
+        if n_full < n_rest:
             j = j_next.to(tl.int64)
             used = (n_full + e_offs) < n_used
             n_bad += tl.sum((used & ((j < 0) | (j >= K))).to(tl.int32), axis=0)
             n0, n1, n2, n3 = philox_normal4(g, j[:, None], b_word, rnd, k0, k1)
             w = used[:, None]
-            s1_0, s2_0 = _accumulate(s1_0, s2_0, tl.where(w, n0, 0.0))
-            s1_1, s2_1 = _accumulate(s1_1, s2_1, tl.where(w, n1, 0.0))
-            s1_2, s2_2 = _accumulate(s1_2, s2_2, tl.where(w, n2, 0.0))
-            s1_3, s2_3 = _accumulate(s1_3, s2_3, tl.where(w, n3, 0.0))
+            s1_0, s2_0 = _accumulate(s1_0, s2_0, tl.where(w, n0 - c_0[None, :], 0.0))
+            s1_1, s2_1 = _accumulate(s1_1, s2_1, tl.where(w, n1 - c_1[None, :], 0.0))
+            s1_2, s2_2 = _accumulate(s1_2, s2_2, tl.where(w, n2 - c_2[None, :], 0.0))
+            s1_3, s2_3 = _accumulate(s1_3, s2_3, tl.where(w, n3 - c_3[None, :], 0.0))
 
         # The (G, 4) element tile: element 4 g + w, from here on in registers.
         offs = (i_blk * BLOCK + 4 * tl.arange(0, GROUPS))[:, None] + tl.arange(0, 4)[None, :]
@@ -183,8 +200,8 @@ if triton is not None:
         s1 = quad_tile(s1_0, s1_1, s1_2, s1_3)
         s2 = quad_tile(s2_0, s2_1, s2_2, s2_3)
         t_f = tl.cast(tl.maximum(n_used, 1), tl.float32)  # a row of no elite: no 0 / 0
-        mean_n = s1 / t_f
-        # population variance of n: (S2 - S1^2 / T) / T, exactly 0 for one elite
+        mean_n = quad_tile(c_0, c_1, c_2, c_3) + s1 / t_f
+        # population variance of n: (S2 - S1^2 / T) / T (shift-invariant), 0 for one elite
         var_n = tl.maximum((s2 - (s1 * s1) / t_f) / t_f, 0.0)
         b_mu = _load_param_tile(mu_ptr, mu_val, i_b, offs, mask, stride_mu_b, stride_mu_e, MU_MODE)
         b_sigma = _load_param_tile(
@@ -710,8 +727,32 @@ def cem_update(
         (mu_new, sigma_new): float32 (B, *S) and float32 (B, *S), or (B,) when pooled.
 
     Calls ``torch.ops.smartgrpo_fast.cem_update`` (under ``torch.compile``, which skips the
-    argument checks, ``cem_update_triton`` when the backend is ``triton``).
+    argument checks, ``cem_update_triton`` when the backend is ``triton``); an eager call with
+    ``validate=False`` runs a cached plan instead (see :mod:`smartgrpo_fast.ops._fast`).
     """
+    if not validate and not compiling():
+        T = torch.Tensor  # the forms of the plan key, inline: see ops._fast.form
+        key = (
+            backend_env(), torch.is_grad_enabled(), k, k.__class__, per_element,
+            shape if shape.__class__ is torch.Size else (shape.__class__, *shape),
+            elite_idx.shape, elite_idx.stride(), elite_idx.dtype, elite_idx.device,
+            (mu.shape, mu.stride(), mu.dtype, mu.device, mu.requires_grad)
+            if isinstance(mu, T) else mu.__class__,
+            (sigma.shape, sigma.stride(), sigma.dtype, sigma.device, sigma.requires_grad)
+            if isinstance(sigma, T) else sigma.__class__,
+            int if seed.__class__ is int else form(seed),
+            int if round.__class__ is int else form(round),
+            int if row_offset.__class__ is int else form(row_offset),
+            None if counts is None else form(counts),
+        )  # fmt: skip
+        plan = _PLANS.lookup(key)
+        if plan is MISSING:
+            plan = _plan(mu, sigma, elite_idx, shape, k, seed, round, alpha, min_sigma,
+                         per_element, row_offset, counts)  # fmt: skip
+            _PLANS.put(key, plan)
+        out = plan(mu, sigma, elite_idx, seed, round, alpha, min_sigma, row_offset, counts)
+        if out is not None:
+            return out
     if not compiling():
         shape, seed, round, row_offset = _validate(
             mu, sigma, elite_idx, shape, k, seed, round, alpha, min_sigma, per_element,
@@ -784,3 +825,132 @@ def _validate(
     rnd = check_round(rnd, device, validate=validate)
     row_offset = check_row_offset(row_offset, batch, device, validate=validate)
     return shape, seed, rnd, row_offset
+
+
+_PLANS = PlanCache()
+_NUMBER = (int, float)
+
+
+def _plan(mu, sigma, elite_idx, shape, k, seed, rnd, alpha, min_sigma, per_element, row_offset,
+          counts):  # fmt: skip
+    """The fast path's plan for the forms of these arguments (validated here: a bad one
+    raises). The plan returns (mu_new, sigma_new), or None when a value no key holds is out of
+    range (then the slow path raises the usual error)."""
+    shape, _, _, _ = _validate(mu, sigma, elite_idx, shape, k, seed, rnd, alpha, min_sigma,
+                               per_element, False, row_offset, counts)  # fmt: skip
+    if not all(type(s) is int for s in shape):  # bools pass check_shape as ints: not in a key
+        return None
+    backend = resolve_backend(elite_idx.device)
+    batch, inner = shape[0], tuple(shape[1:])
+    device = elite_idx.device
+    sigma_shape = shape if per_element else (batch,)
+    mu_num, sigma_num = (not isinstance(x, torch.Tensor) for x in (mu, sigma))
+    ints = not any(isinstance(x, torch.Tensor) for x in (seed, rnd, row_offset))
+    offset_end = U32 - batch + 1  # row_offset + B <= 2**32
+    isfinite = math.isfinite
+
+    def ok(mu, sigma, seed, rnd, alpha, min_sigma, row_offset) -> bool:
+        return (
+            (not mu_num or isfinite(mu))
+            and (not sigma_num or (isfinite(sigma) and sigma >= 0))
+            and alpha.__class__ in _NUMBER
+            and 0.0 < alpha <= 1.0
+            and min_sigma.__class__ in _NUMBER
+            and isfinite(min_sigma)
+            and min_sigma >= 0
+            and (isinstance(seed, torch.Tensor) or 0 <= seed < U64)
+            and (isinstance(rnd, torch.Tensor) or 0 <= rnd < U32)
+            and (isinstance(row_offset, torch.Tensor) or 0 <= row_offset < offset_end)
+        )
+
+    if backend != "cpp":
+
+        def generic(mu, sigma, elite_idx, seed, rnd, alpha, min_sigma, row_offset, counts):
+            if not ok(mu, sigma, seed, rnd, alpha, min_sigma, row_offset):
+                return None
+            return _cem_update(
+                backend,
+                param_of(*param_arg(mu, batch, inner)),
+                param_of(*param_arg(sigma, batch, inner)),
+                elite_idx,
+                list(shape),
+                k,
+                seed,
+                rnd,
+                row_offset,
+                float(alpha),
+                float(min_sigma),
+                per_element,
+                counts,
+            )
+
+        return generic
+
+    from smartgrpo_fast.ops.sample_perturb import _cpp_param
+
+    op = direct(torch.ops.smartgrpo_fast.cem_update_out.default)
+    conv_mu = _cpp_param(mu, batch, inner)
+    conv_sigma = _cpp_param(sigma, batch, inner)
+
+    def cpp_general(mu, sigma, elite_idx, seed, rnd, alpha, min_sigma, row_offset, counts):
+        if not ok(mu, sigma, seed, rnd, alpha, min_sigma, row_offset):
+            return None
+        mu_out = alloc(shape, torch.float32, device)
+        sigma_out = alloc(sigma_shape, torch.float32, device)
+        op(
+            mu_out,
+            sigma_out,
+            *((None, float(mu)) if mu_num else (conv_mu(mu), 0.0)),
+            *((None, float(sigma)) if sigma_num else (conv_sigma(sigma), 0.0)),
+            elite_idx,
+            k,
+            *seed_words(seed),
+            *int_words(rnd),
+            *int_words(row_offset),
+            float(alpha),
+            float(min_sigma),
+            per_element,
+            counts,
+        )
+        return mu_out, sigma_out
+
+    if not ints:  # a seed, round or offset tensor
+        return cpp_general
+
+    def cpp(mu, sigma, elite_idx, seed, rnd, alpha, min_sigma, row_offset, counts):
+        # int seed, round and row offset: the hot loop's case, every check inline
+        if (
+            (mu_num and not isfinite(mu))
+            or (sigma_num and not (isfinite(sigma) and sigma >= 0))
+            or alpha.__class__ not in _NUMBER
+            or min_sigma.__class__ not in _NUMBER
+            or not (0.0 < alpha <= 1.0 and isfinite(min_sigma) and min_sigma >= 0)
+            or not (0 <= seed < U64 and 0 <= rnd < U32 and 0 <= row_offset < offset_end)
+        ):
+            return None
+        mu_out = alloc(shape, torch.float32, device)
+        sigma_out = alloc(sigma_shape, torch.float32, device)
+        op(
+            mu_out,
+            sigma_out,
+            None if mu_num else conv_mu(mu),
+            mu if mu_num else 0.0,
+            None if sigma_num else conv_sigma(sigma),
+            sigma if sigma_num else 0.0,
+            elite_idx,
+            k,
+            None,
+            seed & 0xFFFFFFFF,
+            seed >> 32,
+            None,
+            rnd,
+            None,
+            row_offset,
+            alpha,
+            min_sigma,
+            per_element,
+            counts,
+        )
+        return mu_out, sigma_out
+
+    return cpp
