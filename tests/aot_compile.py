@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from smartgrpo_fast.ops.cem_update import _cem_update_kernel
+from smartgrpo_fast.ops.cem_update import ELITES, _cem_pool_kernel, _cem_update_kernel
 from smartgrpo_fast.ops.philox import _philox_bits_kernel, _philox_normal_kernel
 from smartgrpo_fast.ops.sample_perturb import _sample_perturb_kernel
 from smartgrpo_fast.ops.topk_select import _topk_select_kernel
@@ -104,8 +104,13 @@ def variants() -> Iterator[Variant]:
             f"cem_update[per_element={per_element}, counts={has_counts}]",
             _cem_update_kernel,
             {"MU_MODE": 2, "SIGMA_MODE": 2 if per_element else 1, "PER_ELEMENT": per_element,
-             "HAS_COUNTS": has_counts, **seeds, "BLOCK": 1024},
+             "HAS_COUNTS": has_counts, **seeds, "BLOCK": 1024, "ELITES": ELITES},
         )  # fmt: skip
+    yield Variant(
+        "cem_update[pool, counts=True]",
+        _cem_pool_kernel,
+        {"SIGMA_MODE": 1, "HAS_COUNTS": True, "BLOCK_P": 256},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

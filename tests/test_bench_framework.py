@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,31 @@ def test_measure_runs_warmup_then_repeats_without_grad() -> None:
     assert len(grad_enabled) == 7 and not any(grad_enabled)
     assert len(t.samples) == 5 and all(s >= 0 for s in t.samples)
     assert t.p20 <= t.median <= t.p80
+
+
+def test_measure_host_gives_microseconds_a_call_per_round() -> None:
+    calls = []
+    t = timing.measure_host(lambda: calls.append(torch.is_grad_enabled()), CPU, calls=7,
+                            rounds=3, warmup=2)  # fmt: skip
+    assert len(calls) == 2 + 7 * 3 and not any(calls)
+    assert len(t.samples) == 3 and all(s >= 0 for s in t.samples)
+    slow = timing.measure_host(lambda: time.sleep(1e-3), CPU, calls=2, rounds=1, warmup=0)
+    assert slow.median >= 1000.0  # µs
+
+
+def test_measure_graph_needs_cuda() -> None:
+    with pytest.raises(ValueError, match=r"^device: measure_graph needs a CUDA device"):
+        timing.measure_graph(lambda: None, CPU)
+
+
+@pytest.mark.cuda
+def test_measure_graph_times_the_kernels_of_a_captured_call() -> None:
+    x = torch.randn(1 << 20, device="cuda")
+    t = timing.measure_graph(lambda: x.mul_(1.0), torch.device("cuda"), calls=10, replays=3)
+    assert len(t.samples) == 3 and 0 < t.median < 1.0  # ms a call: one 4 MiB kernel
+    eager = timing.measure(lambda: x.mul_(1.0), torch.device("cuda"), warmup=1, repeats=3,
+                           sync_each=True)  # fmt: skip
+    assert eager.median > 0
 
 
 def test_synchronize_on_cpu_does_nothing() -> None:
@@ -224,8 +250,8 @@ def test_run_caption_names_the_run() -> None:
 
 #: What the ops suite itself defines; every other name of bench.ops is a re-export.
 OPS_OWN = set(
-    "BASELINES CPU_PROVIDERS CPU_SIZES CUDA_PROVIDERS CUDA_SIZES OpsBenchConfig format_table "
-    "plot_csv run_ops_bench speedup_rows".split()
+    "BASELINES CPU_PROVIDERS CPU_SIZES CUDA_PROVIDERS CUDA_SIZES MODES OpsBenchConfig "
+    "format_host_table format_table host_rows plot_csv run_ops_bench speedup_rows".split()
 )
 
 

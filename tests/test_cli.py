@@ -100,24 +100,42 @@ def test_bench_ops_writes_csv_with_every_op_and_provider(full_run: CliRun) -> No
     assert header == list(CSV_FIELDS)
     assert set(header) >= REQUIRED_COLUMNS
     units = _speedup_units(default_providers())
+    timed = [r for r in rows if r["mode"] == "eager"]  # CPU: no kernel mode
+    host = [r for r in rows if r["mode"] == "host"]
+    assert len(timed) + len(host) == len(rows)
     for op in OPS:
         for metric in ("time", "bandwidth"):
-            providers = {r["provider"] for r in rows if r["op"] == op and r["metric"] == metric}
+            providers = {r["provider"] for r in timed if r["op"] == op and r["metric"] == metric}
             assert providers == set(default_providers()), (op, metric)
-        speedups = [r for r in rows if r["op"] == op and r["metric"] == "speedup"]
+        speedups = [r for r in timed if r["op"] == op and r["metric"] == "speedup"]
         assert {r["unit"] for r in speedups} == units, op
         assert len(speedups) == len(units), op
-    assert len(rows) == len(OPS) * (2 * len(default_providers()) + len(units))
-    assert {r["unit"] for r in rows if r["metric"] == "time"} == {"ms"}
-    assert {r["unit"] for r in rows if r["metric"] == "bandwidth"} == {"GB/s"}
+        for metric in ("time", "ratio"):  # the host case: every provider, time and ratio
+            providers = {r["provider"] for r in host if r["op"] == op and r["metric"] == metric}
+            assert providers == set(default_providers()), (op, metric)
+    assert len(timed) == len(OPS) * (2 * len(default_providers()) + len(units))
+    assert len(host) == 1 + 2 * len(OPS) * len(default_providers())  # + one torch.add
+    assert {r["unit"] for r in timed if r["metric"] == "time"} == {"ms"}
+    assert {r["unit"] for r in timed if r["metric"] == "bandwidth"} == {"GB/s"}
+    assert {r["unit"] for r in host if r["metric"] == "time"} == {"us"}
+    assert {r["unit"] for r in host if r["metric"] == "ratio"} == {"x torch.add"}
+    (add,) = [r for r in host if r["op"] == "torch.add"]
+    assert 0 < float(add["median"]) < math.inf
+    for r in host:
+        if r["metric"] == "ratio":  # time over the torch.add timed just before: > 0, finite
+            med, p20, p80 = (float(r[q]) for q in ("median", "p20", "p80"))
+            assert 0 < p20 <= med <= p80 < math.inf
 
 
 def test_bench_ops_rows_carry_run_metadata(full_run: CliRun) -> None:
     _, rows = _read_csv(full_run.out / "ops_cpu_float32.csv")
     for row in rows:
-        assert row["mode"] == "forward"
-        assert int(row["x"]) == 4096  # 16 candidates of a (16, 4, 4) latent
-        assert (int(row["k"]), row["latent"]) == (16, "16x4x4")
+        assert row["mode"] in ("eager", "host")
+        if row["mode"] == "eager":
+            assert int(row["x"]) == 4096  # 16 candidates of a (16, 4, 4) latent
+            assert (int(row["k"]), row["latent"]) == (16, "16x4x4")
+        else:  # the host case: 4 candidates of a (4, 8, 8) latent
+            assert (int(row["x"]), int(row["k"]), row["latent"]) == (1024, 4, "4x8x8")
         assert row["dtype"] == "float32"
         assert row["device"] == "cpu"
         assert row["device_name"]
@@ -152,8 +170,11 @@ def test_bench_ops_prints_table_and_paths(full_run: CliRun) -> None:
     for provider in default_providers():
         assert f"{provider} ms" in full_run.stdout
         assert f"{provider} GB/s" in full_run.stdout
-    for header in ("K·D", *_speedup_units(default_providers())):
+    for header in ("K·D", "mode", *_speedup_units(default_providers())):
         assert header in full_run.stdout
+    assert "torch.add" in full_run.stdout  # the host table
+    for provider in default_providers():
+        assert f"{provider} µs" in full_run.stdout and f"{provider}/add" in full_run.stdout
     for suffix in ("csv", "json"):
         assert str(full_run.out / f"ops_cpu_float32.{suffix}") in full_run.stdout
 
@@ -163,7 +184,7 @@ def test_bench_ops_subset_dtype_and_no_plot(tmp_path: Path) -> None:
     run = _run(argv, tmp_path)
     assert run.code == 0
     _, rows = _read_csv(tmp_path / "ops_cpu_bfloat16.csv")
-    assert {r["op"] for r in rows} == {"x0_estimate"}
+    assert {r["op"] for r in rows} == {"x0_estimate", "torch.add"}  # + the host yardstick
     assert {r["dtype"] for r in rows} == {"bfloat16"}
     assert not list(tmp_path.glob("*.png"))
     assert "sample_perturb" not in run.stdout
@@ -176,7 +197,7 @@ def test_size_that_is_not_latent_shaped_is_rounded_down_with_a_note(tmp_path: Pa
     assert (shape.k, shape.latent, shape.elements) == (19, (16, 4, 4), 4864)
     assert "runs as K·D = 4864" in run.stderr
     _, rows = _read_csv(tmp_path / "ops_cpu_float32.csv")
-    assert {int(r["x"]) for r in rows} == {4864}
+    assert {int(r["x"]) for r in rows if r["mode"] != "host"} == {4864}
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -245,6 +266,7 @@ def test_table_marks_a_missing_provider() -> None:
     row = {
         "op": "x0_estimate",
         "provider": "cpp",
+        "mode": "eager",
         "metric": "time",
         "x": 4096,
         "k": 16,
@@ -310,6 +332,15 @@ def test_speedup_rows_divide_baseline_by_provider() -> None:
         ("reference", "unfused/reference"): 0.25,
         ("cpp", "reference/cpp"): 8.0,
     }
+    # modes are never mixed: a kernel row is compared with the kernel rows of the run only
+    eager = [r | {"mode": "eager"} for r in rows]
+    kernel = [
+        time_row("cpp", 0.5) | {"mode": "kernel"},
+        time_row("unfused", 4.0) | {"mode": "kernel"},
+    ]
+    got = {(r["mode"], r["unit"]): r["median"] for r in speedup_rows(eager + kernel)}
+    assert got[("eager", "unfused/cpp")] == 2.0 and got[("kernel", "unfused/cpp")] == 8.0
+    assert ("kernel", "reference/cpp") not in got
 
 
 def _subparsers(parser: argparse.ArgumentParser, prefix: str = "") -> list:

@@ -211,3 +211,103 @@ def test_cem_update_counts_match_reference(monkeypatch, gpu_backend, per_element
     assert_close(got[0].cpu(), ref[0], atol=1e-5, rtol=1e-5, name="mu_new")
     assert_close(got[1].cpu(), ref[1], atol=1e-5, rtol=1e-5, name="sigma_new")
     assert torch.equal(got[0][0].cpu(), mu[0]) and torch.equal(got[1][0].cpu(), sigma[0])
+
+
+# --------------------------------------------------------------------------------------
+# CUDA-graph capture of every argument form, on both GPU backends
+# --------------------------------------------------------------------------------------
+
+
+def _use_gpu_backend(monkeypatch, name: str) -> None:
+    if name == "cuda":
+        from smartgrpo_fast.ops import _cpp
+
+        if not (ext := _cpp.cuda_extension()).ok:
+            pytest.skip(f"the CUDA C++ extension could not be built: {ext.reason}")
+    monkeypatch.setenv("SMARTGRPO_BACKEND", name)
+
+
+def _replayed(fn):
+    """``fn()`` captured in a CUDA graph (after a warm-up call on the capture stream) and
+    replayed once: the graph's outputs."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
+
+
+def _forms(b: int, s: tuple[int, ...]) -> dict:
+    """Every form of a float parameter: a float, 0-d, (B,), per element (and expanded)."""
+    gen = torch.Generator().manual_seed(3)
+    return {
+        "float": 0.7,
+        "0d": torch.tensor(0.6, device=CUDA),
+        "row": (torch.rand(b, generator=gen) + 0.5).to(CUDA),
+        "elem": (torch.rand(b, *s, generator=gen) + 0.5).to(CUDA),
+        "expanded": (torch.rand(1, *s, generator=gen) + 0.5).to(CUDA).expand(b, *s),
+    }
+
+
+def _ints(as_tensor: bool, seed: int, rnd: int, offset: int) -> dict:
+    if not as_tensor:
+        return dict(seed=seed, round=rnd, row_offset=offset)
+    return {name: torch.tensor(v, device=CUDA) for name, v in
+            (("seed", seed), ("round", rnd), ("row_offset", offset))}  # fmt: skip
+
+
+@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+@pytest.mark.parametrize("tensor_ints", [False, True])
+def test_sample_perturb_every_argument_form_is_capturable(monkeypatch, gpu_backend, tensor_ints):
+    _use_gpu_backend(monkeypatch, gpu_backend)
+    b, k, s = 2, 3, (4, 33)
+    mean = torch.randn(b, *s, device=CUDA).bfloat16()
+    forms = _forms(b, s)
+    for mu_form in forms:
+        for sigma_form in forms:
+            for scale_form in ("float", "0d", "row"):
+                args = (mean, forms[mu_form], forms[sigma_form], forms[scale_form])
+                kw = dict(k=k, **_ints(tensor_ints, 11, 2, 1))
+                got = _replayed(lambda args=args, kw=kw: sample_perturb(*args, **kw))
+                want = sample_perturb(*args, **kw)
+                assert torch.equal(got, want), (mu_form, sigma_form, scale_form)
+
+
+@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+@pytest.mark.parametrize("tensor_ints", [False, True])
+@pytest.mark.parametrize("with_counts", [False, True])
+def test_cem_update_every_argument_form_is_capturable(
+    monkeypatch, gpu_backend, tensor_ints, with_counts
+):
+    _use_gpu_backend(monkeypatch, gpu_backend)
+    b, k, t, s = 3, 8, 3, (4, 600)  # several blocks a row
+    idx = torch.stack([torch.randperm(k)[:t] for _ in range(b)]).to(CUDA)
+    counts = torch.tensor([0, 1, 3], device=CUDA) if with_counts else None
+    forms = _forms(b, s)
+    for per_element in (True, False):
+        sigma_forms = forms if per_element else ("float", "0d", "row")
+        for mu_form in forms:
+            for sigma_form in sigma_forms:
+                args = (forms[mu_form], forms[sigma_form], idx)
+                kw = dict(shape=(b, *s), k=k, alpha=0.7, min_sigma=0.05, per_element=per_element,
+                          counts=counts, **_ints(tensor_ints, 5, 1, 2))  # fmt: skip
+                got = _replayed(lambda args=args, kw=kw: cem_update(*args, **kw))
+                want = cem_update(*args, **kw)
+                for g, w in zip(got, want, strict=True):
+                    assert torch.equal(g, w), (per_element, mu_form, sigma_form)
+
+
+@pytest.mark.parametrize("t_form", ["float", "0d", "row"])
+def test_x0_estimate_every_argument_form_is_capturable(t_form) -> None:
+    z = torch.randn(4, 3, 40, device=CUDA).half()
+    v = torch.randn(4, 3, 40, device=CUDA)
+    t = {"float": 0.3, "0d": torch.tensor(0.4, device=CUDA),
+         "row": torch.rand(4, device=CUDA)}[t_form]  # fmt: skip
+    got = _replayed(lambda: x0_estimate(z, v, t, scaling=1.5, shift=0.1))
+    assert torch.equal(got, x0_estimate(z, v, t, scaling=1.5, shift=0.1))

@@ -79,11 +79,12 @@ def test_sample_perturb_non_contiguous(small_blocks, monkeypatch, run_reference,
 
 @pytest.mark.parametrize("per_element", [True, False])
 @pytest.mark.parametrize("counts", [None, [0, 1, 3]])
+@pytest.mark.parametrize("k,t", [(6, 3), (18, 9)])  # 9: two full steps of 4 elites, then 1
 def test_cem_update_non_contiguous(
-    small_blocks, monkeypatch, run_reference, per_element, counts
+    small_blocks, monkeypatch, run_reference, per_element, counts, k, t
 ) -> None:
     gen = torch.Generator().manual_seed(2)
-    b, k, t = 3, 6, 3
+    b = 3
     mu = (0.2 * torch.randn(D, b, generator=gen)).t()  # (B, D), non-contiguous
     if per_element:
         sigma = (torch.rand(D, b, generator=gen) + 0.5).t()

@@ -363,3 +363,16 @@ def test_device_check_accepts_the_current_cuda_device_by_either_name(monkeypatch
     _common.check_same_device(torch.device("cuda"), row_offset=offset)
     with pytest.raises(ValueError, match=r"row_offset: expected a tensor on cuda:1"):
         _common.check_same_device(torch.device("cuda", 1), row_offset=offset)
+
+
+def test_a_float_parameter_is_filled_on_the_device_not_copied(monkeypatch) -> None:
+    """Param.values of a float: torch.full (a fill kernel), never torch.tensor(value,
+    device=...) (a pageable host copy: it synchronises a CUDA stream and cannot be captured)."""
+    from smartgrpo_fast.ops._common import Mode, Param
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("torch.tensor called: a host-to-device copy")
+
+    monkeypatch.setattr(torch, "tensor", no_copy)
+    v = Param(Mode.SCALAR, value=0.25).values(3, 5, torch.device("cpu"))
+    assert v.dim() == 0 and v.dtype == torch.float32 and float(v) == 0.25

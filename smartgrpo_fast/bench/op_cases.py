@@ -14,7 +14,8 @@ Providers
 * ``unfused``: the plain PyTorch a user would write without the library:
 
   - sample_perturb: ``n = torch.randn(B, K, *S)`` materialised, then
-    ``mean[:, None] + scale[:, None, None, None, None] * (mu[:, None] + sigma[:, None] * n)``;
+    ``mean[:, None] + scale[:, None, None, None, None] * (mu[:, None] + sigma[:, None] * n)``
+    (on CUDA from the default generator, which a CUDA graph can capture);
   - x0_estimate: ``(z - t * v) / scaling + shift`` as separate torch ops;
   - topk_select: ``torch.topk(torch.nan_to_num(r, nan=-inf), T).indices``;
   - cem_update: the elites gathered from the (B, K, *S) noise ``n`` kept from sampling
@@ -29,6 +30,10 @@ largest power of two with H <= 128 and K = x // D >= 16; so 1M is K = 16 at (16,
 at 512 px), 4M is K = 16 at (16, 128, 128) (1024 px), and larger sizes add candidates (64M is
 K = 256). T = K // 4 elites. ``x`` in the results is the actual K·D: the requested size when
 that is a power of two >= 256, else the largest such count below it. See :func:`case_shape`.
+
+The host case (:func:`build_host_case`) is one tiny call instead: B = 1, K = 4, S = (4, 8, 8),
+T = 2, so that the time is the library's own host work; its baseline
+(:func:`host_baseline`) is one ``torch.add`` of the (1, 4, 4, 8, 8) tensor to itself.
 
 The latents (mean, z, v) use the configured dtype; rewards, mu and sigma are float32, as the
 reward models and :func:`~smartgrpo_fast.ops.cem_update` produce them. Every row records the
@@ -56,11 +61,14 @@ from smartgrpo_fast.ops import (
 
 __all__ = [
     "BACKEND_PROVIDERS",
+    "HOST_SHAPE",
     "MIN_SIZE",
     "OPS",
     "PROVIDERS",
     "build_case",
+    "build_host_case",
     "case_shape",
+    "host_baseline",
     "provider_problem",
 ]
 
@@ -72,6 +80,8 @@ BACKEND_PROVIDERS: tuple[str, ...] = ("cpp", "reference", "triton", "cuda")
 PROVIDERS: tuple[str, ...] = (*BACKEND_PROVIDERS, "unfused")
 #: Smallest size: 16 candidates of a (16, 1, 1) latent.
 MIN_SIZE = 256
+#: The host case: one row, 4 candidates of a (4, 8, 8) latent, 2 elites (1,024 elements).
+HOST_SHAPE = CaseShape(batch=1, k=4, latent=(4, 8, 8), elites=2)
 
 _CHANNELS = 16  # SD3 latent channels
 _MAX_SIDE = 128  # SD3 latent side at 1024 px
@@ -152,7 +162,8 @@ def _build_sample_perturb(req: _Request) -> Callable[[], torch.Tensor]:
         return lambda: sample_perturb(
             mean, mu, sigma, scale, k=k, seed=req.seed, round=0, validate=req.validate
         )
-    noise_gen = req.generator(offset=1)
+    # CUDA: the default generator, which graph capture handles (a private one it refuses)
+    noise_gen = req.generator(offset=1) if device.type != "cuda" else None
     scale5 = scale[:, None, None, None, None]
 
     def unfused() -> torch.Tensor:
@@ -263,9 +274,46 @@ def build_case(
         raise ValueError(f"op: expected one of {', '.join(OPS)}, got {op!r}")
     if provider not in PROVIDERS:
         raise ValueError(f"provider: expected one of {', '.join(PROVIDERS)}, got {provider!r}")
+    return _build(op, provider, case_shape(size), dtype, device, seed, validate)
+
+
+def build_host_case(
+    op: str,
+    provider: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    validate: bool = False,
+) -> OpCase:
+    """The host case of ``op``: :data:`HOST_SHAPE`, otherwise as :func:`build_case`."""
+    if op not in _SPECS:
+        raise ValueError(f"op: expected one of {', '.join(OPS)}, got {op!r}")
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider: expected one of {', '.join(PROVIDERS)}, got {provider!r}")
+    return _build(op, provider, HOST_SHAPE, dtype, device, seed, validate)
+
+
+def host_baseline(
+    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> Callable[[], torch.Tensor]:
+    """One ``torch.add`` of a (1, 4, 4, 8, 8) tensor to itself: the host cases' yardstick."""
+    x = torch.ones((HOST_SHAPE.batch, HOST_SHAPE.k, *HOST_SHAPE.latent), dtype=dtype,
+                   device=torch.device(device))  # fmt: skip
+    return lambda: torch.add(x, x)
+
+
+def _build(
+    op: str,
+    provider: str,
+    shape: CaseShape,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    seed: int,
+    validate: bool,
+) -> OpCase:
     spec = _SPECS[op]
     device = torch.device(device)
-    shape = case_shape(size)
     op_dtype = dtype if spec.latent_dtype else torch.float32
     fn = spec.build(_Request(shape, provider, op_dtype, device, seed, validate))
     nbytes = spec.min_bytes(shape, op_dtype)

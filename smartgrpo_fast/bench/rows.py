@@ -71,12 +71,16 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else math.inf
 
 
-def measurement_rows(case: OpCase, timing: Timing, info: RunInfo, repeats: int) -> list[dict]:
-    """The ``time`` (ms) and ``bandwidth`` (GB/s, from ``case.min_bytes``) rows of a case."""
+def measurement_rows(
+    case: OpCase, timing: Timing, info: RunInfo, repeats: int, mode: str = _MODE
+) -> list[dict]:
+    """The ``time`` (ms) and ``bandwidth`` (GB/s, from ``case.min_bytes``) rows of a case;
+    ``mode`` says how it was timed (``forward`` by default; the ops suite writes ``eager`` or
+    ``kernel``)."""
     base = {
         "op": case.op,
         "provider": case.provider,
-        "mode": _MODE,
+        "mode": mode,
         "x_name": "K*D",
         "x": case.shape.elements,
         "k": case.shape.k,

@@ -49,18 +49,41 @@ void check_out(const at::Tensor& t, const char* name, int64_t numel) {
   TORCH_CHECK(t.numel() == numel, name, ": expected ", numel, " elements, got ", t.numel());
 }
 
-//! A (rows, D) view as cpu::Strided; ``keep`` holds a float32 copy of a float64 tensor.
+//! A (rows, D) tensor as cpu::Strided; ``keep`` holds a float32 copy of a float64 tensor. A
+//! (rows, *S) tensor with prod(S) = D is viewed as (rows, D) here (a copy only when its strides
+//! allow no view), so that the Python caller need not make the view.
 cpu::Strided strided(const at::Tensor& t, const char* name, int64_t rows, int64_t d,
                      at::Tensor& keep) {
   check_cpu(t, name);
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == d, name, ": expected shape (",
-              rows, ", ", d, "), got ", t.sizes());
-  keep = t.scalar_type() == at::kDouble ? t.to(at::kFloat) : t;
+  TORCH_CHECK(t.dim() >= 2 && t.size(0) == rows && t.numel() == rows * d, name,
+              ": expected shape (", rows, ", ", d, ") or (", rows, ", *S) with prod(S) = ", d,
+              ", got ", t.sizes());
+  keep = t;
+  int64_t stride_e = t.stride(t.dim() - 1);
+  if (t.dim() > 2) {
+    // (rows, *S) as (rows, D) without a new tensor when the trailing dims are one strided run
+    // (dims of size 1 have no say); otherwise the reshape (a copy if need be)
+    int64_t span = 1;
+    bool run = true;
+    for (int64_t i = t.dim() - 1; i >= 1 && run; --i) {
+      if (t.size(i) == 1) continue;
+      run = t.stride(i) == stride_e * span;
+      span *= t.size(i);
+    }
+    if (!run) {
+      keep = t.reshape({rows, d});
+      stride_e = keep.stride(1);
+    }
+  }
+  if (keep.scalar_type() == at::kDouble) {
+    keep = keep.reshape({rows, d}).to(at::kFloat);
+    stride_e = keep.stride(1);
+  }
   cpu::Strided s;
   s.data = keep.data_ptr();
   s.dtype = storage_dtype(keep, name);
   s.stride_b = keep.stride(0);
-  s.stride_e = keep.stride(1);
+  s.stride_e = stride_e;
   return s;
 }
 
@@ -76,7 +99,8 @@ std::vector<float> row_values(const std::optional<at::Tensor>& t, double value, 
   return std::vector<float>(p, p + rows);
 }
 
-//! A Param: per row (None or a (rows,) tensor) or per element (a (rows, D) tensor).
+//! A Param: per row (None or a (rows,) tensor) or per element (a (rows, D) or (rows, *S)
+//! tensor).
 struct ParamHolder {
   std::vector<float> rows;
   at::Tensor keep;
@@ -85,7 +109,7 @@ struct ParamHolder {
 
 void make_param(ParamHolder& h, const std::optional<at::Tensor>& t, double value, int64_t rows,
                 int64_t d, const char* name) {
-  if (t.has_value() && t->dim() == 2) {
+  if (t.has_value() && t->dim() >= 2) {
     h.param.elem = strided(*t, name, rows, d, h.keep);
     return;
   }
@@ -174,8 +198,8 @@ void sample_perturb_out(at::Tensor& out, const at::Tensor& mean,
                         const std::optional<at::Tensor>& seed_t, int64_t seed_lo, int64_t seed_hi,
                         const std::optional<at::Tensor>& round_t, int64_t round,
                         const std::optional<at::Tensor>& row_offset_t, int64_t row_offset) {
-  TORCH_CHECK(mean.dim() == 2, "mean: expected a (B, D) view");
-  const int64_t batch = mean.size(0), d = mean.size(1);
+  TORCH_CHECK(mean.dim() >= 2 && mean.size(0) > 0, "mean: expected a (B, D) or (B, *S) tensor");
+  const int64_t batch = mean.size(0), d = mean.numel() / batch;
   TORCH_CHECK(out.dim() >= 2 && out.size(0) == batch, "out: expected (B, k, *S)");
   const int64_t k = out.size(1);
   check_out(out, "out", batch * k * d);
@@ -204,8 +228,8 @@ void sample_perturb_out(at::Tensor& out, const at::Tensor& mean,
 void x0_estimate_out(at::Tensor& out, const at::Tensor& z, const at::Tensor& v,
                      const std::optional<at::Tensor>& t, double t_val, double scaling,
                      double shift) {
-  TORCH_CHECK(z.dim() == 2, "z: expected an (N, D) view");
-  const int64_t rows = z.size(0), d = z.size(1);
+  TORCH_CHECK(z.dim() >= 2 && z.size(0) > 0, "z: expected an (N, D) or (N, *S) tensor");
+  const int64_t rows = z.size(0), d = z.numel() / rows;
   check_out(out, "out", rows * d);
   at::Tensor z_keep, v_keep;
   cpu::X0EstimateArgs a;

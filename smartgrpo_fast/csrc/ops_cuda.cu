@@ -10,7 +10,13 @@
 // Layout of the work: a thread block of kThreads threads covers kThreads * 4 elements of one
 // row; each thread owns one Philox group (4 consecutive elements: one Philox call, two
 // Box-Muller pairs) and loops over candidates (sample_perturb) or elites (cem_update). Program
-// ids run in a grid-stride loop, so any size fits the grid limits.
+// ids run in a grid-stride loop, so any size fits the grid limits. cem_update's grid is 2-D,
+// (element block, row): a block stages its row's elite indices in shared memory once and draws
+// two elites per step, two independent Philox chains per thread.
+//
+// sin and cos of the Box-Muller angle (in [0, 2 pi]) share one Cody-Waite range reduction
+// (sincos_0_2pi, the Cephes polynomials of the C++ CPU ops, bit for bit the same under
+// --fmad=false): no slow path for large arguments, which the angle never needs.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -113,10 +119,31 @@ __device__ __forceinline__ sgf::StreamKey load_key(const SgfKeyArgs& k) {
   return key;
 }
 
+//! sin x and cos x for x in [0, 2 pi]: Cephes sinf/cosf, three-part Cody-Waite reduction
+//! (the sincos_0_2pi of cpu_kernels.inc).
+__device__ __forceinline__ void sincos_0_2pi(float x, float* s, float* c) {
+  int32_t j = static_cast<int32_t>(x * 1.27323954473516f);  // x / (pi / 4), truncated
+  j = (j + 1) & ~1;
+  const float y = static_cast<float>(j);
+  const float r = ((x - y * 0.78515625f) - y * 2.4187564849853515625e-4f) -
+                  y * 3.77489497744594108e-8f;  // x - j pi / 4, in [-pi / 4, pi / 4]
+  const float z = r * r;
+  const float ps = ((-1.9515295891E-4f * z + 8.3321608736E-3f) * z - 1.6666654611E-1f) * z * r + r;
+  const float pc = ((2.443315711809948E-5f * z - 1.388731625493765E-3f) * z +
+                    4.166664568298827E-2f) * z * z -
+                   0.5f * z + 1.0f;
+  const int32_t q = j >> 1;  // quadrant, 0..4
+  const bool swap = (q & 1) != 0;
+  const float sv = swap ? pc : ps;
+  const float cv = swap ? ps : pc;
+  *s = (q & 2) != 0 ? -sv : sv;
+  *c = ((q + 1) & 2) != 0 ? -cv : cv;
+}
+
 __device__ __forceinline__ void box_muller(uint32_t xa, uint32_t xb, float& n0, float& n1) {
   const float r = sqrtf(-2.0f * logf(sgf::uniform01(xa)));
   float s, c;
-  sincosf(sgf::uniform01(xb) * sgf::kTwoPiF32, &s, &c);
+  sincos_0_2pi(sgf::uniform01(xb) * sgf::kTwoPiF32, &s, &c);
   n0 = r * c;
   n1 = r * s;
 }
@@ -176,67 +203,96 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+constexpr int kIdxStage = 256;  // elite indices staged in shared memory at a time
+
+__device__ __forceinline__ int64_t elite_at(const SgfCemUpdateArgs& a, int64_t b, int64_t i) {
+  const int64_t at = b * a.idx_stride_b + i * a.idx_stride_t;
+  return a.idx_is_int32 ? static_cast<const int32_t*>(a.elite_idx)[at]
+                        : static_cast<const int64_t*>(a.elite_idx)[at];
+}
+
+//! s1 += d, s2 += d^2 with d = n - c, element by element.
+__device__ __forceinline__ void accumulate(float s1[4], float s2[4], const float n[4],
+                                           const float c[4]) {
+  for (int w = 0; w < 4; ++w) {
+    const float d = n[w] - c[w];
+    s1[w] += d;
+    s2[w] += d * d;
+  }
+}
+
 __global__ void __launch_bounds__(kThreads)
     cem_update_kernel(SgfCemUpdateArgs a, int64_t n_blocks, double* var_part) {
   __shared__ double shared[kThreads / 32];
+  __shared__ int64_t idx_s[kIdxStage];
   const sgf::StreamKey key = load_key(a.key);
   const float nan = __int_as_float(0x7FC00000);
-  const int64_t n_programs = a.batch * n_blocks;
-  for (int64_t pid = blockIdx.x; pid < n_programs; pid += gridDim.x) {
-    const int64_t blk = pid % n_blocks;
-    const int64_t b = pid / n_blocks;
-    const int64_t g = blk * kThreads + threadIdx.x;
-    const int64_t e0 = 4 * g;
-    const int64_t valid = e0 < a.d ? min64(4, a.d - e0) : 0;
-    float mu[4], sigma[4], mean[4], m2[4];
-    for (int w = 0; w < 4; ++w) {
-      const int64_t e = w < valid ? e0 + w : 0;
-      mu[w] = param_at(a.mu, b, e);
-      sigma[w] = param_at(a.sigma, b, e);
-      mean[w] = 0.0f;
-      m2[w] = 0.0f;
-    }
+  for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
     // The elites used: the first counts[b] (a count outside [0, T] marks the row bad).
     const int64_t count = a.counts != nullptr ? a.counts[b * a.counts_stride] : a.t;
-    bool bad = count < 0 || count > a.t;
     const int64_t used = count < 0 ? 0 : (count > a.t ? a.t : count);
     const bool unchanged = count == 0;  // no elite: mu and sigma unchanged, no floor
-    for (int64_t i = 0; i < used; ++i) {
-      // Welford over the elites, on eps = mu + sigma * n.
-      const int64_t at = b * a.idx_stride_b + i * a.idx_stride_t;
-      const int64_t j = a.idx_is_int32 ? static_cast<const int32_t*>(a.elite_idx)[at]
-                                       : static_cast<const int64_t*>(a.elite_idx)[at];
-      bad = bad || j < 0 || j >= a.k;
-      if (valid == 0) continue;
-      float n[4];
-      normals4(n, static_cast<uint32_t>(g), static_cast<uint32_t>(j), b, key);
-      const float seen = static_cast<float>(i + 1);
-      for (int w = 0; w < 4; ++w) {
-        const float eps = mu[w] + sigma[w] * n[w];
-        const float delta = eps - mean[w];
-        mean[w] += delta / seen;
-        m2[w] += delta * (eps - mean[w]);
+    for (int64_t blk = blockIdx.x; blk < n_blocks; blk += gridDim.x) {
+      const int64_t g = blk * kThreads + threadIdx.x;
+      const int64_t e0 = 4 * g;
+      const int64_t valid = e0 < a.d ? min64(4, a.d - e0) : 0;
+      bool bad = count < 0 || count > a.t;
+      // Sums over the elites of d = n - c and d^2, n the standard normals and c the first
+      // elite's (a shift that keeps s2 - s1^2 / t free of cancellation); eps = mu + sigma n is
+      // formed once at the end.
+      float s1[4] = {0.0f, 0.0f, 0.0f, 0.0f}, s2[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (used > 0) {
+        const int64_t j0 = elite_at(a, b, 0);
+        bad = bad || j0 < 0 || j0 >= a.k;
+        if (valid > 0) normals4(c, static_cast<uint32_t>(g), static_cast<uint32_t>(j0), b, key);
       }
-    }
-    const float n_elites = static_cast<float>(used);
-    float mu_new[4], sigma_new[4];
-    double part = 0.0;
-    for (int w = 0; w < 4; ++w) {
-      const float var = m2[w] / n_elites;
-      const float m = a.one_minus_alpha * mu[w] + a.alpha * mean[w];
-      mu_new[w] = bad ? nan : (unchanged ? mu[w] : m);
-      const float s = a.one_minus_alpha * sigma[w] + a.alpha * sqrtf(var);
-      const float floored = s < a.min_sigma ? a.min_sigma : s;  // NaN s stays NaN
-      sigma_new[w] = bad ? nan : (unchanged ? sigma[w] : floored);
-      if (w < valid) part += static_cast<double>(var);
-    }
-    if (valid > 0) {
-      store4(a.mu_out, SGF_F32, b * a.d + e0, valid, mu_new);
-      if (a.per_element) store4(a.sigma_out, SGF_F32, b * a.d + e0, valid, sigma_new);
-    }
-    if (!a.per_element) {
-      const double total = block_sum(part, shared);
-      if (threadIdx.x == 0) var_part[pid] = bad ? static_cast<double>(nan) : total;
+      for (int64_t i0 = 1; i0 < used; i0 += kIdxStage) {
+        const int64_t n_stage = min64(kIdxStage, used - i0);
+        __syncthreads();  // the previous stage is consumed
+        for (int64_t i = threadIdx.x; i < n_stage; i += kThreads) idx_s[i] = elite_at(a, b, i0 + i);
+        __syncthreads();
+        for (int64_t i = 0; i < n_stage; ++i) bad = bad || idx_s[i] < 0 || idx_s[i] >= a.k;
+        if (valid == 0) continue;
+        int64_t i = 0;
+        for (; i + 1 < n_stage; i += 2) {  // two independent Philox chains a step
+          float n_a[4], n_b[4];
+          normals4(n_a, static_cast<uint32_t>(g), static_cast<uint32_t>(idx_s[i]), b, key);
+          normals4(n_b, static_cast<uint32_t>(g), static_cast<uint32_t>(idx_s[i + 1]), b, key);
+          accumulate(s1, s2, n_a, c);
+          accumulate(s1, s2, n_b, c);
+        }
+        if (i < n_stage) {
+          float n_a[4];
+          normals4(n_a, static_cast<uint32_t>(g), static_cast<uint32_t>(idx_s[i]), b, key);
+          accumulate(s1, s2, n_a, c);
+        }
+      }
+      const float t = static_cast<float>(used > 0 ? used : 1);  // a row of no elite: no 0 / 0
+      float mu_new[4], sigma_new[4];
+      double part = 0.0;
+      for (int w = 0; w < 4; ++w) {
+        const int64_t e = w < valid ? e0 + w : 0;
+        const float mu = param_at(a.mu, b, e);
+        const float sigma = param_at(a.sigma, b, e);
+        const float mean_n = c[w] + s1[w] / t;
+        const float d = s2[w] - (s1[w] * s1[w]) / t;  // shift-invariant; 0 for one elite
+        const float var_n = d > 0.0f ? d / t : 0.0f;
+        const float m = a.one_minus_alpha * mu + a.alpha * (mu + sigma * mean_n);
+        mu_new[w] = bad ? nan : (unchanged ? mu : m);
+        const float s = a.one_minus_alpha * sigma + a.alpha * (sigma * sqrtf(var_n));
+        const float floored = s < a.min_sigma ? a.min_sigma : s;  // NaN s stays NaN
+        sigma_new[w] = bad ? nan : (unchanged ? sigma : floored);
+        if (w < valid) part += static_cast<double>(var_n);
+      }
+      if (valid > 0) {
+        store4(a.mu_out, SGF_F32, b * a.d + e0, valid, mu_new);
+        if (a.per_element) store4(a.sigma_out, SGF_F32, b * a.d + e0, valid, sigma_new);
+      }
+      if (!a.per_element) {
+        const double total = block_sum(part, shared);
+        if (threadIdx.x == 0) var_part[b * n_blocks + blk] = bad ? static_cast<double>(nan) : total;
+      }
     }
   }
 }
@@ -249,9 +305,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t i = threadIdx.x; i < n_blocks; i += kThreads) sum += var_part[b * n_blocks + i];
     const double total = block_sum(sum, shared);
     if (threadIdx.x == 0) {
-      const float sigma = param_at(a.sigma, b, 0);
-      const float var = static_cast<float>(total / static_cast<double>(a.d));
-      const float s = a.one_minus_alpha * sigma + a.alpha * sqrtf(var);
+      const float sigma = param_at(a.sigma, b, 0);  // one value per row when pooled
+      const float var_n = static_cast<float>(total / static_cast<double>(a.d));
+      const float s = a.one_minus_alpha * sigma + a.alpha * (sigma * sqrtf(var_n));
       const bool unchanged = a.counts != nullptr && a.counts[b * a.counts_stride] == 0;
       // NaN (a bad row) stays NaN; a row with no elite keeps its sigma
       a.sigma_out[b] = unchanged ? sigma : (s < a.min_sigma ? a.min_sigma : s);
@@ -323,7 +379,8 @@ int sgf_cuda_cem_update(const SgfCemUpdateArgs* args, void* workspace, void* str
   const int64_t n_blocks = cdiv(a.d, kBlockElems);
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   double* var_part = static_cast<double*>(workspace);
-  cem_update_kernel<<<grid_for(a.batch * n_blocks), kThreads, 0, s>>>(a, n_blocks, var_part);
+  const dim3 grid(grid_for(n_blocks), static_cast<unsigned>(min64(a.batch, 65535)));
+  cem_update_kernel<<<grid, kThreads, 0, s>>>(a, n_blocks, var_part);
   if (!a.per_element) {
     cem_pool_kernel<<<grid_for(a.batch), kThreads, 0, s>>>(a, n_blocks, var_part);
   }

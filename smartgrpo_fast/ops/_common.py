@@ -178,9 +178,13 @@ class Param:
         return t.reshape(batch, numel)
 
     def values(self, batch: int, numel: int, device: torch.device) -> torch.Tensor:
-        """float32 values for the references: 0-d for SCALAR, else (batch, numel)."""
+        """float32 values for the references: 0-d for SCALAR, else (batch, numel).
+
+        A SCALAR is filled on the device (``torch.full``: a fill kernel with the value as its
+        argument), never copied from host memory (``torch.tensor(value, device=cuda)`` copies
+        from pageable memory, which synchronises the stream and breaks CUDA-graph capture)."""
         if self.mode == Mode.SCALAR:
-            return torch.tensor(self.value, dtype=torch.float32, device=device)
+            return torch.full((), self.value, dtype=torch.float32, device=device)
         return self.rows(batch, numel)
 
 

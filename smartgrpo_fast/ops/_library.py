@@ -19,10 +19,12 @@ Two operators per op:
   ``CompositeExplicitAutograd`` kernel for every device, a fake kernel): resolves the backend
   when it runs (:func:`~smartgrpo_fast.ops.resolve_backend`) and runs the reference, the C++
   ops ``smartgrpo_fast::<op>_out`` (their fake kernels are registered here once the library is
-  loaded), or the Triton kernel. Eager calls always take it; in a compiled graph it is opaque
-  and still picks the backend at run time. (Not :func:`torch.library.custom_op`: its Python
-  autograd and aliasing layers cost about 40 us a call on a 2-core CPU, this dispatch about
-  12 us; x0_estimate's Python autograd kernel adds about 12 us more.)
+  loaded), or the Triton kernel. Eager calls take it, except those of ``sample_perturb``,
+  ``cem_update`` and ``x0_estimate`` with ``validate=False``, which run a cached plan that calls
+  the same backend without this dispatch (:mod:`smartgrpo_fast.ops._fast`); in a compiled graph
+  it is opaque and still picks the backend at run time. (Not :func:`torch.library.custom_op`:
+  its Python autograd and aliasing layers cost about 40 us a call on a 2-core CPU, this
+  dispatch about 12 us; x0_estimate's Python autograd kernel adds about 12 us more.)
 * ``smartgrpo_fast::<op>_triton`` (:func:`torch.library.triton_op`, defined where triton is
   importable): the Triton kernel launched through :func:`torch.library.wrap_triton`, so
   Inductor sees the kernel and compiles it into the graph. ``torch.compile`` traces a call to

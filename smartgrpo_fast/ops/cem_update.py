@@ -40,6 +40,17 @@ from smartgrpo_fast.ops._common import (
     normalize_param,
     resolve_backend,
 )
+from smartgrpo_fast.ops._fast import (
+    MISSING,
+    U32,
+    U64,
+    PlanCache,
+    backend_env,
+    direct,
+    form,
+    int_words,
+    seed_words,
+)
 from smartgrpo_fast.ops._library import (
     compiling,
     define_op,
@@ -64,9 +75,26 @@ if triton is not None:
         load_key,
         load_round,
         load_row_offset,
-        philox_normal_block,
+        philox_normal4,
+        quad_tile,
     )
-    from smartgrpo_fast.ops.sample_perturb import load_param
+
+    @triton.jit
+    def _load_param_tile(ptr, value, b, offs, mask, stride_b, stride_e, MODE: tl.constexpr):
+        """A float32 parameter on the (G, 4) element tile ``offs``: scalar, per row or per
+        element."""
+        if MODE == 0:
+            p = tl.zeros(offs.shape, dtype=tl.float32) + tl.cast(value, tl.float32)
+        elif MODE == 1:
+            p = tl.zeros(offs.shape, dtype=tl.float32) + tl.load(ptr + b * stride_b).to(tl.float32)
+        else:
+            p = tl.load(ptr + b * stride_b + offs * stride_e, mask=mask, other=0.0).to(tl.float32)
+        return p
+
+    @triton.jit
+    def _accumulate(s1, s2, d):
+        """(s1 + sum of d over its elites axis, s2 + sum of d^2): the (E, G) tile d."""
+        return s1 + tl.sum(d, axis=0), s2 + tl.sum(d * d, axis=0)
 
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "round_val", "row_offset_val", "K", "T"])
     def _cem_update_kernel(
@@ -91,7 +119,7 @@ if triton is not None:
         D,
         K,
         T,
-        n_blocks,
+        row0,
         stride_mu_b,
         stride_mu_e,
         stride_sigma_b,
@@ -107,16 +135,13 @@ if triton is not None:
         ROUND_FROM_PTR: tl.constexpr,
         ROW_OFFSET_FROM_PTR: tl.constexpr,
         BLOCK: tl.constexpr,
+        ELITES: tl.constexpr,
     ):
-        pid = tl.program_id(0).to(tl.int64)
-        i_blk = pid % n_blocks
-        i_b = pid // n_blocks
-        offs = i_blk * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < D
-        b_mu = load_param(mu_ptr, mu_val, i_b, offs, mask, stride_mu_b, stride_mu_e, MU_MODE)
-        b_sigma = load_param(
-            sigma_ptr, sigma_val, i_b, offs, mask, stride_sigma_b, stride_sigma_e, SIGMA_MODE
-        )
+        # Grid (element block, row): one program, BLOCK elements of row b, every elite.
+        GROUPS: tl.constexpr = BLOCK // 4
+        i_blk = tl.program_id(0).to(tl.int64)
+        i_b = tl.program_id(1).to(tl.int64) + row0
+        n_blocks = tl.num_programs(0)
         k0, k1 = load_key(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
         rnd = load_round(round_ptr, round_val, ROUND_FROM_PTR)
         b_word = i_b + load_row_offset(row_offset_ptr, row_offset_val, ROW_OFFSET_FROM_PTR)
@@ -130,29 +155,66 @@ if triton is not None:
             n_bad = tl.program_id(0) * 0
             n_used = T
 
-        # Welford over the used elites, on eps = mu + sigma * n (float32 registers).
-        b_mean = tl.zeros([BLOCK], dtype=tl.float32)
-        b_m2 = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in range(n_used):
-            j = tl.load(idx_ptr + i_b * stride_idx_b + i * stride_idx_t).to(tl.int64)
-            n_bad += ((j < 0) | (j >= K)).to(tl.int32)
-            b_n = philox_normal_block(i_blk, j, b_word, rnd, k0, k1, BLOCK)
-            b_eps = b_mu + b_sigma * b_n
-            b_delta = b_eps - b_mean
-            b_mean += b_delta / tl.cast(i + 1, tl.float32)
-            b_m2 += b_delta * (b_eps - b_mean)
-        if HAS_COUNTS:
-            b_var = b_m2 / tl.cast(tl.maximum(n_used, 1), tl.float32)  # no 0 / 0 when unused
-        else:
-            b_var = b_m2 / tl.cast(T, tl.float32)
+        # Sums over the used elites of d = n - c and d^2, per element, with n the standard
+        # normals and c the first elite's (a shift that keeps S2 - S1^2 / T free of
+        # cancellation); eps = mu + sigma n is formed once at the end. After the first elite,
+        # ELITES elites a step: ELITES x GROUPS independent Philox chains, their indices loaded
+        # one step ahead (no dependent load); full steps unmasked, then the last partial one.
+        g1 = i_blk * GROUPS + tl.arange(0, GROUPS)  # (G,) Philox groups
+        g = g1[None, :]
+        p_idx = idx_ptr + i_b * stride_idx_b
+        j0 = tl.load(p_idx, mask=n_used > 0, other=0).to(tl.int64)
+        n_bad += ((n_used > 0) & ((j0 < 0) | (j0 >= K))).to(tl.int32)
+        c_0, c_1, c_2, c_3 = philox_normal4(g1, j0, b_word, rnd, k0, k1)
+        e_offs = 1 + tl.arange(0, ELITES)  # elites 1, 2, ... of the row
+        j_next = tl.load(p_idx + e_offs * stride_idx_t, mask=e_offs < n_used, other=0)
+        zero = tl.zeros([GROUPS], dtype=tl.float32)
+        s1_0, s1_1, s1_2, s1_3 = zero, zero, zero, zero
+        s2_0, s2_1, s2_2, s2_3 = zero, zero, zero, zero
+        n_rest = tl.maximum(n_used - 1, 0)
+        n_full = (n_rest // ELITES) * ELITES
+        for i0 in range(0, n_full, ELITES):
+            j = j_next.to(tl.int64)
+            nxt = i0 + ELITES + e_offs
+            j_next = tl.load(p_idx + nxt * stride_idx_t, mask=nxt < n_used, other=0)
+            n_bad += tl.sum(((j < 0) | (j >= K)).to(tl.int32), axis=0)
+            n0, n1, n2, n3 = philox_normal4(g, j[:, None], b_word, rnd, k0, k1)
+            s1_0, s2_0 = _accumulate(s1_0, s2_0, n0 - c_0[None, :])
+            s1_1, s2_1 = _accumulate(s1_1, s2_1, n1 - c_1[None, :])
+            s1_2, s2_2 = _accumulate(s1_2, s2_2, n2 - c_2[None, :])
+            s1_3, s2_3 = _accumulate(s1_3, s2_3, n3 - c_3[None, :])
+        if n_full < n_rest:
+            j = j_next.to(tl.int64)
+            used = (n_full + e_offs) < n_used
+            n_bad += tl.sum((used & ((j < 0) | (j >= K))).to(tl.int32), axis=0)
+            n0, n1, n2, n3 = philox_normal4(g, j[:, None], b_word, rnd, k0, k1)
+            w = used[:, None]
+            s1_0, s2_0 = _accumulate(s1_0, s2_0, tl.where(w, n0 - c_0[None, :], 0.0))
+            s1_1, s2_1 = _accumulate(s1_1, s2_1, tl.where(w, n1 - c_1[None, :], 0.0))
+            s1_2, s2_2 = _accumulate(s1_2, s2_2, tl.where(w, n2 - c_2[None, :], 0.0))
+            s1_3, s2_3 = _accumulate(s1_3, s2_3, tl.where(w, n3 - c_3[None, :], 0.0))
+
+        # The (G, 4) element tile: element 4 g + w, from here on in registers.
+        offs = (i_blk * BLOCK + 4 * tl.arange(0, GROUPS))[:, None] + tl.arange(0, 4)[None, :]
+        mask = offs < D
+        s1 = quad_tile(s1_0, s1_1, s1_2, s1_3)
+        s2 = quad_tile(s2_0, s2_1, s2_2, s2_3)
+        t_f = tl.cast(tl.maximum(n_used, 1), tl.float32)  # a row of no elite: no 0 / 0
+        mean_n = quad_tile(c_0, c_1, c_2, c_3) + s1 / t_f
+        # population variance of n: (S2 - S1^2 / T) / T (shift-invariant), 0 for one elite
+        var_n = tl.maximum((s2 - (s1 * s1) / t_f) / t_f, 0.0)
+        b_mu = _load_param_tile(mu_ptr, mu_val, i_b, offs, mask, stride_mu_b, stride_mu_e, MU_MODE)
+        b_sigma = _load_param_tile(
+            sigma_ptr, sigma_val, i_b, offs, mask, stride_sigma_b, stride_sigma_e, SIGMA_MODE
+        )
         a = tl.cast(alpha, tl.float32)
-        b_mu_new = (1.0 - a) * b_mu + a * b_mean
+        b_mu_new = (1.0 - a) * b_mu + a * (b_mu + b_sigma * mean_n)
         if HAS_COUNTS:
             b_mu_new = tl.where(n_used == 0, b_mu, b_mu_new)  # no elite: mu unchanged
         b_mu_new = tl.where(n_bad > 0, float("nan"), b_mu_new)
         tl.store(mu_out_ptr + i_b * D + offs, b_mu_new, mask=mask)
         if PER_ELEMENT:
-            b_sigma_new = (1.0 - a) * b_sigma + a * tl.sqrt_rn(b_var)
+            b_sigma_new = (1.0 - a) * b_sigma + a * (b_sigma * tl.sqrt_rn(var_n))
             b_sigma_new = tl.maximum(
                 b_sigma_new, tl.cast(min_sigma, tl.float32), propagate_nan=tl.PropagateNan.ALL
             )
@@ -161,9 +223,49 @@ if triton is not None:
             b_sigma_new = tl.where(n_bad > 0, float("nan"), b_sigma_new)
             tl.store(sigma_out_ptr + i_b * D + offs, b_sigma_new, mask=mask)
         else:
-            part = tl.sum(tl.where(mask, b_var, 0.0), axis=0)
+            # pooled: this block's sum of var(n); sigma is one value per row, applied by
+            # _cem_pool_kernel, which adds the blocks' sums in a fixed order
+            part = tl.sum(tl.sum(tl.where(mask, var_n, 0.0), axis=1), axis=0)
             part = tl.where(n_bad > 0, float("nan"), part)
             tl.store(var_part_ptr + i_b * n_blocks + i_blk, part)
+
+    @triton.jit
+    def _cem_pool_kernel(
+        sigma_out_ptr,
+        var_part_ptr,
+        sigma_ptr,
+        counts_ptr,
+        sigma_val,
+        alpha,
+        min_sigma,
+        D,
+        n_blocks,
+        row0,
+        stride_sigma_b,
+        stride_counts,
+        SIGMA_MODE: tl.constexpr,
+        HAS_COUNTS: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
+        """sigma_new of one row from its blocks' sums of var(n): the sums added in a fixed
+        order (chunks of BLOCK_P in turn), so the result is deterministic."""
+        i_b = tl.program_id(0).to(tl.int64) + row0
+        acc = tl.zeros([BLOCK_P], dtype=tl.float32)
+        for start in range(0, n_blocks, BLOCK_P):
+            offs = start + tl.arange(0, BLOCK_P)
+            acc += tl.load(var_part_ptr + i_b * n_blocks + offs, mask=offs < n_blocks, other=0.0)
+        var_n = tl.sum(acc, axis=0) / tl.cast(D, tl.float32)
+        if SIGMA_MODE == 0:
+            sigma = tl.cast(sigma_val, tl.float32)
+        else:
+            sigma = tl.load(sigma_ptr + i_b * stride_sigma_b).to(tl.float32)
+        a = tl.cast(alpha, tl.float32)
+        s = (1.0 - a) * sigma + a * (sigma * tl.sqrt_rn(var_n))
+        s = tl.maximum(s, tl.cast(min_sigma, tl.float32), propagate_nan=tl.PropagateNan.ALL)
+        if HAS_COUNTS:
+            c = tl.load(counts_ptr + i_b * stride_counts)
+            s = tl.where(c == 0, sigma, s)  # no elite: unchanged
+        tl.store(sigma_out_ptr + i_b, s)
 
 
 def _over_elites(x: torch.Tensor) -> torch.Tensor:
@@ -371,53 +473,104 @@ def _cem_update(
         )
         return mu_out, sigma_out
 
-    block = block_size(numel, 1024)
-    n_blocks = triton.cdiv(numel, block)
-    # pooled: the kernel writes per-block variance partials, reduced to sigma_out below.
-    # Pointers the kernel does not touch get a dummy that is no output: a traced graph
-    # (wrap_triton) must never see an output passed twice.
-    dummy = torch.empty((1,), dtype=torch.float32, device=device)
-    var_part = dummy if per_element else alloc((batch, n_blocks), torch.float32, device)
-    kernel(_cem_update_kernel, wrap)[(n_blocks * batch,)](
-        mu_out,
-        sigma_out,
-        var_part,
-        p_mu.tensor if p_mu.tensor is not None else dummy,
-        p_sigma.tensor if p_sigma.tensor is not None else dummy,
-        elite_idx,
-        counts if counts is not None else elite_idx,
-        mu_val=p_mu.value,
-        sigma_val=p_sigma.value,
-        alpha=alpha,
-        min_sigma=min_sigma,
-        D=numel,
-        K=k,
-        T=elite_idx.shape[1],
-        n_blocks=n_blocks,
-        stride_mu_b=p_mu.stride_b,
-        stride_mu_e=p_mu.stride_e,
-        stride_sigma_b=p_sigma.stride_b,
-        stride_sigma_e=p_sigma.stride_e,
-        stride_idx_b=elite_idx.stride(0),
-        stride_idx_t=elite_idx.stride(1),
-        stride_counts=counts.stride(0) if counts is not None else 0,
-        MU_MODE=int(p_mu.mode),
-        SIGMA_MODE=int(p_sigma.mode),
-        PER_ELEMENT=per_element,
-        HAS_COUNTS=counts is not None,
-        BLOCK=block,
-        **seed_args(seed, rnd, device, row_offset),
-    )
-    if per_element:
-        return mu_out, sigma_out
-    var_rows = var_part.sum(dim=1) / numel
-    sigma_row = p_sigma.values(batch, 1, device).reshape(-1).expand(batch)
-    floor = torch.full((), min_sigma, dtype=torch.float32, device=device)  # no copy: capturable
-    sigma_new = torch.maximum((1.0 - alpha) * sigma_row + alpha * var_rows.sqrt(), floor)
-    if counts is not None:
-        sigma_new = torch.where(counts == 0, sigma_row, sigma_new)  # no elite: unchanged
-    sigma_out.copy_(sigma_new)
+    _launch_triton(
+        mu_out, sigma_out, p_mu, p_sigma, elite_idx, k, seed, rnd, row_offset, alpha,
+        min_sigma, per_element, counts, wrap,
+    )  # fmt: skip
     return mu_out, sigma_out
+
+
+#: Elites one program draws at a time: ELITES x (its groups) independent Philox chains.
+ELITES = 4
+#: Rows one launch covers (the grid's second axis holds at most 65535).
+_MAX_GRID_ROWS = 65535
+
+
+def cem_block_size(numel: int) -> int:
+    """Elements per program of the Triton kernel: a function of D alone (never of B), so that
+    a row's pooled sum, added block by block, is the same bits whatever the batch: 1024, or
+    less when D is small enough that bigger blocks would leave the GPU with few programs."""
+    return block_size(numel, 1024 if numel >= 2**17 else 512 if numel >= 2**15 else 256)
+
+
+def _launch_triton(
+    mu_out: torch.Tensor,
+    sigma_out: torch.Tensor,
+    p_mu: Param,
+    p_sigma: Param,
+    elite_idx: torch.Tensor,
+    k: int,
+    seed: int | torch.Tensor,
+    rnd: int | torch.Tensor,
+    row_offset: int | torch.Tensor,
+    alpha: float,
+    min_sigma: float,
+    per_element: bool,
+    counts: torch.Tensor | None,
+    wrap: bool,
+) -> None:
+    """The Triton kernels: grid (element blocks, rows); pooled, then one program a row adds
+    the blocks' variance sums in a fixed order (no torch epilogue)."""
+    batch, numel = mu_out.shape[0], mu_out[0].numel()
+    device = mu_out.device
+    block = cem_block_size(numel)
+    n_blocks = triton.cdiv(numel, block)
+    # Pointers the kernel does not touch get a tensor that is no output: a traced graph
+    # (wrap_triton) must never see an output passed twice.
+    unused = elite_idx
+    var_part = unused if per_element else alloc((batch, n_blocks), torch.float32, device)
+    for row0 in range(0, batch, _MAX_GRID_ROWS):
+        rows = min(_MAX_GRID_ROWS, batch - row0)
+        kernel(_cem_update_kernel, wrap)[(n_blocks, rows)](
+            mu_out,
+            sigma_out,
+            var_part,
+            p_mu.tensor if p_mu.tensor is not None else unused,
+            p_sigma.tensor if p_sigma.tensor is not None else unused,
+            elite_idx,
+            counts if counts is not None else elite_idx,
+            mu_val=p_mu.value,
+            sigma_val=p_sigma.value,
+            alpha=alpha,
+            min_sigma=min_sigma,
+            D=numel,
+            K=k,
+            T=elite_idx.shape[1],
+            row0=row0,
+            stride_mu_b=p_mu.stride_b,
+            stride_mu_e=p_mu.stride_e,
+            stride_sigma_b=p_sigma.stride_b,
+            stride_sigma_e=p_sigma.stride_e,
+            stride_idx_b=elite_idx.stride(0),
+            stride_idx_t=elite_idx.stride(1),
+            stride_counts=counts.stride(0) if counts is not None else 0,
+            MU_MODE=int(p_mu.mode),
+            SIGMA_MODE=int(p_sigma.mode),
+            PER_ELEMENT=per_element,
+            HAS_COUNTS=counts is not None,
+            BLOCK=block,
+            ELITES=ELITES,
+            num_warps=max(1, min(4, block // 256)),
+            **seed_args(seed, rnd, device, row_offset, traced=wrap),
+        )
+        if not per_element:
+            kernel(_cem_pool_kernel, wrap)[(rows,)](
+                sigma_out,
+                var_part,
+                p_sigma.tensor if p_sigma.tensor is not None else unused,
+                counts if counts is not None else elite_idx,
+                sigma_val=p_sigma.value,
+                alpha=alpha,
+                min_sigma=min_sigma,
+                D=numel,
+                n_blocks=n_blocks,
+                row0=row0,
+                stride_sigma_b=p_sigma.stride_b,
+                stride_counts=counts.stride(0) if counts is not None else 0,
+                SIGMA_MODE=int(p_sigma.mode),
+                HAS_COUNTS=counts is not None,
+                BLOCK_P=256,
+            )
 
 
 def _cem_update_op(
@@ -574,8 +727,32 @@ def cem_update(
         (mu_new, sigma_new): float32 (B, *S) and float32 (B, *S), or (B,) when pooled.
 
     Calls ``torch.ops.smartgrpo_fast.cem_update`` (under ``torch.compile``, which skips the
-    argument checks, ``cem_update_triton`` when the backend is ``triton``).
+    argument checks, ``cem_update_triton`` when the backend is ``triton``); an eager call with
+    ``validate=False`` runs a cached plan instead (see :mod:`smartgrpo_fast.ops._fast`).
     """
+    if not validate and not compiling():
+        T = torch.Tensor  # the forms of the plan key, inline: see ops._fast.form
+        key = (
+            backend_env(), torch.is_grad_enabled(), k, k.__class__, per_element,
+            shape if shape.__class__ is torch.Size else (shape.__class__, *shape),
+            elite_idx.shape, elite_idx.stride(), elite_idx.dtype, elite_idx.device,
+            (mu.shape, mu.stride(), mu.dtype, mu.device, mu.requires_grad)
+            if isinstance(mu, T) else mu.__class__,
+            (sigma.shape, sigma.stride(), sigma.dtype, sigma.device, sigma.requires_grad)
+            if isinstance(sigma, T) else sigma.__class__,
+            int if seed.__class__ is int else form(seed),
+            int if round.__class__ is int else form(round),
+            int if row_offset.__class__ is int else form(row_offset),
+            None if counts is None else form(counts),
+        )  # fmt: skip
+        plan = _PLANS.lookup(key)
+        if plan is MISSING:
+            plan = _plan(mu, sigma, elite_idx, shape, k, seed, round, alpha, min_sigma,
+                         per_element, row_offset, counts)  # fmt: skip
+            _PLANS.put(key, plan)
+        out = plan(mu, sigma, elite_idx, seed, round, alpha, min_sigma, row_offset, counts)
+        if out is not None:
+            return out
     if not compiling():
         shape, seed, round, row_offset = _validate(
             mu, sigma, elite_idx, shape, k, seed, round, alpha, min_sigma, per_element,
@@ -648,3 +825,132 @@ def _validate(
     rnd = check_round(rnd, device, validate=validate)
     row_offset = check_row_offset(row_offset, batch, device, validate=validate)
     return shape, seed, rnd, row_offset
+
+
+_PLANS = PlanCache()
+_NUMBER = (int, float)
+
+
+def _plan(mu, sigma, elite_idx, shape, k, seed, rnd, alpha, min_sigma, per_element, row_offset,
+          counts):  # fmt: skip
+    """The fast path's plan for the forms of these arguments (validated here: a bad one
+    raises). The plan returns (mu_new, sigma_new), or None when a value no key holds is out of
+    range (then the slow path raises the usual error)."""
+    shape, _, _, _ = _validate(mu, sigma, elite_idx, shape, k, seed, rnd, alpha, min_sigma,
+                               per_element, False, row_offset, counts)  # fmt: skip
+    if not all(type(s) is int for s in shape):  # bools pass check_shape as ints: not in a key
+        return None
+    backend = resolve_backend(elite_idx.device)
+    batch, inner = shape[0], tuple(shape[1:])
+    device = elite_idx.device
+    sigma_shape = shape if per_element else (batch,)
+    mu_num, sigma_num = (not isinstance(x, torch.Tensor) for x in (mu, sigma))
+    ints = not any(isinstance(x, torch.Tensor) for x in (seed, rnd, row_offset))
+    offset_end = U32 - batch + 1  # row_offset + B <= 2**32
+    isfinite = math.isfinite
+
+    def ok(mu, sigma, seed, rnd, alpha, min_sigma, row_offset) -> bool:
+        return (
+            (not mu_num or isfinite(mu))
+            and (not sigma_num or (isfinite(sigma) and sigma >= 0))
+            and alpha.__class__ in _NUMBER
+            and 0.0 < alpha <= 1.0
+            and min_sigma.__class__ in _NUMBER
+            and isfinite(min_sigma)
+            and min_sigma >= 0
+            and (isinstance(seed, torch.Tensor) or 0 <= seed < U64)
+            and (isinstance(rnd, torch.Tensor) or 0 <= rnd < U32)
+            and (isinstance(row_offset, torch.Tensor) or 0 <= row_offset < offset_end)
+        )
+
+    if backend != "cpp":
+
+        def generic(mu, sigma, elite_idx, seed, rnd, alpha, min_sigma, row_offset, counts):
+            if not ok(mu, sigma, seed, rnd, alpha, min_sigma, row_offset):
+                return None
+            return _cem_update(
+                backend,
+                param_of(*param_arg(mu, batch, inner)),
+                param_of(*param_arg(sigma, batch, inner)),
+                elite_idx,
+                list(shape),
+                k,
+                seed,
+                rnd,
+                row_offset,
+                float(alpha),
+                float(min_sigma),
+                per_element,
+                counts,
+            )
+
+        return generic
+
+    from smartgrpo_fast.ops.sample_perturb import _cpp_param
+
+    op = direct(torch.ops.smartgrpo_fast.cem_update_out.default)
+    conv_mu = _cpp_param(mu, batch, inner)
+    conv_sigma = _cpp_param(sigma, batch, inner)
+
+    def cpp_general(mu, sigma, elite_idx, seed, rnd, alpha, min_sigma, row_offset, counts):
+        if not ok(mu, sigma, seed, rnd, alpha, min_sigma, row_offset):
+            return None
+        mu_out = alloc(shape, torch.float32, device)
+        sigma_out = alloc(sigma_shape, torch.float32, device)
+        op(
+            mu_out,
+            sigma_out,
+            *((None, float(mu)) if mu_num else (conv_mu(mu), 0.0)),
+            *((None, float(sigma)) if sigma_num else (conv_sigma(sigma), 0.0)),
+            elite_idx,
+            k,
+            *seed_words(seed),
+            *int_words(rnd),
+            *int_words(row_offset),
+            float(alpha),
+            float(min_sigma),
+            per_element,
+            counts,
+        )
+        return mu_out, sigma_out
+
+    if not ints:  # a seed, round or offset tensor
+        return cpp_general
+
+    def cpp(mu, sigma, elite_idx, seed, rnd, alpha, min_sigma, row_offset, counts):
+        # int seed, round and row offset: the hot loop's case, every check inline
+        if (
+            (mu_num and not isfinite(mu))
+            or (sigma_num and not (isfinite(sigma) and sigma >= 0))
+            or alpha.__class__ not in _NUMBER
+            or min_sigma.__class__ not in _NUMBER
+            or not (0.0 < alpha <= 1.0 and isfinite(min_sigma) and min_sigma >= 0)
+            or not (0 <= seed < U64 and 0 <= rnd < U32 and 0 <= row_offset < offset_end)
+        ):
+            return None
+        mu_out = alloc(shape, torch.float32, device)
+        sigma_out = alloc(sigma_shape, torch.float32, device)
+        op(
+            mu_out,
+            sigma_out,
+            None if mu_num else conv_mu(mu),
+            mu if mu_num else 0.0,
+            None if sigma_num else conv_sigma(sigma),
+            sigma if sigma_num else 0.0,
+            elite_idx,
+            k,
+            None,
+            seed & 0xFFFFFFFF,
+            seed >> 32,
+            None,
+            rnd,
+            None,
+            row_offset,
+            alpha,
+            min_sigma,
+            per_element,
+            counts,
+        )
+        return mu_out, sigma_out
+
+    return cpp

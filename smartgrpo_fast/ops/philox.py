@@ -184,12 +184,33 @@ if triton is not None:
         return c0, c1, c2, c3
 
     @triton.jit
+    def sincos_0_2pi(x):
+        """(sin x, cos x) for float32 ``x`` in [0, 2 pi]: one Cody-Waite range reduction shared
+        by both (Cephes sinf/cosf, the polynomials of the C++ ops' ``sincos_0_2pi``), within
+        ~1 ulp, and no slow path for large arguments (Box-Muller's angle never needs one)."""
+        j = (x * 1.27323954473516).to(tl.int32)  # x / (pi / 4), truncated (x >= 0)
+        j = (j + 1) & -2
+        y = j.to(tl.float32)
+        r = ((x - y * 0.78515625) - y * 2.4187564849853515625e-4) - y * 3.77489497744594108e-8
+        z = r * r
+        ps = ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1) * z * r + r
+        pc = ((2.443315711809948e-5 * z - 1.388731625493765e-3) * z + 4.166664568298827e-2) * z
+        pc = pc * z - 0.5 * z + 1.0
+        q = j >> 1  # quadrant, 0..4
+        swap = (q & 1) != 0
+        s = tl.where(swap, pc, ps)
+        c = tl.where(swap, ps, pc)
+        s = tl.where((q & 2) != 0, -s, s)
+        c = tl.where(((q + 1) & 2) != 0, -c, c)
+        return s, c
+
+    @triton.jit
     def _box_muller(x_a, x_b):
         u_a = ((x_a >> 8).to(tl.float32) + 0.5) * _STEP
         u_b = ((x_b >> 8).to(tl.float32) + 0.5) * _STEP
         r = tl.sqrt_rn(-2.0 * tl.log(u_a))
-        theta = u_b * _TWO_PI
-        return r * tl.cos(theta), r * tl.sin(theta)
+        s, c = sincos_0_2pi(u_b * _TWO_PI)
+        return r * c, r * s
 
     @triton.jit
     def load_key(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR: tl.constexpr):
@@ -223,21 +244,39 @@ if triton is not None:
         return o
 
     @triton.jit
+    def philox_normal4(g, j, b, rnd, k0, k1):
+        """The four float32 normals ``(n[4g], n[4g+1], n[4g+2], n[4g+3])`` of Philox groups
+        ``g`` of slice (row word b, candidate j). ``g`` and ``j`` are int tensors (or scalars)
+        that broadcast against each other, e.g. (1, G) groups and (E, 1) candidates give
+        (E, G) tiles of E independent Philox chains; ``b`` is the stream's row (the call's row
+        plus the row offset)."""
+        c0 = g.to(tl.uint32)
+        c1 = j.to(tl.uint32)
+        c2 = tl.cast(b, tl.uint32)
+        x0, x1, x2, x3 = philox4x32_10(c0, c1, c2, rnd, k0, k1)
+        n0, n1 = _box_muller(x0, x1)
+        n2, n3 = _box_muller(x2, x3)
+        return n0, n1, n2, n3
+
+    @triton.jit
     def philox_normal_block(blk, j, b, rnd, k0, k1, BLOCK: tl.constexpr):
         """float32 normals of elements ``blk*BLOCK + arange(BLOCK)`` of slice (row word b,
         candidate j); ``b`` is the stream's row (the call's row plus the row offset)."""
         GROUPS: tl.constexpr = BLOCK // 4
         g = tl.cast(blk, tl.int64) * GROUPS + tl.arange(0, GROUPS)
-        c0 = g.to(tl.uint32)
         zero = tl.zeros([GROUPS], dtype=tl.uint32)
-        c1 = zero + tl.cast(j, tl.uint32)
-        c2 = zero + tl.cast(b, tl.uint32)
-        c3 = zero + rnd
-        x0, x1, x2, x3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
-        n0, n1 = _box_muller(x0, x1)
-        n2, n3 = _box_muller(x2, x3)
+        n0, n1, n2, n3 = philox_normal4(g, zero + tl.cast(j, tl.uint32), b, rnd, k0, k1)
         # (GROUPS, 2, 2) flattened row-major is n0, n1, n2, n3 per group: element order.
         return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])
+
+    @triton.jit
+    def quad_tile(n0, n1, n2, n3):
+        """The (G, 4) tile ``[n0, n1, n2, n3]`` of four (G,) vectors, built by selects (no
+        join, no reshape): with the 4 in one thread's registers it stays in registers."""
+        w = tl.arange(0, 4)[None, :]
+        t = tl.where(w == 0, n0[:, None], n1[:, None])
+        t = tl.where(w == 2, n2[:, None], t)
+        return tl.where(w == 3, n3[:, None], t)
 
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "round_val", "row_offset_val", "K"])
     def _philox_normal_kernel(
@@ -292,20 +331,35 @@ def noise_block_size(numel: int) -> int:
     return block_size(numel, 1024)
 
 
+_PLACEHOLDERS: dict[torch.device, torch.Tensor] = {}
+
+
+def placeholder(device: torch.device) -> torch.Tensor:
+    """A 0-d int64 tensor on ``device``, created once per device: what a kernel gets for a
+    pointer argument it never reads (a seed, round or row offset given as an int)."""
+    t = _PLACEHOLDERS.get(device)
+    if t is None:
+        t = _PLACEHOLDERS[device] = torch.zeros((), dtype=torch.int64, device=device)
+    return t
+
+
 def seed_args(
     seed: int | torch.Tensor,
     rnd: int | torch.Tensor,
     device: torch.device,
     row_offset: int | torch.Tensor = 0,
+    traced: bool = False,
 ) -> dict:
     """Kernel arguments for a seed, a round and a row offset that are ints or 0-d int64
-    tensors (a tensor is passed as a pointer the kernel reads)."""
-    dummy = None
+    tensors (a tensor is passed as a pointer the kernel reads). An int's pointer argument is
+    the device's :func:`placeholder` (no allocation), or a fresh tensor when ``traced``
+    (inside ``wrap_triton``, where a tensor made outside the trace cannot go)."""
     seed_from_ptr = isinstance(seed, torch.Tensor)
     round_from_ptr = isinstance(rnd, torch.Tensor)
     offset_from_ptr = isinstance(row_offset, torch.Tensor)
+    dummy = None
     if not (seed_from_ptr and round_from_ptr and offset_from_ptr):
-        dummy = torch.zeros((), dtype=torch.int64, device=device)
+        dummy = torch.zeros((), dtype=torch.int64, device=device) if traced else placeholder(device)
     lo, hi = (0, 0) if seed_from_ptr else seed_words(seed)
     return {
         "seed_ptr": seed if seed_from_ptr else dummy,
@@ -366,7 +420,7 @@ def _philox_normal(
         K=k,
         n_blocks=n_blocks,
         BLOCK=block,
-        **seed_args(seed, rnd, device, row_offset),
+        **seed_args(seed, rnd, device, row_offset, traced=wrap),
     )
     return out
 

@@ -27,6 +27,17 @@ from smartgrpo_fast.ops._common import (
     resolve_backend,
     rows_view,
 )
+from smartgrpo_fast.ops._fast import (
+    MISSING,
+    U32,
+    U64,
+    PlanCache,
+    backend_env,
+    direct,
+    form,
+    int_words,
+    seed_words,
+)
 from smartgrpo_fast.ops._library import (
     compiling,
     define_op,
@@ -249,7 +260,7 @@ def _sample_perturb(
         SIGMA_MODE=int(p_sigma.mode),
         SCALE_MODE=int(p_scale.mode),
         BLOCK=block,
-        **seed_args(seed, rnd, device, row_offset),
+        **seed_args(seed, rnd, device, row_offset, traced=wrap),
     )
     return out
 
@@ -378,8 +389,31 @@ def sample_perturb(
         ``philox_normal((B, k, *S), seed=seed, round=round, row_offset=row_offset)``.
 
     Calls ``torch.ops.smartgrpo_fast.sample_perturb`` (under ``torch.compile``, which skips the
-    argument checks, ``sample_perturb_triton`` when the backend is ``triton``).
+    argument checks, ``sample_perturb_triton`` when the backend is ``triton``); an eager call
+    with ``validate=False`` runs a cached plan instead (see :mod:`smartgrpo_fast.ops._fast`).
     """
+    if not validate and not compiling():
+        T = torch.Tensor  # the forms of the plan key, inline: see ops._fast.form
+        key = (
+            backend_env(), torch.is_grad_enabled(), k, k.__class__,
+            mean.shape, mean.stride(), mean.dtype, mean.device, mean.requires_grad,
+            (mu.shape, mu.stride(), mu.dtype, mu.device, mu.requires_grad)
+            if isinstance(mu, T) else mu.__class__,
+            (sigma.shape, sigma.stride(), sigma.dtype, sigma.device, sigma.requires_grad)
+            if isinstance(sigma, T) else sigma.__class__,
+            (scale.shape, scale.stride(), scale.dtype, scale.device, scale.requires_grad)
+            if isinstance(scale, T) else scale.__class__,
+            int if seed.__class__ is int else form(seed),
+            int if round.__class__ is int else form(round),
+            int if row_offset.__class__ is int else form(row_offset),
+        )  # fmt: skip
+        plan = _PLANS.lookup(key)
+        if plan is MISSING:
+            plan = _plan(mean, mu, sigma, scale, k, seed, round, row_offset)
+            _PLANS.put(key, plan)
+        out = plan(mean, mu, sigma, scale, seed, round, row_offset)
+        if out is not None:
+            return out
     if not compiling():
         seed, round, row_offset = _validate(
             mean, mu, sigma, scale, k, seed, round, row_offset, validate
@@ -435,3 +469,124 @@ def _validate(
     rnd = check_round(rnd, device, validate=validate)
     row_offset = check_row_offset(row_offset, batch, device, validate=validate)
     return seed, rnd, row_offset
+
+
+_PLANS = PlanCache()
+
+
+def _plan(mean, mu, sigma, scale, k, seed, rnd, row_offset):
+    """The fast path's plan for the forms of these arguments (validated here: a bad one
+    raises). The plan returns z, or None when a value no key holds is out of range (then the
+    slow path raises the usual error)."""
+    _validate(mean, mu, sigma, scale, k, seed, rnd, row_offset, False)
+    backend = resolve_backend(mean.device)
+    batch, inner = mean.shape[0], tuple(mean.shape[1:])
+    numel = math.prod(inner)
+    out_shape, dtype, device = (batch, k, *inner), mean.dtype, mean.device
+    mu_num, sigma_num, scale_num = (not isinstance(x, torch.Tensor) for x in (mu, sigma, scale))
+    seed_int, rnd_int, offset_int = (
+        not isinstance(x, torch.Tensor) for x in (seed, rnd, row_offset)
+    )
+    offset_end = U32 - batch + 1  # row_offset + B <= 2**32
+
+    def ok(mu, sigma, scale, seed, rnd, row_offset) -> bool:
+        return (
+            (not mu_num or math.isfinite(mu))
+            and (not sigma_num or (math.isfinite(sigma) and sigma >= 0))
+            and (not scale_num or math.isfinite(scale))
+            and (not seed_int or 0 <= seed < U64)
+            and (not rnd_int or 0 <= rnd < U32)
+            and (not offset_int or 0 <= row_offset < offset_end)
+        )
+
+    if backend != "cpp":
+
+        def generic(mean, mu, sigma, scale, seed, rnd, row_offset):
+            if not ok(mu, sigma, scale, seed, rnd, row_offset):
+                return None
+            return _sample_perturb(
+                backend,
+                mean,
+                param_of(*param_arg(mu, batch, inner)),
+                param_of(*param_arg(sigma, batch, inner)),
+                param_of(*param_arg(scale, batch, (1,))),
+                k,
+                seed,
+                rnd,
+                row_offset,
+            )
+
+        return generic
+
+    op = direct(torch.ops.smartgrpo_fast.sample_perturb_out.default)
+    conv_mu = _cpp_param(mu, batch, inner)
+    conv_sigma = _cpp_param(sigma, batch, inner)
+    conv_scale = _cpp_param(scale, batch, (1,))
+    conv_mean = _same if mean.dim() >= 2 else (lambda m: m.reshape(batch, numel))
+    isfinite = math.isfinite
+    if not (seed_int and rnd_int and offset_int):  # a seed, round or offset tensor: general
+
+        def cpp_general(mean, mu, sigma, scale, seed, rnd, row_offset):
+            if not ok(mu, sigma, scale, seed, rnd, row_offset):
+                return None
+            out = alloc(out_shape, dtype, device)
+            op(
+                out,
+                conv_mean(mean),
+                *((None, float(mu)) if mu_num else (conv_mu(mu), 0.0)),
+                *((None, float(sigma)) if sigma_num else (conv_sigma(sigma), 0.0)),
+                *((None, float(scale)) if scale_num else (conv_scale(scale), 0.0)),
+                *seed_words(seed),
+                *int_words(rnd),
+                *int_words(row_offset),
+            )
+            return out
+
+        return cpp_general
+
+    def cpp(mean, mu, sigma, scale, seed, rnd, row_offset):
+        # int seed, round and row offset: the hot loop's case, every check inline
+        if (
+            (mu_num and not isfinite(mu))
+            or (sigma_num and not (isfinite(sigma) and sigma >= 0))
+            or (scale_num and not isfinite(scale))
+            or not (0 <= seed < U64 and 0 <= rnd < U32 and 0 <= row_offset < offset_end)
+        ):
+            return None
+        out = alloc(out_shape, dtype, device)
+        op(
+            out,
+            conv_mean(mean),
+            None if mu_num else conv_mu(mu),
+            mu if mu_num else 0.0,
+            None if sigma_num else conv_sigma(sigma),
+            sigma if sigma_num else 0.0,
+            None if scale_num else conv_scale(scale),
+            scale if scale_num else 0.0,
+            None,
+            seed & 0xFFFFFFFF,
+            seed >> 32,
+            None,
+            rnd,
+            None,
+            row_offset,
+        )
+        return out
+
+    return cpp
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _cpp_param(x: object, batch: int, inner: tuple[int, ...]):
+    """How the C++ ops get a float-or-tensor parameter of this form: the tensor itself for a
+    (B,) or a (B, *S) one (with len(S) >= 1), else the view :func:`param_arg` makes."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    if (x.dim() == 1 and x.shape[0] == batch) or (
+        x.dim() >= 2 and tuple(x.shape) == (batch, *inner)
+    ):
+        return _same
+    return lambda t: param_arg(t, batch, inner)[0]

@@ -25,6 +25,7 @@ from smartgrpo_fast.ops._common import (
     op_backend,
     rows_view,
 )
+from smartgrpo_fast.ops._fast import MISSING, PlanCache, backend_env, direct, form
 from smartgrpo_fast.ops._library import (
     LIB,
     compiling,
@@ -243,8 +244,25 @@ def x0_estimate(
         z, v and a tensor t.
 
     Calls ``torch.ops.smartgrpo_fast.x0_estimate`` (under ``torch.compile``, which skips the
-    argument checks, ``x0_estimate_triton`` when the backend is ``triton``).
+    argument checks, ``x0_estimate_triton`` when the backend is ``triton``); an eager call with
+    ``validate=False`` and no gradient to record runs a cached plan instead (see
+    :mod:`smartgrpo_fast.ops._fast`).
     """
+    if not validate and not compiling():
+        key = (
+            backend_env(), torch.is_grad_enabled(),
+            z.shape, z.stride(), z.dtype, z.device, z.requires_grad,
+            v.shape, v.stride(), v.dtype, v.device, v.requires_grad,
+            form(t),
+        )  # fmt: skip
+        plan = _PLANS.lookup(key)
+        if plan is MISSING:
+            plan = _plan(z, v, t, scaling, shift)
+            _PLANS.put(key, plan)
+        if plan is not None:
+            out = plan(z, v, t, scaling, shift)
+            if out is not None:
+                return out
     if not compiling():
         _validate(z, v, t, scaling, shift, validate)
     op = torch.ops.smartgrpo_fast.x0_estimate
@@ -273,3 +291,67 @@ def _validate(
     normalize_param(
         "t", t, batch=rows, inner=inner, device=z.device, allow_elem=False, validate=validate
     )
+
+
+_PLANS = PlanCache()
+_NUMBER = (int, float)
+
+
+def _plan(z, v, t, scaling, shift):
+    """The fast path's plan for the forms of these arguments (validated here: a bad one
+    raises), or None for a call that records a gradient (autograd needs the operator) or has
+    no element. The plan returns x0, or None when a float ``t``, ``scaling`` or ``shift`` is not
+    a finite number (``scaling`` non-zero): then the slow path raises the usual error."""
+    _validate(z, v, t, scaling, shift, False)
+    if torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in (z, v, t)
+    ):
+        return None
+    rows, inner = z.shape[0], tuple(z.shape[1:])
+    numel = math.prod(inner)
+    if rows * numel == 0:
+        return None
+    backend = op_backend(z.device, _BACKENDS)
+    out_shape, device = tuple(z.shape), z.device
+    dtype = torch.promote_types(z.dtype, v.dtype)
+    t_num = not isinstance(t, torch.Tensor)
+    isfinite = math.isfinite
+
+    def bad(t, scaling, shift) -> bool:
+        return (
+            (t_num and not isfinite(t))
+            or scaling.__class__ not in _NUMBER
+            or shift.__class__ not in _NUMBER
+            or not (isfinite(scaling) and isfinite(shift) and scaling != 0)
+        )
+
+    if backend != "cpp":
+
+        def generic(z, v, t, scaling, shift):
+            if bad(t, scaling, shift):
+                return None
+            t_param = param_of(*param_arg(t, rows, (1,)))
+            return _x0_estimate(backend, z, v, t_param, float(scaling), float(shift))
+
+        return generic
+
+    op = direct(torch.ops.smartgrpo_fast.x0_estimate_out.default)
+    nd = z.dim() >= 2  # the C++ op views (N, *S) as (N, D) itself
+    t_row = t_num or (t.dim() == 1 and t.shape[0] == rows)
+
+    def cpp(z, v, t, scaling, shift):
+        if bad(t, scaling, shift):
+            return None
+        out = alloc(out_shape, dtype, device)
+        op(
+            out,
+            z if nd else z.reshape(rows, numel),
+            v if nd else v.reshape(rows, numel),
+            None if t_num else (t if t_row else param_arg(t, rows, (1,))[0]),
+            float(t) if t_num else 0.0,
+            scaling,
+            shift,
+        )
+        return out
+
+    return cpp
