@@ -3,15 +3,17 @@
 # the steps run in order of what they tell us, each under `timeout` and never past the
 # deadline, and after every step all logs and CSVs are packed into $OUT/gpu_out.tgz, so a
 # lease that runs out still brings back what finished. The CUDA C++ library builds in the
-# background while the first (eager/graph) velocity benchmark runs.
+# background while the CUDA tests run. First the open issues' checks (the ops' kernel-only
+# times, the search and GRPO steps at SD3.5-medium size), then the earlier ones if time is left.
 #
 #   DEADLINE=540 bash benchmarks/gpu_lease.sh        # then: tar xzf $OUT/gpu_out.tgz
 #   ONLY="gpu_tests search_demo" bash benchmarks/gpu_lease.sh    # just these steps
 #   SMARTGRPO_COMMIT=0123456789ab bash benchmarks/gpu_lease.sh    # on a copied tree: the
 #       commit the tables and CSVs name (else `git rev-parse` of wherever the copy landed)
 #
-# Wheels the GPU image lacks (diffusers, and the peft this code was written against) travel in
-# .whl/ (see the device tool's README); they are installed into /tmp/site when present.
+# Wheels the GPU image lacks (diffusers, the peft this code was written against, and torchao
+# for the float8 search forwards) travel in .whl/ (see the device tool's README); they are
+# installed into /tmp/site when present.
 set -uo pipefail
 START=$(date +%s)
 DEADLINE=${DEADLINE:-540}
@@ -58,39 +60,47 @@ git rev-parse HEAD >>"$W/gpu.txt" 2>/dev/null
 (python3 -c "from smartgrpo_fast.ops import _cpp; print(_cpp.cuda_extension())" \
     >"$W/cuda_build.log" 2>&1; echo "rc $?" >>"$W/cuda_build.log") &
 BUILD=$!
-step velocity_tiny 60 python3 -m smartgrpo_fast bench velocity --model tiny \
-    --backends eager graph --batches 1 16 64 --out "$W"
+# Correct first: the CUDA tests (the captured round with a preview decoder and a compiled
+# forward, the fused ops' capture with every argument form, the kernels against the reference).
+step gpu_tests 130 python3 -m pytest -m cuda tests -q -rs -p no:cacheprovider
 wait $BUILD
 cat "$W/cuda_build.log"
-step gpu_tests 150 python3 -m pytest -m cuda tests -q -rs -p no:cacheprovider
+# Issue 22: every op eager (what a Python caller pays) and kernel-only (100 calls in one CUDA
+# graph), and the host column (µs a call on a tiny latent against one torch.add).
 step ops_bf16 90 python3 -m smartgrpo_fast bench ops --dtype bfloat16 --out "$W" --no-progress
+# Issue 21: the search at SD3.5-medium size (random weights, 512 px): naive loop, fused, one
+# captured round, + a TAESD3-layout preview decoder (random weights), + the compiled forward
+# inside the captured round; candidates/s and the stage split of each.
+step search_sd35m_fast 180 python3 -m smartgrpo_fast bench search --model sd35-medium \
+    --batch 2 --k 16 --rounds 3 --top 4 --repeats 2 --warmup 1 --providers reference fused \
+    graph graph+preview graph+preview+compile --out "$W/search_sd35m_fast"
+# Issue 24: full-size GRPO steps (random SD3.5-medium + random full-size ImageReward) at
+# Flow-GRPO-Fast's settings: split, trainer overhead, measured and estimated peak memory.
+SD35="--config sd35-medium --steps 1 --warmup 1 --no-progress model.name=random:sd35-medium \
+reward_args.random=true train.memory_limit_gib=80"
+step train_sd35m_random 80 python3 -m smartgrpo_fast bench train $SD35 --out "$W/sd35m_random" \
+    noise=random
+step train_sd35m_smart_preview 110 python3 -m smartgrpo_fast bench train $SD35 \
+    --out "$W/sd35m_smart_preview" model.preview_decoder=random
+step search_sd35m_fp8 110 python3 -m smartgrpo_fast bench search --model sd35-medium \
+    --batch 2 --k 16 --rounds 3 --top 4 --repeats 2 --warmup 1 --providers reference \
+    graph+preview+compile+fp8 --out "$W/search_sd35m_fp8"
+step train_sd35m_smart 110 python3 -m smartgrpo_fast bench train $SD35 --out "$W/sd35m_smart"
+# Earlier checks, run when time is left (their figures are in RESULTS.md from earlier leases).
 step search_tiny 60 python3 -m smartgrpo_fast bench search --model tiny --batch 8 --out "$W"
 step train_smart 60 python3 -m smartgrpo_fast bench train --config tiny --steps 3 --out "$W" \
     device=cuda
 step train_random 50 python3 -m smartgrpo_fast bench train --config tiny --steps 3 --out "$W" \
     device=cuda noise=random
-# A real training run on the GPU (its search's CUDA graph must capture: no warning).
-step train_run 60 python3 -m smartgrpo_fast train --config tiny --out "$W/train_run" \
-    device=cuda train.steps=3 eval.every=0
-# Does GRPO learn at a batch the 2-core CPU cannot afford? On the CPU the tiny config's batch
-# gradient (32 rollouts) is noise (benchmarks/grad_snr.py, RESULTS.md). Its signal and noise at
-# 512 rollouts a step, a training at that batch, and the held-out evaluation of the last
-# checkpoint it saved (4 images a prompt, float32 as on the CPU; base and adapter paired).
-SCALE="device=cuda sample.prompts_per_step=64 sample.batch=256 train.micro_batch=256"
+# Does GRPO learn at a batch the 2-core CPU cannot afford? The tiny-align config (the
+# prompt-match reward at 512 rollouts a step), then the held-out evaluation of its adapter.
 step grad_snr_scale 90 python3 benchmarks/grad_snr.py --batches 16 --noise random,smart \
-    --out "$W/grad_snr_scale.jsonl" $SCALE
-step train_scale 300 python3 -m smartgrpo_fast train --config tiny --out "$W/train_scale" \
-    $SCALE train.steps=200 train.save_every=25 eval.every=50 log.progress=false
-step eval_scale 120 bash -c 'ck=$(ls -d "$1"/train_scale/checkpoints/step-* | tail -n 1) &&
-    echo "$ck" && python3 -m smartgrpo_fast eval --model tiny --lora "$ck" --reward tiny \
-    --num-prompts 128 --prompt-seed 2000 --seed 7 --images-per-prompt 4 --dtype float32 \
-    --device cuda --no-progress --out "$1/eval_scale"' _ "$W"
-step velocity_sd35m 70 python3 -m smartgrpo_fast bench velocity --model sd35-medium \
-    --dtype bfloat16 --backends eager graph --batches 1 8 16 --out "$W"
-step search_sd35m 120 python3 -m smartgrpo_fast bench search --model sd35-medium --batch 2 \
-    --k 16 --rounds 3 --repeats 2 --warmup 1 --out "$W"
-step velocity_tiny_compile 80 python3 -m smartgrpo_fast bench velocity --model tiny \
-    --backends eager compile-reduce-overhead --batches 1 16 64 --out "$W/compile"
+    --out "$W/grad_snr_scale.jsonl" --config tiny-align
+step train_scale 300 python3 -m smartgrpo_fast train --config tiny-align --out "$W/train_scale" \
+    log.progress=false
+step eval_scale 120 python3 -m smartgrpo_fast eval --run "$W/train_scale" --num-prompts 128 \
+    --prompt-seed 2000 --seed 7 --images-per-prompt 4 --dtype float32 --device cuda \
+    --no-progress --out "$W/eval_scale"
 step velocity_sd35m_compile 90 python3 -m smartgrpo_fast bench velocity --model sd35-medium \
     --dtype bfloat16 --backends eager compile-reduce-overhead --batches 8 --out "$W/compile"
 step search_demo 60 python3 -m smartgrpo_fast search --out "$W/search_demo"
