@@ -33,6 +33,7 @@ as a CUDA graph once and replayed for other prompts.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -89,6 +90,19 @@ def _resized_size(height: int, width: int, size: int) -> tuple[int, int]:
 def _crop_offsets(height: int, width: int, size: int) -> tuple[int, int]:
     """torchvision ``CenterCrop(size)``'s (top, left)."""
     return round((height - size) / 2.0), round((width - size) / 2.0)
+
+
+@functools.cache
+def _mask_skip_arg() -> bool:
+    """Whether transformers' ``create_bidirectional_mask`` takes ``allow_is_bidirectional_skip``
+    (without it the 2-D mask is passed on, as before)."""
+    import inspect
+
+    try:
+        from transformers.masking_utils import create_bidirectional_mask
+    except ImportError:  # transformers without masking_utils: the 2-D mask is passed
+        return False
+    return "allow_is_bidirectional_skip" in inspect.signature(create_bidirectional_mask).parameters
 
 
 _NORM_CONSTS: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -309,10 +323,32 @@ class ImageRewardModel(nn.Module):
             pixel_values=pixels.to(self.device, self.dtype)
         ).last_hidden_state
         hidden = self.text(
-            input_ids=ids, attention_mask=mask, encoder_hidden_states=image_tokens
+            input_ids=ids,
+            attention_mask=self._text_attention_mask(mask),
+            encoder_hidden_states=image_tokens,
         ).last_hidden_state
         raw = self.head(hidden[:, 0].float()).squeeze(-1)
         return ((raw - SCORE_MEAN) / SCORE_STD).float()
+
+    def _text_attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The text model's 4-D attention mask of the (N, L) padding mask, always materialised.
+
+        Given the 2-D mask, transformers' BLIP text model asks ``mask.all()`` whether it can
+        skip the mask: a read of a device value, which a CUDA graph capture refuses ("Cannot
+        copy between CPU and CUDA tensors during CUDA graph capture"), so a search round that
+        scores with ImageReward could not be captured. Built here without that check (the
+        same mask, by transformers' own function), a 4-D mask is used as it is."""
+        if not _mask_skip_arg():
+            return mask
+        from transformers.masking_utils import create_bidirectional_mask
+
+        embeds = torch.empty((*mask.shape, 1), dtype=self.dtype, device=mask.device)
+        return create_bidirectional_mask(
+            config=self.text.config,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            allow_is_bidirectional_skip=False,
+        )
 
     def prepare(
         self, prompts: list[str], device: torch.device | str | None = None
