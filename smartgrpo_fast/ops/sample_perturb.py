@@ -519,6 +519,7 @@ def _plan(mean, mu, sigma, scale, k, seed, rnd, row_offset):
         return generic
 
     op = direct(torch.ops.smartgrpo_fast.sample_perturb_out.default)
+    packed = direct(torch.ops.smartgrpo_fast.sample_perturb_out.packed)  # int seeds: 7 arguments
     conv_mu = _cpp_param(mu, batch, inner)
     conv_sigma = _cpp_param(sigma, batch, inner)
     conv_scale = _cpp_param(scale, batch, (1,))
@@ -554,22 +555,14 @@ def _plan(mean, mu, sigma, scale, k, seed, rnd, row_offset):
         ):
             return None
         out = alloc(out_shape, dtype, device)
-        op(
+        packed(
             out,
             conv_mean(mean),
             None if mu_num else conv_mu(mu),
-            mu if mu_num else 0.0,
             None if sigma_num else conv_sigma(sigma),
-            sigma if sigma_num else 0.0,
             None if scale_num else conv_scale(scale),
-            scale if scale_num else 0.0,
-            None,
-            seed & 0xFFFFFFFF,
-            seed >> 32,
-            None,
-            rnd,
-            None,
-            row_offset,
+            [mu if mu_num else 0.0, sigma if sigma_num else 0.0, scale if scale_num else 0.0],
+            [seed & 0xFFFFFFFF, seed >> 32, rnd, row_offset],
         )
         return out
 
