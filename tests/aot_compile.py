@@ -68,7 +68,7 @@ def variants() -> Iterator[Variant]:
         yield Variant(
             f"sample_perturb[{dt}, elem/row/scalar]",
             _sample_perturb_kernel,
-            {"MU_MODE": 2, "SIGMA_MODE": 1, "SCALE_MODE": 0, **seeds, "BLOCK": 1024},
+            {"MU_MODE": 2, "SIGMA_MODE": 1, "SCALE_MODE": 0, **seeds, "BLOCK": 1024, "TILE": True},
             {"z_ptr": dt, "mean_ptr": dt},
         )
         yield Variant(
@@ -78,7 +78,7 @@ def variants() -> Iterator[Variant]:
             {"x0_ptr": dt, "z_ptr": dt, "v_ptr": dt},
         )
     yield Variant(
-        "sample_perturb[bf16, scalar/elem/row, int seeds]",
+        "sample_perturb[bf16, scalar/elem/row, int seeds, 16 does not divide D]",
         _sample_perturb_kernel,
         {
             "MU_MODE": 0,
@@ -88,6 +88,7 @@ def variants() -> Iterator[Variant]:
             "ROUND_FROM_PTR": True,
             "ROW_OFFSET_FROM_PTR": False,
             "BLOCK": 1024,
+            "TILE": False,
         },
         {"z_ptr": "bf16", "mean_ptr": "bf16", "sigma_ptr": "bf16"},
     )

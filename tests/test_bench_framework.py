@@ -262,3 +262,24 @@ def test_bench_ops_still_exports_the_moved_names() -> None:
         moved = [m for m in homes if name in getattr(m, "__all__", ())]
         assert len(moved) == (name not in OPS_OWN), name
         assert all(getattr(m, name) is obj for m in moved), name
+
+
+@pytest.mark.cuda
+def test_ops_bench_on_cuda_times_eager_kernel_and_host() -> None:
+    """On CUDA every (op, provider, size) has an eager and a kernel time, and every
+    (op, provider) a host time and ratio; the kernel of a fused op never costs more than its
+    eager call (the eager interval holds the kernels and the host work)."""
+    config = ops.OpsBenchConfig.for_device(
+        "cuda", providers=("triton", "unfused"), sizes=(2**20,), repeats=5, warmup=2,
+        dtype="bfloat16",
+    )  # fmt: skip
+    result = ops.run_ops_bench(config, progress=False)
+    times = {(r["op"], r["provider"], r["mode"]): r for r in result if r["metric"] == "time"}
+    for op in op_cases.OPS:
+        for provider in ("triton", "unfused"):
+            eager, kernel = times[(op, provider, "eager")], times[(op, provider, "kernel")]
+            assert kernel["median"] > 0 and eager["median"] > 0
+            assert times[(op, provider, "host")]["unit"] == "us"
+        assert times[(op, "triton", "kernel")]["median"] <= times[(op, "triton", "eager")]["median"]
+    table = ops.format_table(result)
+    assert "kernel" in table and "eager" in table and "torch.add" in table

@@ -65,10 +65,11 @@ def test_philox_normal(small_blocks, monkeypatch, run_reference) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sample_perturb_non_contiguous(small_blocks, monkeypatch, run_reference, dtype) -> None:
+@pytest.mark.parametrize("d", [D, 4 * CAP])  # 16 divides 4 * CAP: the kernel's 2-D tile store
+def test_sample_perturb_non_contiguous(small_blocks, monkeypatch, run_reference, dtype, d) -> None:
     gen = torch.Generator().manual_seed(1)
-    mean = torch.randn(D, 2, generator=gen).to(dtype).t()  # (2, D), element stride 2
-    mu = 0.1 * torch.randn(2, 2 * D, generator=gen)[:, 1::2]  # per element, strided
+    mean = torch.randn(d, 2, generator=gen).to(dtype).t()  # (2, d), element stride 2
+    mu = 0.1 * torch.randn(2, 2 * d, generator=gen)[:, 1::2]  # per element, strided
     sigma = torch.rand(4, generator=gen)[::2] + 0.5  # per row, strided
     args = (mean, mu, sigma, torch.tensor([0.7, 1.3]))
     kw = dict(k=3, seed=5, round=2, row_offset=torch.tensor(1))

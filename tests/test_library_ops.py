@@ -291,6 +291,38 @@ def test_opcheck_cpp_out_ops(monkeypatch, name: str) -> None:
         torch.library.opcheck(getattr(OPS, name).default, args)
 
 
+def test_opcheck_cpp_packed_ops_and_their_results(monkeypatch) -> None:
+    """The packed overloads (the fast path's: scalars in two lists) check like the plain ones
+    and write what the plain ones write."""
+    use_backend(monkeypatch, "cpp")
+    assert cpu_extension().ok
+    gen = torch.Generator().manual_seed(8)
+    mean = torch.randn(2, 3, 4, generator=gen)  # (B, *S): the C++ ops view it as (B, D)
+    mu = torch.randn(2, 3, 4, generator=gen)
+    sigma = torch.rand(2, generator=gen) + 0.5
+    out = torch.empty(2, 5, 3, 4)
+    args = (out, mean, mu, sigma, None, [0.0, 0.0, 0.7], [5, 1, 2, 1])
+    torch.library.opcheck(OPS.sample_perturb_out.packed, args)
+    plain = torch.empty_like(out)
+    OPS.sample_perturb_out(plain, mean.reshape(2, -1), mu.reshape(2, -1), 0.0, sigma, 0.0, None,
+                           0.7, None, 5, 1, None, 2, None, 1)  # fmt: skip
+    OPS.sample_perturb_out.packed(*args)
+    assert torch.equal(out, plain)
+    idx = torch.tensor([[0, 2], [1, 3]])
+    for per_element in (1, 0):
+        sigma_shape = (2, 3, 4) if per_element else (2,)
+        outs = (torch.empty(2, 3, 4), torch.empty(sigma_shape))
+        args = (*outs, mu, sigma, idx, torch.tensor([2, 1]), [0.0, 0.0, 0.7, 0.05],
+                [5, 3, 0, 2, 1, per_element])  # fmt: skip
+        torch.library.opcheck(OPS.cem_update_out.packed, args)
+        OPS.cem_update_out.packed(*args)
+        plain = (torch.empty(2, 3, 4), torch.empty(sigma_shape))
+        OPS.cem_update_out(*plain, mu.reshape(2, -1), 0.0, sigma, 0.0, idx, 5, None, 3, 0, None,
+                           2, None, 1, 0.7, 0.05, bool(per_element),
+                           torch.tensor([2, 1]))  # fmt: skip
+        assert torch.equal(outs[0], plain[0]) and torch.equal(outs[1], plain[1])
+
+
 # --------------------------------------------------------------------------------------
 # torch.compile(fullgraph=True)
 # --------------------------------------------------------------------------------------

@@ -319,6 +319,37 @@ void cem_update_out(at::Tensor& mu_out, at::Tensor& sigma_out, const std::option
   }
 }
 
+// The packed overloads: the same ops with their scalars in two lists, for the Python fast path
+// (smartgrpo_fast/ops/_fast.py): each argument costs the dispatcher's Python-to-C++ conversion
+// about 0.2 us, so 8 arguments instead of 19 save about 2 us a call. Int seeds, rounds and row
+// offsets only (a tensor one takes the plain overload).
+
+//! floats: mu_val, sigma_val, scale_val; ints: seed_lo, seed_hi, round, row_offset.
+void sample_perturb_out_packed(at::Tensor& out, const at::Tensor& mean,
+                               const std::optional<at::Tensor>& mu,
+                               const std::optional<at::Tensor>& sigma,
+                               const std::optional<at::Tensor>& scale,
+                               c10::ArrayRef<double> floats, c10::IntArrayRef ints) {
+  TORCH_CHECK(floats.size() == 3 && ints.size() == 4,
+              "sample_perturb_out.packed: expected 3 floats and 4 ints");
+  sample_perturb_out(out, mean, mu, floats[0], sigma, floats[1], scale, floats[2], std::nullopt,
+                     ints[0], ints[1], std::nullopt, ints[2], std::nullopt, ints[3]);
+}
+
+//! floats: mu_val, sigma_val, alpha, min_sigma; ints: k, seed_lo, seed_hi, round, row_offset,
+//! per_element.
+void cem_update_out_packed(at::Tensor& mu_out, at::Tensor& sigma_out,
+                           const std::optional<at::Tensor>& mu,
+                           const std::optional<at::Tensor>& sigma, const at::Tensor& elite_idx,
+                           const std::optional<at::Tensor>& counts, c10::ArrayRef<double> floats,
+                           c10::IntArrayRef ints) {
+  TORCH_CHECK(floats.size() == 4 && ints.size() == 6,
+              "cem_update_out.packed: expected 4 floats and 6 ints");
+  cem_update_out(mu_out, sigma_out, mu, floats[0], sigma, floats[1], elite_idx, ints[0],
+                 std::nullopt, ints[1], ints[2], std::nullopt, ints[3], std::nullopt, ints[4],
+                 floats[2], floats[3], ints[5] != 0, counts);
+}
+
 std::string cpu_isa() { return cpu::isa(); }
 
 }  // namespace
@@ -340,6 +371,12 @@ TORCH_LIBRARY(smartgrpo_fast, m) {
       "Tensor? sigma, float sigma_val, Tensor elite_idx, int k, Tensor? seed_t, int seed_lo, "
       "int seed_hi, Tensor? round_t, int round, Tensor? row_offset_t, int row_offset, "
       "float alpha, float min_sigma, bool per_element, Tensor? counts) -> ()");
+  m.def(
+      "sample_perturb_out.packed(Tensor(a!) out, Tensor mean, Tensor? mu, Tensor? sigma, "
+      "Tensor? scale, float[] floats, int[] ints) -> ()");
+  m.def(
+      "cem_update_out.packed(Tensor(a!) mu_out, Tensor(b!) sigma_out, Tensor? mu, "
+      "Tensor? sigma, Tensor elite_idx, Tensor? counts, float[] floats, int[] ints) -> ()");
   m.def("cpu_isa() -> str", &cpu_isa);
 }
 
@@ -349,4 +386,6 @@ TORCH_LIBRARY_IMPL(smartgrpo_fast, CPU, m) {
   m.impl("sample_perturb_out", &sample_perturb_out);
   m.impl("x0_estimate_out", &x0_estimate_out);
   m.impl("cem_update_out", &cem_update_out);
+  m.impl("sample_perturb_out.packed", &sample_perturb_out_packed);
+  m.impl("cem_update_out.packed", &cem_update_out_packed);
 }

@@ -13,9 +13,12 @@ argument normalisation, no torch.library dispatch (the operator stays what ``tor
 traces and what ``validate=True`` calls), no allocation besides the outputs.
 
 The C++ ops take (B, *S) tensors as they are (``strided`` in ``csrc/ops_cpu.cpp`` views them as
-(B, D)), so a plan for the ``cpp`` backend makes no view either. Plans of the other backends
-call the same backend function the operator calls, minus the dispatch. A plan never holds a
-tensor: only forms, ints and functions.
+(B, D)), so a plan for the ``cpp`` backend makes no view either, and with int seeds it calls the
+``.packed`` overloads (the scalars in two lists: 7 or 8 arguments instead of 15 or 19, each of
+which costs the dispatcher's Python-to-C++ conversion) through the overload's C++ callable
+(:func:`direct`). Plans of the other backends (Triton, CUDA C++, the reference) call the same
+backend function the operator calls, minus the dispatch. A plan never holds a tensor: only
+forms, ints and functions.
 """
 
 from __future__ import annotations

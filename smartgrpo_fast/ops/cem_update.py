@@ -889,6 +889,7 @@ def _plan(mu, sigma, elite_idx, shape, k, seed, rnd, alpha, min_sigma, per_eleme
     from smartgrpo_fast.ops.sample_perturb import _cpp_param
 
     op = direct(torch.ops.smartgrpo_fast.cem_update_out.default)
+    packed = direct(torch.ops.smartgrpo_fast.cem_update_out.packed)  # int seeds: 8 arguments
     conv_mu = _cpp_param(mu, batch, inner)
     conv_sigma = _cpp_param(sigma, batch, inner)
 
@@ -930,26 +931,15 @@ def _plan(mu, sigma, elite_idx, shape, k, seed, rnd, alpha, min_sigma, per_eleme
             return None
         mu_out = alloc(shape, torch.float32, device)
         sigma_out = alloc(sigma_shape, torch.float32, device)
-        op(
+        packed(
             mu_out,
             sigma_out,
             None if mu_num else conv_mu(mu),
-            mu if mu_num else 0.0,
             None if sigma_num else conv_sigma(sigma),
-            sigma if sigma_num else 0.0,
             elite_idx,
-            k,
-            None,
-            seed & 0xFFFFFFFF,
-            seed >> 32,
-            None,
-            rnd,
-            None,
-            row_offset,
-            alpha,
-            min_sigma,
-            per_element,
             counts,
+            [mu if mu_num else 0.0, sigma if sigma_num else 0.0, alpha, min_sigma],
+            [k, seed & 0xFFFFFFFF, seed >> 32, rnd, row_offset, per_element],
         )
         return mu_out, sigma_out
 

@@ -250,8 +250,8 @@ if triton is not None:
         that broadcast against each other, e.g. (1, G) groups and (E, 1) candidates give
         (E, G) tiles of E independent Philox chains; ``b`` is the stream's row (the call's row
         plus the row offset)."""
-        c0 = g.to(tl.uint32)
-        c1 = j.to(tl.uint32)
+        c0 = tl.cast(g, tl.uint32)
+        c1 = tl.cast(j, tl.uint32)
         c2 = tl.cast(b, tl.uint32)
         x0, x1, x2, x3 = philox4x32_10(c0, c1, c2, rnd, k0, k1)
         n0, n1 = _box_muller(x0, x1)

@@ -68,6 +68,7 @@ if triton is not None:
         load_key,
         load_round,
         load_row_offset,
+        philox_normal4,
         philox_normal_block,
     )
 
@@ -123,6 +124,7 @@ if triton is not None:
         ROUND_FROM_PTR: tl.constexpr,
         ROW_OFFSET_FROM_PTR: tl.constexpr,
         BLOCK: tl.constexpr,
+        TILE: tl.constexpr,
     ):
         # One program: one block of BLOCK elements of row b, for a chunk of candidates.
         pid = tl.program_id(0).to(tl.int64)
@@ -131,7 +133,22 @@ if triton is not None:
         i_chunk = i_rest % n_chunks
         i_b = i_rest // n_chunks
 
-        offs = i_blk * BLOCK + tl.arange(0, BLOCK)
+        k0, k1 = load_key(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
+        rnd = load_round(round_ptr, round_val, ROUND_FROM_PTR)
+        b_word = i_b + load_row_offset(row_offset_ptr, row_offset_val, ROW_OFFSET_FROM_PTR)
+        j_start = i_chunk * cands_per_prog
+        j_end = tl.minimum(j_start + cands_per_prog, K)
+        if TILE:
+            # The (G, 4) element tile: row g holds the four normals of Philox group g
+            # (elements 4g .. 4g+3), stored through 2-D pointers: no join, reshape or
+            # shared-memory shuffle (taken when 16 divides D, so that the masked stores
+            # vectorise; otherwise the tile's stores would not, and the layouts would differ)
+            GROUPS: tl.constexpr = BLOCK // 4
+            g = (i_blk * GROUPS + tl.arange(0, GROUPS))[:, None]  # (G, 1): the tile's layout
+            w = tl.arange(0, 4)[None, :]
+            offs = 4 * g + w
+        else:
+            offs = i_blk * BLOCK + tl.arange(0, BLOCK)
         mask = offs < D
         b_mean = tl.load(
             mean_ptr + i_b * stride_mean_b + offs * stride_mean_e, mask=mask, other=0.0
@@ -141,14 +158,12 @@ if triton is not None:
             sigma_ptr, sigma_val, i_b, offs, mask, stride_sigma_b, stride_sigma_e, SIGMA_MODE
         )
         b_scale = load_param(scale_ptr, scale_val, i_b, offs, mask, stride_scale_b, 0, SCALE_MODE)
-        k0, k1 = load_key(seed_ptr, seed_lo, seed_hi, SEED_FROM_PTR)
-        rnd = load_round(round_ptr, round_val, ROUND_FROM_PTR)
-        b_word = i_b + load_row_offset(row_offset_ptr, row_offset_val, ROW_OFFSET_FROM_PTR)
-
-        j_start = i_chunk * cands_per_prog
-        j_end = tl.minimum(j_start + cands_per_prog, K)
         for j in range(j_start, j_end):
-            b_n = philox_normal_block(i_blk, j, b_word, rnd, k0, k1, BLOCK)
+            if TILE:
+                n0, n1, n2, n3 = philox_normal4(g, j, b_word, rnd, k0, k1)  # (G, 1) each
+                b_n = tl.where(w == 0, n0, tl.where(w == 1, n1, tl.where(w == 2, n2, n3)))
+            else:
+                b_n = philox_normal_block(i_blk, j, b_word, rnd, k0, k1, BLOCK)
             b_z = b_mean + b_scale * (b_mu + b_sigma * b_n)
             p_z = z_ptr + (i_b * K + j) * D + offs
             tl.store(p_z, b_z.to(z_ptr.dtype.element_ty), mask=mask)
@@ -260,6 +275,7 @@ def _sample_perturb(
         SIGMA_MODE=int(p_sigma.mode),
         SCALE_MODE=int(p_scale.mode),
         BLOCK=block,
+        TILE=numel % 16 == 0,
         **seed_args(seed, rnd, device, row_offset, traced=wrap),
     )
     return out
@@ -519,6 +535,7 @@ def _plan(mean, mu, sigma, scale, k, seed, rnd, row_offset):
         return generic
 
     op = direct(torch.ops.smartgrpo_fast.sample_perturb_out.default)
+    packed = direct(torch.ops.smartgrpo_fast.sample_perturb_out.packed)  # int seeds: 7 arguments
     conv_mu = _cpp_param(mu, batch, inner)
     conv_sigma = _cpp_param(sigma, batch, inner)
     conv_scale = _cpp_param(scale, batch, (1,))
@@ -554,22 +571,14 @@ def _plan(mean, mu, sigma, scale, k, seed, rnd, row_offset):
         ):
             return None
         out = alloc(out_shape, dtype, device)
-        op(
+        packed(
             out,
             conv_mean(mean),
             None if mu_num else conv_mu(mu),
-            mu if mu_num else 0.0,
             None if sigma_num else conv_sigma(sigma),
-            sigma if sigma_num else 0.0,
             None if scale_num else conv_scale(scale),
-            scale if scale_num else 0.0,
-            None,
-            seed & 0xFFFFFFFF,
-            seed >> 32,
-            None,
-            rnd,
-            None,
-            row_offset,
+            [mu if mu_num else 0.0, sigma if sigma_num else 0.0, scale if scale_num else 0.0],
+            [seed & 0xFFFFFFFF, seed >> 32, rnd, row_offset],
         )
         return out
 
