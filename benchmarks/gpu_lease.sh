@@ -62,7 +62,7 @@ git rev-parse HEAD >>"$W/gpu.txt" 2>/dev/null
 BUILD=$!
 # Correct first: the CUDA tests (the captured round with a preview decoder and a compiled
 # forward, the fused ops' capture with every argument form, the kernels against the reference).
-step gpu_tests 130 python3 -m pytest -m cuda tests -q -rs -p no:cacheprovider
+step gpu_tests 240 python3 -m pytest -m cuda tests -q -rs -p no:cacheprovider
 wait $BUILD
 cat "$W/cuda_build.log"
 # Issue 22: every op eager (what a Python caller pays) and kernel-only (100 calls in one CUDA
@@ -76,16 +76,21 @@ step search_sd35m_fast 180 python3 -m smartgrpo_fast bench search --model sd35-m
     graph graph+preview graph+preview+compile --out "$W/search_sd35m_fast"
 # Issue 24: full-size GRPO steps (random SD3.5-medium + random full-size ImageReward) at
 # Flow-GRPO-Fast's settings: split, trainer overhead, measured and estimated peak memory.
-SD35="--config sd35-medium --steps 1 --warmup 1 --no-progress model.name=random:sd35-medium \
-reward_args.random=true train.memory_limit_gib=80"
+# (The overrides go last, after --out: argparse takes KEY=VALUE words in one run.)
+SD35="--config sd35-medium --steps 1 --warmup 1 --no-progress"
+SD35_RANDOM="model.name=random:sd35-medium reward_args.random=true train.memory_limit_gib=80"
 step train_sd35m_random 80 python3 -m smartgrpo_fast bench train $SD35 --out "$W/sd35m_random" \
-    noise=random
+    $SD35_RANDOM noise=random
 step train_sd35m_smart_preview 110 python3 -m smartgrpo_fast bench train $SD35 \
-    --out "$W/sd35m_smart_preview" model.preview_decoder=random
-step search_sd35m_fp8 110 python3 -m smartgrpo_fast bench search --model sd35-medium \
+    --out "$W/sd35m_smart_preview" $SD35_RANDOM model.preview_decoder=random
+step train_sd35m_smart_preview_compile 150 python3 -m smartgrpo_fast bench train $SD35 \
+    --out "$W/sd35m_smart_preview_compile" $SD35_RANDOM model.preview_decoder=random \
+    model.graph=compile-reduce-overhead
+step search_sd35m_fp8 180 python3 -m smartgrpo_fast bench search --model sd35-medium \
     --batch 2 --k 16 --rounds 3 --top 4 --repeats 2 --warmup 1 --providers reference \
     graph+preview+compile+fp8 --out "$W/search_sd35m_fp8"
-step train_sd35m_smart 110 python3 -m smartgrpo_fast bench train $SD35 --out "$W/sd35m_smart"
+step train_sd35m_smart 150 python3 -m smartgrpo_fast bench train $SD35 --out "$W/sd35m_smart" \
+    $SD35_RANDOM
 # Earlier checks, run when time is left (their figures are in RESULTS.md from earlier leases).
 step search_tiny 60 python3 -m smartgrpo_fast bench search --model tiny --batch 8 --out "$W"
 step train_smart 60 python3 -m smartgrpo_fast bench train --config tiny --steps 3 --out "$W" \
