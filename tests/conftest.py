@@ -18,6 +18,7 @@ import importlib
 
 import pytest
 
+from smartgrpo_fast.graphs import in_enclosing_graph
 from smartgrpo_fast.ops._cpp import cpu_extension
 from smartgrpo_fast.ops._triton import HAS_TRITON, interpreting
 
@@ -86,3 +87,20 @@ def run_reference(monkeypatch: pytest.MonkeyPatch):
                 os.environ["SMARTGRPO_BACKEND"] = prev
 
     return run
+
+
+@pytest.fixture
+def compiled(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """torch.compile recorded: every call of a compiled function appends (mode, inside an
+    enclosing graph); the function itself runs eagerly."""
+    calls: list[tuple[str, bool]] = []
+
+    def fake_compile(fn, *, mode=None, dynamic=None):
+        def run(*args):
+            calls.append((mode, in_enclosing_graph()))
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    return calls

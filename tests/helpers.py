@@ -102,3 +102,15 @@ def load_benchmark(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+#: One step of the sd35-medium config at the tiny size (random:sd3-tiny, CPU): 1 prompt x 2
+#: rollouts, 2 SDE steps, K 2 x 1 round.
+SD35_TINY_STEP = [
+    "model.name=random:sd3-tiny", "model.dtype=float32", "model.resolution=null",
+    "model.graph=eager", "device=cpu", "reward=tiny-color", "sample.prompts_per_step=1",
+    "sample.group_size=2", "sample.steps=4", "sample.sde_window_range=[0, 3]", "search.k=2",
+    "search.rounds=1", "search.top=1", "search.decode_size=null", "train.steps=1",
+    "train.micro_batch=2", "eval.every=0", "log.progress=false", "log.tensorboard=false",
+    "lora.rank=2", "lora.alpha=4",
+]  # fmt: skip

@@ -15,25 +15,9 @@ pytest.importorskip("diffusers")
 
 from smartgrpo_fast.bench import search as bench_search
 from smartgrpo_fast.cli import main
-from smartgrpo_fast.graphs import in_enclosing_graph
 from smartgrpo_fast.models import sd3_configs
 
 SMALL = dict(batch=1, k=2, rounds=1, top=1, repeats=1, warmup=0, device="cpu")
-
-
-@pytest.fixture
-def compiled(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
-    calls: list[tuple[str, bool]] = []
-
-    def fake_compile(fn, *, mode=None, dynamic=None):
-        def run(*args):
-            calls.append((mode, in_enclosing_graph()))
-            return fn(*args)
-
-        return run
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    return calls
 
 
 class _Rows:

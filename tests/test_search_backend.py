@@ -23,23 +23,6 @@ from smartgrpo_fast.search import cem as cem_module
 PROMPTS = ["p0", "p1", "p2"]
 
 
-@pytest.fixture
-def compiled(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
-    """torch.compile recorded: every call of a compiled function appends (mode, inside an
-    enclosing graph); the function itself runs eagerly."""
-    calls: list[tuple[str, bool]] = []
-
-    def fake_compile(fn, *, mode=None, dynamic=None):
-        def run(*args):
-            calls.append((mode, in_enclosing_graph()))
-            return fn(*args)
-
-        return run
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    return calls
-
-
 class BackendFlow(AnalyticFlow):
     """AnalyticFlow whose velocity goes through a GraphedCallable on ``backend``."""
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SD35_TINY_STEP
 
 from smartgrpo_fast import models, rewards
 from smartgrpo_fast.ops import philox_normal
@@ -176,14 +177,7 @@ def test_random_imagereward_has_the_checkpoints_architecture() -> None:
         rewards.load("imagereward", random=True, checkpoint="x.pt")
 
 
-_STEP = [
-    "model.name=random:sd3-tiny", "model.dtype=float32", "model.resolution=null",
-    "model.graph=eager", "device=cpu", "reward=tiny-color", "sample.prompts_per_step=1",
-    "sample.group_size=2", "sample.steps=4", "sample.sde_window_range=[0, 3]", "search.k=2",
-    "search.rounds=1", "search.top=1", "search.decode_size=null", "train.steps=1",
-    "train.micro_batch=2", "eval.every=0", "log.progress=false", "log.tensorboard=false",
-    "lora.rank=2", "lora.alpha=4",
-]  # fmt: skip
+_STEP = SD35_TINY_STEP
 
 
 def test_sd35_config_on_a_random_model_checks_memory_then_steps(tmp_path) -> None:

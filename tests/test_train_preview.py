@@ -9,22 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SD35_TINY_STEP
 
 from smartgrpo_fast.cli import main
 from smartgrpo_fast.models.sd3_configs import save_tiny_preview_decoder, save_tiny_sd3_pipeline
 from smartgrpo_fast.train.config import ConfigError, load_config
 from smartgrpo_fast.train.trainer import GRPOTrainer
 
-#: One step of the sd35-medium config at the tiny size: 1 prompt x 2 rollouts, 2 SDE steps,
-#: K 2 x 1 round (tests/test_train_memory.py's).
-_STEP = [
-    "model.name=random:sd3-tiny", "model.dtype=float32", "model.resolution=null",
-    "model.graph=eager", "device=cpu", "reward=tiny-color", "sample.prompts_per_step=1",
-    "sample.group_size=2", "sample.steps=4", "sample.sde_window_range=[0, 3]", "search.k=2",
-    "search.rounds=1", "search.top=1", "search.decode_size=null", "train.steps=1",
-    "train.micro_batch=2", "eval.every=0", "log.progress=false", "log.tensorboard=false",
-    "lora.rank=2", "lora.alpha=4", "train.memory_limit_gib=64",
-]  # fmt: skip
+_STEP = [*SD35_TINY_STEP, "train.memory_limit_gib=64"]
 ROWS, WINDOW, K, ROUNDS = 2, 2, 2, 1
 
 
