@@ -24,6 +24,7 @@ from smartgrpo_fast.train.evaluate import (
     evaluate,
     paired_comparison,
     result_dict,
+    reward_labels,
     save_grid,
 )
 
@@ -303,6 +304,21 @@ def test_save_grid_errors(tmp_path: Path) -> None:
         save_grid(torch.zeros(2, 3, 4, 4), tmp_path / "g.png", nrow=0)
     with pytest.raises(ValueError, match="labels: expected 1 row labels, got 2"):
         save_grid(torch.zeros(2, 3, 4, 4), tmp_path / "g.png", labels=["a", "b"])
+
+
+def test_reward_labels() -> None:
+    """A row's label: its images' index range and the mean of their finite rewards."""
+    r = torch.tensor([1.0, 2.0, 3.0, float("nan"), 5.0, float("inf")])
+    assert reward_labels(r, 2) == ["0-1: reward 1.500", "2-3: reward 3.000", "4-5: reward 5.000"]
+    assert reward_labels(r, 4) == ["0-3: reward 2.000", "4-5: reward 5.000"]
+    assert reward_labels(torch.tensor([0.25, float("nan")]), 1) == [
+        "0: reward 0.250",
+        "1: reward n/a",
+    ]
+    with pytest.raises(ValueError, match="rewards: expected a non-empty \\(N,\\) tensor"):
+        reward_labels(torch.zeros(2, 2), 2)
+    with pytest.raises(ValueError, match="nrow: expected an integer >= 1"):
+        reward_labels(r, 0)
 
 
 # ---------------------------------------------------------------------- the embedded model

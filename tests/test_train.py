@@ -23,13 +23,14 @@ from smartgrpo_fast.train.checkpoint import latest_checkpoint
 from smartgrpo_fast.train.config import ConfigError, load_config
 from smartgrpo_fast.train.trainer import METRIC_KEYS, GRPOTrainer
 
-#: A run small enough for CI: 2 prompts x 4 rollouts, 4 sampling steps, K 4 x 2 rounds.
+#: A run small enough for CI: 2 prompts x 4 rollouts, 4 sampling steps, K 4 x 2 rounds; the
+#: prompt-match reward (the config's own, shape-area, has no match rate to check).
 TINY = [
     "sample.prompts_per_step=2", "sample.group_size=4", "sample.steps=4",
     "sample.sde_window_size=2", "sample.sde_window_range=[0, 3]", "search.k=4",
     "search.rounds=2", "search.top=2", "train.steps=2", "train.save_every=1", "eval.every=2",
     "eval.num_prompts=4", "eval.steps=2", "log.progress=false", "lora.rank=4", "lora.alpha=8",
-    "device=cpu",
+    "device=cpu", "reward=tiny",
 ]  # fmt: skip
 _TIME_KEYS = {k for k in METRIC_KEYS if k.startswith("time_")} | {"peak_mem_bytes"}
 

@@ -16,13 +16,14 @@ from smartgrpo_fast.train import checkpoint as ckpt
 from smartgrpo_fast.train.config import load_config
 from smartgrpo_fast.train.trainer import METRIC_KEYS, GRPOTrainer
 
-#: As tests/test_train.py's: 2 prompts x 4 rollouts, 4 sampling steps, K 4 x 2 rounds.
+#: As tests/test_train.py's: 2 prompts x 4 rollouts, 4 sampling steps, K 4 x 2 rounds, reward
+#: tiny (whose prompt grammar and arguments the error cases below exercise).
 TINY = [
     "sample.prompts_per_step=2", "sample.group_size=4", "sample.steps=4",
     "sample.sde_window_size=2", "sample.sde_window_range=[0, 3]", "search.k=4",
     "search.rounds=2", "search.top=2", "train.steps=2", "train.save_every=1", "eval.every=0",
     "eval.num_prompts=4", "eval.steps=2", "log.progress=false", "log.tensorboard=false",
-    "lora.rank=4", "lora.alpha=8", "device=cpu",
+    "lora.rank=4", "lora.alpha=8", "device=cpu", "reward=tiny",
 ]  # fmt: skip
 
 

@@ -58,7 +58,7 @@ def test_tiny_align_config_is_the_prompt_match_reward_at_gpu_scale() -> None:
 
 def test_tiny_config_values() -> None:
     cfg = load_config("tiny")
-    assert cfg.model.name == "tiny" and cfg.reward == "tiny" and cfg.noise == "smart"
+    assert cfg.model.name == "tiny" and cfg.reward == "shape-area" and cfg.noise == "smart"
     assert cfg.train.lr == pytest.approx(1e-3)  # written 1.0e-3 in YAML
     assert cfg.sample.shared_initial_noise and not SampleConfig().shared_initial_noise
     assert isinstance(cfg.lora, LoraSpec)

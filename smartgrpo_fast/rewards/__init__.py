@@ -10,6 +10,10 @@ Names for :func:`load`:
 * ``shapes-judge`` — the embedded world's analytic judge, read from the rendering rules: the
   fraction of the prompt's three attributes the image shows, for judging what the classifier
   guided (:mod:`smartgrpo_fast.shapes.judge`);
+* ``shape-area``, ``saturation``, ``brightness``, ``jpeg-compressibility``,
+  ``jpeg-incompressibility`` — rewards read from the image alone (no prompt, no weights): the
+  foreground's share of the image, the mean colour saturation, the mean pixel value, DDPO's
+  JPEG size (:mod:`.image`);
 * ``imagereward`` — ImageReward checkpoints on transformers' BLIP (:mod:`.imagereward`);
 * ``aesthetic`` — the LAION aesthetic predictor on CLIP ViT-L/14; ``pickscore``; ``clipscore``
   (:mod:`.clip`).
@@ -55,6 +59,7 @@ NAMES = (
     "tiny", "tiny-prob", "tiny-min", "tiny-margin", "tiny-color", "shapes-judge", "imagereward",
     "aesthetic",
     "pickscore", "clipscore",
+    "shape-area", "saturation", "brightness", "jpeg-compressibility", "jpeg-incompressibility",
 )  # fmt: skip
 #: Rewards that parse each prompt into the embedded world's shape, colour and background.
 WORLD_PROMPT_REWARDS = (
@@ -65,6 +70,13 @@ WORLD_PROMPT_REWARDS = (
     "tiny-color",
     "shapes-judge",
 )
+_IMAGE_REWARDS = {
+    "shape-area": ("ShapeAreaReward", {}),
+    "saturation": ("SaturationReward", {}),
+    "brightness": ("BrightnessReward", {}),
+    "jpeg-compressibility": ("JpegReward", {"compressible": True}),
+    "jpeg-incompressibility": ("JpegReward", {"compressible": False}),
+}
 _TINY_MODES = {"tiny": "logprob", "tiny-prob": "prob", "tiny-min": "min", "tiny-margin": "margin"}
 
 
@@ -82,6 +94,13 @@ def load(name_or_path: str, **kwargs: Any) -> Reward:
         kwargs.pop("dtype", None)
         cls = reward.ColorFidelityReward if name_or_path == "tiny-color" else judge.ShapesJudge
         return cls(**kwargs)
+    if name_or_path in _IMAGE_REWARDS:
+        from smartgrpo_fast.rewards import image
+
+        kwargs.pop("device", None)  # analytic: runs on the images' device
+        kwargs.pop("dtype", None)
+        cls, fixed = _IMAGE_REWARDS[name_or_path]
+        return getattr(image, cls)(**fixed, **kwargs)
     if name_or_path == "imagereward":
         from smartgrpo_fast.rewards.imagereward import load_imagereward
 

@@ -35,7 +35,8 @@ from smartgrpo_fast.search.report import _finite
 from smartgrpo_fast.search.rollout import paired_stats
 
 __all__ = [
-    "EvalConfig", "EvalResult", "evaluate", "paired_comparison", "result_dict", "save_grid",
+    "EvalConfig", "EvalResult", "evaluate", "paired_comparison", "result_dict", "reward_labels",
+    "save_grid",
 ]  # fmt: skip
 
 
@@ -340,6 +341,25 @@ def _image_rewards(res: EvalResult, suffix: str) -> dict[str, Any]:
     if res.image_rewards is None:
         return {}
     return {f"reward_images{suffix}": res.image_rewards.tolist()}
+
+
+def reward_labels(rewards: torch.Tensor, nrow: int) -> list[str]:
+    """A grid row's label per ``nrow`` images: their index range and the mean of their
+    finite (N,) ``rewards``, e.g. ``0-7: reward 0.312`` (``n/a`` when none is finite)."""
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1 or not rewards.numel():
+        got = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
+        raise ValueError(f"rewards: expected a non-empty (N,) tensor, got {got}")
+    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
+        raise ValueError(f"nrow: expected an integer >= 1, got {nrow!r}")
+    r = rewards.detach().double().cpu()
+    labels = []
+    for a in range(0, r.numel(), nrow):
+        b = min(r.numel(), a + nrow) - 1
+        row = r[a : b + 1]
+        row = row[torch.isfinite(row)]
+        value = f"{float(row.mean()):.3f}" if row.numel() else "n/a"
+        labels.append(f"{a}-{b}: reward {value}" if b > a else f"{a}: reward {value}")
+    return labels
 
 
 def save_grid(

@@ -58,7 +58,7 @@ from smartgrpo_fast.train.checkpoint import (
 )
 from smartgrpo_fast.train.config import ConfigError, RunConfig, config_to_dict
 from smartgrpo_fast.train.data import PromptSource, derive_seed, eval_prompts
-from smartgrpo_fast.train.evaluate import EvalConfig, evaluate, save_grid
+from smartgrpo_fast.train.evaluate import EvalConfig, evaluate, reward_labels, save_grid
 from smartgrpo_fast.train.loss import Advantages, group_advantages, policy_terms
 from smartgrpo_fast.train.rollout import Rollouts, sample_rollouts, sde_window
 
@@ -759,7 +759,9 @@ class GRPOTrainer:
                 out["eval_match_rate"] = res.match_rate
             samples = self.out / "samples"
             samples.mkdir(exist_ok=True)
-            save_grid(res.images, samples / f"step-{self.step:06d}.png", nrow=res.grid_nrow)
+            per_image = res.rewards if res.image_rewards is None else res.image_rewards
+            save_grid(res.images, samples / f"step-{self.step:06d}.png", nrow=res.grid_nrow,
+                      labels=reward_labels(per_image, res.grid_nrow))  # fmt: skip
             with open(self.out / "eval.jsonl", "a") as f:
                 f.write(json.dumps(out) + "\n")
         self.dist.barrier()
