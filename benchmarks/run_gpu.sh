@@ -32,15 +32,27 @@ python3 -m smartgrpo_fast bench train --config tiny --steps 3 --out "$OUT" devic
     2>&1 | tee "$OUT/train_tiny_smart.txt"
 python3 -m smartgrpo_fast bench train --config tiny --steps 3 --out "$OUT" device=cuda \
     noise=random 2>&1 | tee "$OUT/train_tiny_random.txt"
-# GRPO at a batch the 2-core CPU cannot afford (there the tiny config's 32-rollout batch
-# gradient is noise: benchmarks/grad_snr.py): signal and noise at 512 rollouts a step, a
-# 200-step run at that batch, and the held-out evaluation of its adapter, paired with the base.
-SCALE="device=cuda sample.prompts_per_step=64 sample.batch=256 train.micro_batch=256"
-python3 benchmarks/grad_snr.py --batches 16 --noise random,smart --out "$OUT/grad_snr_scale.jsonl" \
-    $SCALE 2>&1 | tee "$OUT/grad_snr_scale.txt"
-python3 -m smartgrpo_fast train --config tiny --out "$OUT/train_scale" $SCALE train.steps=200 \
-    train.save_every=50 eval.every=50 log.progress=false 2>&1 | tee "$OUT/train_scale.txt"
-python3 -m smartgrpo_fast eval --model tiny --lora "$OUT/train_scale/checkpoints/step-000200" \
-    --reward tiny --num-prompts 128 --prompt-seed 2000 --seed 7 --images-per-prompt 4 \
-    --dtype float32 --device cuda --no-progress --out "$OUT/eval_scale" 2>&1 \
-    | tee "$OUT/eval_scale.txt"
+# GRPO on the prompt-match reward at a batch the 2-core CPU cannot afford (config tiny-align;
+# at 32 rollouts a step its batch gradient is noise: benchmarks/grad_snr.py): signal and noise
+# at 512 rollouts a step, a 200-step run at that batch, and the held-out evaluation of its
+# adapter with the run's reward and the analytic judge, paired with the base.
+python3 benchmarks/grad_snr.py --config tiny-align --batches 16 --noise random,smart \
+    --out "$OUT/grad_snr_scale.jsonl" 2>&1 | tee "$OUT/grad_snr_scale.txt"
+python3 -m smartgrpo_fast train --config tiny-align --out "$OUT/train_scale" log.progress=false \
+    2>&1 | tee "$OUT/train_scale.txt"
+python3 -m smartgrpo_fast eval --run "$OUT/train_scale" --num-prompts 128 --prompt-seed 2000 \
+    --seed 7 --images-per-prompt 4 --dtype float32 --device cuda --no-progress \
+    --out "$OUT/eval_scale" 2>&1 | tee "$OUT/eval_scale.txt"
+# The search and GRPO steps at SD3.5-medium size (random weights): the preview decoder and the
+# compiled forward inside the captured round, float8 search forwards; full-size steps.
+python3 -m smartgrpo_fast bench search --model sd35-medium --batch 2 --k 16 --rounds 3 --top 4 \
+    --providers reference fused graph graph+preview graph+preview+compile \
+    graph+preview+compile+fp8 --out "$OUT/search_sd35m_fast" 2>&1 | tee "$OUT/search_sd35m_fast.txt"
+SD35_RANDOM="model.name=random:sd35-medium reward_args.random=true train.memory_limit_gib=80"
+i=0
+for extra in noise=random "model.preview_decoder=random" \
+    "model.preview_decoder=random model.graph=compile-reduce-overhead" ""; do
+    i=$((i + 1))  # one folder a variant: bench train names its CSV by the noise only
+    python3 -m smartgrpo_fast bench train --config sd35-medium --steps 3 --warmup 1 \
+        --out "$OUT/sd35m_$i" $SD35_RANDOM $extra 2>&1 | tee -a "$OUT/train_sd35m.txt"
+done
