@@ -79,6 +79,7 @@ from smartgrpo_fast.bench.rows import measurement_rows, ratio_row, read_csv
 from smartgrpo_fast.bench.runinfo import RunInfo, collect_run_info
 from smartgrpo_fast.bench.timing import measure, quantile, summarize, synchronize
 from smartgrpo_fast.graphs import enclosing_graph
+from smartgrpo_fast.models.sd3_configs import PREVIEW_RANDOM, preview_decoder_for
 from smartgrpo_fast.ops import topk_select_reference
 from smartgrpo_fast.rewards.base import prepare_prompts
 from smartgrpo_fast.search import NoiseSearch, SearchConfig, search_reference
@@ -108,9 +109,6 @@ PROVIDERS = ("reference", "fused", "graph")
 OPTIONS = ("preview", "compile", "fp8")
 #: The transformer backends of the ``compile`` option.
 COMPILE_BACKENDS = ("compile-reduce-overhead", "compile-max-autotune")
-#: ``preview_decoder`` value that builds TAESD3's layout with random weights at the model's
-#: size (:func:`smartgrpo_fast.models.sd3_configs.random_taesd3`; the tiny one for sd3-tiny).
-PREVIEW_RANDOM = "random"
 #: The stages of one round, in order (see the module docstring).
 STAGES: tuple[str, ...] = ("sample", "forward", "x0", "decode", "reward", "select/update")
 #: The base providers whose round is split into :data:`STAGES` (``graph``'s round is
@@ -226,16 +224,7 @@ def _model_and_cond(config: SearchBenchConfig) -> tuple[Any, Any, Any]:
 
 def _preview_decoder(config: SearchBenchConfig, model: Any) -> Any:
     """The ``preview`` option's decoder for ``model`` (random TAESD3 or a folder)."""
-    from smartgrpo_fast.models.sd3 import load_preview_decoder
-    from smartgrpo_fast.models.sd3_configs import build_tiny_preview_decoder, random_taesd3
-
-    if config.preview_decoder != PREVIEW_RANDOM:
-        return load_preview_decoder(config.preview_decoder, latent_channels=model.latent_shape[0],
-                                    dtype=model.dtype, device=model.device)  # fmt: skip
-    if config.model == "sd3-tiny":
-        dec = build_tiny_preview_decoder(seed=0).to(model.device)
-        return torch.nn.Module.to(dec, model.dtype)
-    return random_taesd3(dtype=model.dtype, device=model.device)
+    return preview_decoder_for(config.preview_decoder, model)
 
 
 class _Variants:

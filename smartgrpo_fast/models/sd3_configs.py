@@ -29,6 +29,7 @@ import torch
 from smartgrpo_fast.models.sd3 import SD3FlowModel
 
 __all__ = [
+    "PREVIEW_RANDOM",
     "RANDOM_MODELS",
     "SD3_VAE",
     "SD35_MEDIUM_TRANSFORMER",
@@ -39,6 +40,7 @@ __all__ = [
     "RandomTextSD3FlowModel",
     "build_tiny_preview_decoder",
     "build_tiny_sd3_pipeline",
+    "preview_decoder_for",
     "random_sd3_model",
     "random_sd35_medium",
     "random_taesd3",
@@ -302,6 +304,29 @@ def random_taesd3(
         decoder = AutoencoderTiny(**TAESD3).eval()
     # nn.Module.to: diffusers' ModelMixin.to logs a notice about casting that does not apply
     return torch.nn.Module.to(decoder, dtype)
+
+
+#: A ``preview_decoder`` value that builds TAESD3's layout with random weights (timing only).
+PREVIEW_RANDOM = "random"
+
+
+def preview_decoder_for(spec: str | Path, model: Any) -> Any:
+    """The preview decoder ``spec`` for ``model`` (an SD3FlowModel), in the transformer's
+    dtype on the model's device: a local ``AutoencoderTiny`` folder
+    (:func:`~smartgrpo_fast.models.sd3.load_preview_decoder`, checked first), or
+    :data:`PREVIEW_RANDOM`: TAESD3's layout with random weights whose up-sampling is the VAE's
+    (8x: :func:`random_taesd3`, as for ``random:sd35-medium`` and real SD3 folders; 2x: the
+    tiny pipeline's, :func:`build_tiny_preview_decoder`). The trainer's
+    ``model.preview_decoder`` and ``bench search|preview``'s ``--preview-decoder`` use it."""
+    from smartgrpo_fast.models.sd3 import load_preview_decoder
+
+    if str(spec) != PREVIEW_RANDOM:
+        return load_preview_decoder(spec, latent_channels=model.latent_shape[0],
+                                    dtype=model.dtype, device=model.device)  # fmt: skip
+    if getattr(model, "vae_scale_factor", 8) == 2:
+        dec = build_tiny_preview_decoder(seed=0).to(model.device)
+        return torch.nn.Module.to(dec, model.dtype)
+    return random_taesd3(dtype=model.dtype, device=model.device)
 
 
 #: ``models.load("random:NAME")``: (transformer config, VAE config) of each random model.

@@ -49,6 +49,7 @@ from smartgrpo_fast.models.lora import (
     save_adapter,
     save_diffusers_lora,
 )
+from smartgrpo_fast.models.sd3_configs import PREVIEW_RANDOM, preview_decoder_for
 from smartgrpo_fast.sde import flow_sigmas, schedule_shift, sde_log_prob, sde_step
 from smartgrpo_fast.search import NoiseSearch
 from smartgrpo_fast.train.checkpoint import (
@@ -158,10 +159,6 @@ def build_model(cfg: RunConfig, device: torch.device) -> Any:
     return model
 
 
-#: ``model.preview_decoder`` value that builds TAESD3's layout with random weights.
-PREVIEW_RANDOM = "random"
-
-
 @contextlib.contextmanager
 def _preview_errors() -> Iterator[None]:
     """Re-raise a preview decoder's loading error as a ConfigError naming the key."""
@@ -188,22 +185,10 @@ def _latent_channels(name: str) -> int:
 
 
 def build_preview_decoder(spec: str, model: Any) -> Any:
-    """The decoder of ``model.preview_decoder = spec`` for ``model`` (an SD3FlowModel), in the
-    transformer's dtype on the model's device: a local ``AutoencoderTiny`` folder
-    (``models.sd3.load_preview_decoder``), or ``random``: TAESD3's layout with random weights
-    whose up-sampling is the VAE's (8x: ``sd3_configs.random_taesd3``, as for
-    ``random:sd35-medium`` and real SD3 folders; 2x: the tiny pipeline's,
-    ``build_tiny_preview_decoder``; ``bench search``'s rule)."""
-    from smartgrpo_fast.models.sd3 import load_preview_decoder
-    from smartgrpo_fast.models.sd3_configs import build_tiny_preview_decoder, random_taesd3
-
-    if spec != PREVIEW_RANDOM:
-        return load_preview_decoder(spec, latent_channels=model.latent_shape[0],
-                                    dtype=model.dtype, device=model.device)  # fmt: skip
-    if getattr(model, "vae_scale_factor", 8) == 2:
-        dec = build_tiny_preview_decoder(seed=0).to(model.device)
-        return torch.nn.Module.to(dec, model.dtype)
-    return random_taesd3(dtype=model.dtype, device=model.device)
+    """The decoder of ``model.preview_decoder = spec`` for ``model``
+    (:func:`smartgrpo_fast.models.sd3_configs.preview_decoder_for`: a local AutoencoderTiny
+    folder, or ``random``: TAESD3's layout with random weights at the model's size)."""
+    return preview_decoder_for(spec, model)
 
 
 def _build_model(cfg: RunConfig, device: torch.device) -> Any:
