@@ -4,8 +4,9 @@ no read of a device value (``.item()``, ``bool(t)``: a sync) and no host-to-devi
 Checked without a GPU on the ``meta`` device: a dispatch mode records every ``.item()``
 (``aten._local_scalar_dense``, which meta tensors refuse) and every op that turns a CPU tensor
 of one or more dimensions into a meta one (what a host-to-device copy is there), in the call
-after a warm-up one (the search warms a round up before it captures it). Found by the H200 lease of 2026-12-04: transformers' BLIP text model asked ``attention_mask.all()``, so the
-GRPO trainer's search with ImageReward ran stage by stage.
+after a warm-up one (the search warms a round up before it captures it). Found by the H200
+lease of 2026-12-04: transformers' BLIP text model asked ``attention_mask.all()``, so the GRPO
+trainer's search with ImageReward ran stage by stage.
 """
 
 from __future__ import annotations
