@@ -51,8 +51,32 @@ def _number(name: str, value: object) -> float:
     return float(value)
 
 
+class _ImageOnly:
+    """What the graph-safe rewards here share: prompts only counted (``prepare`` makes no
+    tensors), ``__call__`` = checks + ``score``, and ``score`` = ``check_prepared`` + the
+    subclass's ``_reward(images)``."""
+
+    def prepare(
+        self, prompts: list[str], device: torch.device | str | None = None
+    ) -> PreparedPrompts:
+        """No tensors: the reward reads the images only."""
+        return _prepare(prompts)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_images(images, prompts)
+        return self.score(images, self.prepare(prompts))
+
+    def score(self, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
+        """(N,) float32 on the images' device (graph-safe)."""
+        check_prepared(images, prepared)
+        return self._reward(images)
+
+    def _reward(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class ShapeAreaReward:
+class ShapeAreaReward(_ImageOnly):
     """The foreground's share of the image (module docstring).
 
     Attributes:
@@ -72,19 +96,7 @@ class ShapeAreaReward:
         if not 0.0 < _number("max_area", self.max_area) <= 1.0:
             raise ValueError(f"max_area: expected a value in (0, 1], got {self.max_area!r}")
 
-    def prepare(
-        self, prompts: list[str], device: torch.device | str | None = None
-    ) -> PreparedPrompts:
-        """No tensors: the reward reads the images only."""
-        return _prepare(prompts)
-
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        check_images(images, prompts)
-        return self.score(images, self.prepare(prompts))
-
-    def score(self, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
-        """(N,) float32 on the images' device (graph-safe)."""
-        check_prepared(images, prepared)
+    def _reward(self, images: torch.Tensor) -> torch.Tensor:
         return self.area(images).clamp_max(self.max_area)
 
     def area(self, images: torch.Tensor) -> torch.Tensor:
@@ -98,22 +110,10 @@ class ShapeAreaReward:
 
 
 @dataclass(frozen=True)
-class SaturationReward:
+class SaturationReward(_ImageOnly):
     """Mean HSV saturation of the pixels (module docstring)."""
 
-    def prepare(
-        self, prompts: list[str], device: torch.device | str | None = None
-    ) -> PreparedPrompts:
-        """No tensors: the reward reads the images only."""
-        return _prepare(prompts)
-
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        check_images(images, prompts)
-        return self.score(images, self.prepare(prompts))
-
-    def score(self, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
-        """(N,) float32 on the images' device (graph-safe)."""
-        check_prepared(images, prepared)
+    def _reward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()
         hi, lo = x.amax(dim=1), x.amin(dim=1)
         sat = torch.where(hi > 0, (hi - lo) / hi.clamp_min(1e-12), torch.zeros_like(hi))
@@ -121,22 +121,10 @@ class SaturationReward:
 
 
 @dataclass(frozen=True)
-class BrightnessReward:
+class BrightnessReward(_ImageOnly):
     """Mean pixel value over the channels (module docstring)."""
 
-    def prepare(
-        self, prompts: list[str], device: torch.device | str | None = None
-    ) -> PreparedPrompts:
-        """No tensors: the reward reads the images only."""
-        return _prepare(prompts)
-
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        check_images(images, prompts)
-        return self.score(images, self.prepare(prompts))
-
-    def score(self, images: torch.Tensor, prepared: PreparedPrompts) -> torch.Tensor:
-        """(N,) float32 on the images' device (graph-safe)."""
-        check_prepared(images, prepared)
+    def _reward(self, images: torch.Tensor) -> torch.Tensor:
         return images.float().flatten(1).mean(1)
 
 
