@@ -253,3 +253,34 @@ def test_split_rounds_compute_what_the_searches_compute(extra: dict, b: int) -> 
                   want.rounds.elite_mean, want.rounds.mean)  # fmt: skip
         for g, w in zip(got, wanted, strict=True):
             torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+def test_reward_option_scores_with_that_reward(tmp_path: Path, monkeypatch) -> None:
+    """``--reward`` (with ``--reward-arg``) replaces the model's analytic reward: every
+    candidate of every provider is scored by it, and the table's header names it."""
+    from smartgrpo_fast.cli import build
+
+    scored: list[int] = []
+    real = build.build_reward
+
+    def spy(args, device):
+        reward = real(args, device)
+
+        def counted(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+            scored.append(len(images))
+            return reward(images, prompts)
+
+        return counted
+
+    monkeypatch.setattr(build, "build_reward", spy)
+    got = run_cli(tmp_path, "--reward", "brightness", "--no-plot")
+    assert "reward: brightness" in got.printed
+    # 2 providers x (a timed search, the peak-memory search, a split round), no warm-up
+    assert scored == [B * K] * 6
+
+
+def test_reward_arg_needs_reward(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*ARGV, "--out", str(tmp_path), "--reward-arg", "imagereward.random=true"])
+    assert exc.value.code == 2
+    assert "argument --reward-arg: needs --reward" in capsys.readouterr().err

@@ -184,6 +184,23 @@ def test_any_image_size_and_dtypes(tiny_files: tuple[Path, Path], tiny: ImageRew
     torch.testing.assert_close(out, ref, atol=0.02, rtol=0)  # bf16 encoders: 3e-3 measured
 
 
+def test_dtype_by_name(tiny_files: tuple[Path, Path], tiny: ImageRewardModel) -> None:
+    """A config's ``reward_args: {dtype: bfloat16}`` reaches the loader as a string: the same
+    model as ``dtype=torch.bfloat16``; an unknown name is an error naming ``dtype``."""
+    from smartgrpo_fast.rewards import reward_from_spec
+
+    kw = {"checkpoint": tiny_files[0], "med_config": tiny_files[1], "tokenizer": VOCAB}
+    by_name = reward_from_spec("imagereward", dtype="bfloat16", **kw)
+    by_dtype = load_imagereward(*tiny_files, tokenizer=VOCAB, dtype=torch.bfloat16)
+    assert by_name.dtype == torch.bfloat16
+    images = _images()
+    assert torch.equal(by_name(images, PROMPTS), by_dtype(images, PROMPTS))
+    assert reward_from_spec("imagereward", dtype="fp32", **kw).dtype == torch.float32
+    for bad in ("bfloat", "int8", torch.int8, 16):
+        with pytest.raises(ValueError, match=r"^dtype: expected one of bfloat16, float16, "):
+            reward_from_spec("imagereward", dtype=bad, **kw)
+
+
 def test_quantize_and_pil_paths(tiny_files: tuple[Path, Path], tiny: ImageRewardModel) -> None:
     """score_pil is the package's PIL preprocessing; quantize=True emulates it on tensors."""
     quantized = load_imagereward(*tiny_files, tokenizer=VOCAB, quantize=True)
@@ -399,3 +416,41 @@ def test_from_package() -> None:
     except (OSError, RuntimeError) as err:  # the checkpoint cannot be downloaded
         pytest.skip(f"ImageReward checkpoint unavailable: {err}")
     assert model(torch.rand(2, 3, 64, 64), ["a cat", "a dog"]).shape == (2,)
+
+
+def test_search_reward_args_give_the_search_its_own_copy(
+    tmp_path: Path, tiny_files: tuple[Path, Path]
+) -> None:
+    """``search_reward_args: {dtype: bfloat16}``: the search ranks with a bfloat16 copy, the
+    rollouts' rewards stay float32; the step runs. A loader that does not take the argument is
+    an error naming ``search_reward_args``."""
+    from smartgrpo_fast.train.config import ConfigError, load_config
+    from smartgrpo_fast.train.trainer import GRPOTrainer
+
+    small = [
+        "sample.prompts_per_step=1", "sample.group_size=2", "sample.steps=3",
+        "sample.sde_window_size=1", "sample.sde_window_range=[0, 2]", "search.k=2",
+        "search.rounds=1", "search.top=1", "train.steps=1", "eval.every=0", "device=cpu",
+        "log.progress=false", "log.tensorboard=false", "lora.rank=2", "lora.alpha=4",
+    ]  # fmt: skip
+    ir = [
+        "reward=imagereward", f"reward_args.checkpoint={tiny_files[0]}",
+        f"reward_args.med_config={tiny_files[1]}", f"reward_args.tokenizer={VOCAB}",
+    ]  # fmt: skip
+    cfg = load_config("tiny", [*small, *ir, "search_reward_args.dtype=bfloat16"])
+    t = GRPOTrainer(cfg, tmp_path / "run")
+    assert t.reward.dtype == torch.float32 and t.search_reward.dtype == torch.bfloat16
+    assert t.searcher.reward is t.search_reward and t.search_reward is not t.reward
+    t.train()
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["step"] == 1 and np.isfinite(line["reward_mean"])
+    same = GRPOTrainer(load_config("tiny", [*small, *ir]), tmp_path / "run2")
+    assert same.searcher.reward is same.reward
+    with pytest.raises(ConfigError, match=r"^search_reward_args: tiny: .*dtype"):
+        GRPOTrainer(
+            load_config("tiny", [*small, "reward=tiny", "search_reward_args.dtype=bfloat16"]),
+            tmp_path / "r3",
+        )
+    with pytest.raises(ConfigError, match=r"^search_reward_args: imagereward: dtype: expected"):
+        GRPOTrainer(load_config("tiny", [*small, *ir, "search_reward_args.dtype=int8"]),
+                    tmp_path / "r4")  # fmt: skip

@@ -22,7 +22,9 @@ Models: ``tiny`` (the embedded pixel-space model, prompt-matching reward ``tiny`
 ``sd3-tiny`` (the tiny random SD3 pipeline: VAE decode, latents (16, 32, 32)) and
 ``sd35-medium`` (SD3.5-medium's transformer and the SD3 VAE with random weights at 512 px;
 build on a GPU). The SD3 models use random conditioning and the analytic ``tiny-color``
-reward on the decoded images, so the timing is the search's own, not a reward model's.
+reward on the decoded images, so the timing is the search's own, not a reward model's; give
+:func:`run` a reward (``bench search --reward imagereward --reward-arg imagereward.random=true``)
+to time the search with a reward model's cost, as a training step pays it.
 
 Rows use the benchmarks' CSV schema (:data:`smartgrpo_fast.bench.rows.CSV_FIELDS`):
 
@@ -518,13 +520,16 @@ def _stage_rows(base: Mapping[str, Any], samples: Mapping[str, list[float]]) -> 
 # --------------------------------------------------------------------------------------
 
 
-def run(config: SearchBenchConfig) -> list[dict]:
+def run(config: SearchBenchConfig, reward: Any | None = None) -> list[dict]:
     """Time one search per provider and split a round into stages; rows as described in
     the module docstring (time, throughput, peak memory per provider; the stage rows of the
-    split providers; the speedup rows last)."""
+    split providers; the speedup rows last). ``reward``: the reward the search scores with,
+    built on the config's device (default: the model's analytic one, module docstring), e.g.
+    a full-size ImageReward to time the search as a trainer's step runs it."""
     device = parse_device(config.device)
     info = collect_run_info(device)
-    model, reward, cond = _model_and_cond(config)
+    model, default_reward, cond = _model_and_cond(config)
+    reward = default_reward if reward is None else reward
     search = SearchConfig(k=config.k, rounds=config.rounds, top=config.top, graph=False,
                           decode_size=config.decode_size)  # fmt: skip
     gen = torch.Generator(device=device).manual_seed(1)

@@ -192,11 +192,17 @@ def add_model(p: argparse.ArgumentParser) -> None:
     add_dtype(p)
 
 
-def add_reward(p: argparse.ArgumentParser, example: str = "") -> None:
-    """--reward and --reward-arg."""
-    p.add_argument("--reward", default=DEMO_REWARD, metavar="NAME[:WEIGHT],...",
+def add_reward(
+    p: argparse.ArgumentParser,
+    example: str = "",
+    *,
+    default: str | None = DEMO_REWARD,
+    default_text: str = "%(default)s",
+) -> None:
+    """--reward and --reward-arg (``default_text`` says what a None ``default`` means)."""
+    p.add_argument("--reward", default=default, metavar="NAME[:WEIGHT],...",
                    help=f"reward, or a weighted sum of rewards by name{example}; names: see "
-                        "smartgrpo_fast.rewards.NAMES (default: %(default)s)")  # fmt: skip
+                        f"smartgrpo_fast.rewards.NAMES (default: {default_text})")  # fmt: skip
     p.add_argument("--reward-arg", type=reward_arg, action="append", default=[],
                    metavar="NAME.KEY=VALUE",
                    help="a keyword argument of the loader of reward NAME of --reward, VALUE "

@@ -318,6 +318,11 @@ def _add_bench_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-size", type=int_in(1), default=None, metavar="PX",
                    help="resize each decoded candidate to PX x PX before the reward, every "
                         "provider (default: no resize)")  # fmt: skip
+    cli_args.add_reward(p, example=" (e.g. imagereward with --reward-arg "
+                        "imagereward.random=true: a full-size random ImageReward, as a "
+                        "training step's search pays it)", default=None,
+                        default_text="the model's analytic reward: tiny on the embedded "
+                        "model, tiny-color on the SD3 models")  # fmt: skip
     _add_timing(p, d.repeats, d.warmup)
     p.add_argument("--no-plot", action="store_true",
                    help="do not draw the stage split's PNG (default: drawn)")  # fmt: skip
@@ -345,10 +350,17 @@ def _run_bench_search(args: argparse.Namespace) -> int:
         if not (folder / "config.json").is_file():
             args.parser.error(f"argument --preview-decoder: {folder / 'config.json'}: not found "
                               "(an AutoencoderTiny folder, or 'random')")  # fmt: skip
-    rows = search.run(cfg)
+    if args.reward is None and args.reward_arg:
+        args.parser.error("argument --reward-arg: needs --reward (the default reward is the "
+                          "model's analytic one, which takes no arguments)")  # fmt: skip
+    reward = None if args.reward is None else build.build_reward(args, device)
+    rows = search.run(cfg, reward=reward)
     stem = args.out / f"search_{args.model}_{device.replace(':', '')}_{dtype}"
     header = (f"search of {args.model} on {rows[0]['device_name']} ({device}), {dtype}, "
               f"B={cfg.batch} K={cfg.k} N={cfg.rounds} T={cfg.top}, {_run_meta(rows)}")  # fmt: skip
+    if args.reward is not None:
+        given = " ".join(a.text for a in args.reward_arg)
+        header += f"\nreward: {args.reward}" + (f" ({given})" if given else "")
     if any("+" in p for p in cfg.providers):
         size = cfg.decode_size or "none"
         header += (f"\noptions: preview decoder {cfg.preview_decoder}, compile backend "

@@ -41,6 +41,7 @@ from smartgrpo_fast.rewards.base import (
 )
 
 __all__ = [
+    "DTYPES",
     "NAMES",
     "WORLD_PROMPT_REWARDS",
     "PreparedPrompts",
@@ -51,6 +52,7 @@ __all__ = [
     "check_prompts",
     "load",
     "prepare_prompts",
+    "reward_dtype",
     "reward_from_spec",
     "score_prepared",
 ]
@@ -78,11 +80,32 @@ _IMAGE_REWARDS = {
     "jpeg-incompressibility": ("JpegReward", {"compressible": False}),
 }
 _TINY_MODES = {"tiny": "logprob", "tiny-prob": "prob", "tiny-min": "min", "tiny-margin": "margin"}
+#: The ``dtype`` names a config or a command line may give a reward loader.
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}  # fmt: skip
+
+
+def reward_dtype(value: Any) -> Any:
+    """``value`` as a torch dtype: a float torch.dtype, or one of :data:`DTYPES`' names (a
+    YAML config's ``reward_args: {dtype: bfloat16}``); a ValueError naming ``dtype`` else."""
+    import torch
+
+    if isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
+        return getattr(torch, DTYPES[value.removeprefix("torch.")])
+    raise ValueError(
+        f"dtype: expected one of {', '.join(sorted(set(DTYPES.values())))} (or a float "
+        f"torch.dtype), got {value!r}"
+    )
 
 
 def load(name_or_path: str, **kwargs: Any) -> Reward:
     """A reward by name (see :data:`NAMES`); keyword arguments go to its loader (paths of
-    real checkpoints, ``device``, ``dtype``)."""
+    real checkpoints, ``device``, ``dtype``: a float torch.dtype or its name, see
+    :func:`reward_dtype`)."""
+    if "dtype" in kwargs:
+        kwargs["dtype"] = reward_dtype(kwargs["dtype"])
     if name_or_path in _TINY_MODES:
         from smartgrpo_fast.shapes.reward import TinyClassifierReward
 

@@ -334,7 +334,12 @@ class RunConfig:
             ``bestof`` (best of M = K*N one-step-scored draws, equal model calls to ``smart``).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         reward: a reward spec (``tiny``, ``imagereward:1,aesthetic:0.1``, ...).
-        reward_args: keyword arguments of the reward loaders (checkpoint paths).
+        reward_args: keyword arguments of the reward loaders (checkpoint paths, ``dtype``).
+        search_reward_args: keyword arguments set over ``reward_args`` for a second copy of
+            the reward that only the search scores its candidates with, e.g. ``{dtype:
+            bfloat16}``: K*N candidates per searched step are ranked in bfloat16 while the
+            rollouts' rewards (the advantages) stay in ``reward_args``' dtype. Empty (default):
+            the search scores with the run's reward. Not used by ``noise: random``.
         lora: the adapter trained (None = full fine-tuning of the transformer).
 
     ``search.seed`` is not used by the trainer: each search is keyed by (seed, step, SDE step)
@@ -347,6 +352,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     reward: str = "tiny"
     reward_args: dict[str, Any] = field(default_factory=dict)
+    search_reward_args: dict[str, Any] = field(default_factory=dict)
     sample: SampleConfig = field(default_factory=SampleConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -372,8 +378,9 @@ class RunConfig:
             check_names(self.reward)
         except ValueError as err:
             raise ValueError(f"reward: {err}") from None
-        if not isinstance(self.reward_args, dict):
-            raise ValueError(f"reward_args: expected a mapping, got {self.reward_args!r}")
+        for name in ("reward_args", "search_reward_args"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name}: expected a mapping, got {getattr(self, name)!r}")
 
 
 # --------------------------------------------------------------------------- dict <-> config

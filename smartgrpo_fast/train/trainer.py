@@ -220,18 +220,22 @@ def _build_model(cfg: RunConfig, device: torch.device) -> Any:
     return model
 
 
-def build_reward(cfg: RunConfig, device: torch.device) -> Any:
-    """The run's reward (``reward``, ``reward_args``) on ``device``; a checkpoint that is
+def build_reward(cfg: RunConfig, device: torch.device, *, search: bool = False) -> Any:
+    """The run's reward (``reward``, ``reward_args``) on ``device``; ``search=True``: the
+    search's copy, with ``search_reward_args`` set over ``reward_args``. A checkpoint that is
     missing or does not load, or an argument its loader does not take, is a
-    :class:`ConfigError` naming ``reward`` or ``reward_args``."""
+    :class:`ConfigError` naming ``reward`` or the arguments' key."""
     from smartgrpo_fast.rewards import reward_from_spec
 
+    key = "search_reward_args" if search else "reward_args"
+    args = {**cfg.reward_args, **cfg.search_reward_args} if search else cfg.reward_args
     try:
-        return reward_from_spec(cfg.reward, device=device, **cfg.reward_args)
+        return reward_from_spec(cfg.reward, device=device, **args)
     except TypeError as err:
-        raise ConfigError(f"reward_args: {cfg.reward}: {_one_line(err)}") from err
+        raise ConfigError(f"{key}: {cfg.reward}: {_one_line(err)}") from err
     except (OSError, ValueError) as err:
-        raise ConfigError(f"reward: {cfg.reward}: {_one_line(err)}") from err
+        where = key if str(err).startswith("dtype:") else "reward"
+        raise ConfigError(f"{where}: {cfg.reward}: {_one_line(err)}") from err
 
 
 class _Dist:
@@ -383,9 +387,14 @@ class GRPOTrainer:
             self.ddp = DistributedDataParallel(self.model.transformer, device_ids=ids,
                                                **{sync: False})  # fmt: skip
         self.searcher = None
+        #: The reward the search ranks candidates with (``search_reward_args``' copy, or
+        #: ``self.reward`` when none is configured).
+        self.search_reward = self.reward
         if cfg.noise != "random":
             strategy = "cem" if cfg.noise == "smart" else "best_of"
-            self.searcher = NoiseSearch(self.model, self.reward,
+            if cfg.search_reward_args:
+                self.search_reward = build_reward(cfg, self.device, search=True)
+            self.searcher = NoiseSearch(self.model, self.search_reward,
                                         replace(cfg.search, strategy=strategy))  # fmt: skip
         shift = cfg.sample.shift if cfg.sample.shift is not None else schedule_shift(self.model)
         self.sigmas = flow_sigmas(cfg.sample.steps, shift).tolist()
@@ -418,7 +427,7 @@ class GRPOTrainer:
             total = torch.cuda.get_device_properties(self.device).total_memory
             where = f"{self.device} ({torch.cuda.get_device_name(self.device)})"
         elif limit is not None:
-            resident = _module_bytes(self.model, self.reward)
+            resident = _module_bytes(self.model, self.reward, self.search_reward)
             total, where = None, "the limit"
         else:
             return None
