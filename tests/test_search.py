@@ -97,6 +97,9 @@ def assert_same(a, b, atol: float = ATOL) -> None:
             getattr(a.rounds, f), getattr(b.rounds, f), atol=atol, rtol=0, equal_nan=True
         )
     assert torch.equal(a.rounds.nan_count, b.rounds.nan_count)
+    assert (a.velocity is None) == (b.velocity is None)
+    if a.velocity is not None:
+        torch.testing.assert_close(a.velocity, b.velocity, atol=atol, rtol=0)
 
 
 CASES = [
@@ -173,6 +176,31 @@ def test_best_is_the_best_candidate(strategy: str) -> None:
     torch.testing.assert_close(again, res.best_reward, atol=1e-5, rtol=0)
     if strategy == "best_of":  # no refinement: mu and sigma stay at the prior
         assert bool((res.mu == 0).all()) and bool((res.sigma == 1).all())
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(strategy="best_of"), dict(per_element=False), dict(preview_steps=3)],
+    ids=["cem", "best_of", "pooled", "lookahead"],
+)
+def test_velocity_is_the_models_at_the_chosen_noise(kw: dict) -> None:
+    """SearchResult.velocity is v(mean + scale * eps, t_next): the forward a rollout's next
+    step would make (the first forward of a lookahead), found by the search already."""
+    model, reward, cond, mean = setup(3)
+    cfg = SearchConfig(**{"k": 8, "rounds": 3, "top": 2, **kw})
+    res = NoiseSearch(model, reward, cfg).run(mean, 0.5, 0.4, cond, seed=9)
+    assert cfg.keeps_velocity and res.velocity is not None
+    assert res.velocity.shape == mean.shape and res.velocity.dtype == torch.float32
+    x_next = mean + 0.5 * res.eps
+    torch.testing.assert_close(res.velocity, model.velocity(x_next, 0.4, cond), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(use="mean"), dict(use="sample"), dict(rescale=True)])
+def test_no_velocity_when_the_noise_was_not_evaluated(kw: dict) -> None:
+    model, reward, cond, mean = setup(2)
+    cfg = SearchConfig(k=4, rounds=2, top=2, **kw)
+    assert not cfg.keeps_velocity
+    assert NoiseSearch(model, reward, cfg).run(mean, 0.5, 0.4, cond, seed=9).velocity is None
 
 
 def test_nan_and_inf_rank_last_and_are_counted() -> None:

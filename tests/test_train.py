@@ -95,6 +95,65 @@ def test_rollouts_do_not_depend_on_the_batch_size(tmp_path) -> None:
     assert_float_order_close(a.rewards, b.rewards, name="rewards")
 
 
+def _count_velocity_rows(t: GRPOTrainer) -> list[int]:
+    """Rows of every model.velocity call of ``t`` (its rollouts' and its search's)."""
+    rows: list[int] = []
+    forward = t.model.velocity
+
+    def counted(x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return forward(x, *args, **kwargs)
+
+    t.model.velocity = counted
+    return rows
+
+
+@pytest.mark.float_order
+@pytest.mark.parametrize("noise", ["smart", "bestof"])
+def test_the_search_velocity_replaces_the_next_forward(tmp_path, noise) -> None:
+    """With sample.reuse_search_velocity the step after a searched one takes the velocity the
+    search computed at the chosen candidate: one forward row fewer per searched step and
+    rollout, the same rollouts up to float order (the search's batch is B*K rows)."""
+    got = {}
+    for reuse in (True, False):
+        t = _trainer(tmp_path / str(reuse), f"noise={noise}", "sample.batch=3",
+                     f"sample.reuse_search_velocity={str(reuse).lower()}")  # fmt: skip
+        rows = _count_velocity_rows(t)
+        got[reuse] = (t.rollouts(1), sum(rows))
+        t.close()
+    (on, rows_on), (off, rows_off) = got[True], got[False]
+    # 4 sampling steps, window [0, 3) of 2 steps: both searched steps have a step after them
+    assert off.model_calls == 4 + 2 * 4 * 2 and on.model_calls == off.model_calls - 2
+    assert rows_on == on.model_calls * on.size and rows_off == off.model_calls * off.size
+    assert on.sde_steps == off.sde_steps
+    assert_float_order_close(on.latents, off.latents, name="latents")
+    assert_float_order_close(on.next_latents, off.next_latents, name="next latents")
+    assert_float_order_close(on.log_probs, off.log_probs, name="log-probabilities")
+
+
+def test_search_steps_searches_the_window_s_first_steps_only(tmp_path) -> None:
+    """sample.search_steps=1 of a window of 2: one search per batch, at the window's first
+    step; the second SDE step takes its random draw (no search gain there)."""
+    t = _trainer(tmp_path, "noise=smart", "sample.search_steps=1", "sample.batch=8")
+    searched_at: list[float] = []
+    run = t.searcher.run
+
+    def spy(mean, scale, t_next, cond, **kw):
+        searched_at.append(t_next)
+        return run(mean, scale, t_next, cond, **kw)
+
+    t.searcher.run = spy
+    try:
+        ro = t.rollouts(1)
+    finally:
+        t.close()
+    first = ro.sde_steps[0]
+    assert searched_at == [ro.sigmas[first + 1]]  # 8 rollouts in one batch, one search
+    assert ro.model_calls == 4 + 4 * 2 - 1  # the searched step's velocity is reused
+    assert (ro.search_gain[:, 1] == 0).all() and (ro.search_gain[:, 0] >= 0).all()
+    assert (ro.search_gain[:, 0] > 0).any()
+
+
 def test_groups_keep_their_spread_and_noise_strategies_differ(tmp_path) -> None:
     got = {}
     for noise in ("random", "smart", "bestof"):

@@ -100,6 +100,10 @@ def test_overrides_set_nested_values_with_yaml_types() -> None:
         ("sample.group_size=1", "sample.group_size"),
         ("sample.sde_window_range=[4, 5]", "sample.sde_window_range"),
         ("sample.sde_type=ode", "sample.sde_type"),
+        ("sample.search_steps=0", "sample.search_steps"),
+        ("sample.search_steps=3", "sample.search_steps"),  # more than the window's 2
+        ("sample.search_steps=true", "sample.search_steps"),
+        ("search_reward_args=[1]", "search_reward_args"),
         ("sample.sde_type=cps", "sample.sde_window_range"),  # window [0, 5) reaches t = 0
         ("lora.rank=0", "lora.rank"),
         ("model=null", "model"),

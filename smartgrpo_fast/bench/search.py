@@ -405,7 +405,7 @@ class _FusedRound(_StagedRound):
         self.r = self.search._score(self.st, self.images, self.prepared)
 
     def select_update(self) -> None:
-        self.search._select_update(self.st, self.r)
+        self.search._select_update(self.st, self.r, self.ahead.v0)
 
 
 class _ReferenceRound(_StagedRound):

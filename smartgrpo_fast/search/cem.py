@@ -71,6 +71,7 @@ class _State:
     sigma: torch.Tensor  # (B, *S) or (B,) float32
     best_reward: torch.Tensor  # (B,) float32, -inf until a finite reward was seen
     best_eps: torch.Tensor  # (B, *S) float32
+    best_v: torch.Tensor  # (B, *S) float32, the velocity at best_eps's candidate (keeps_velocity)
     stats: torch.Tensor  # (4, N, B) float32: best, elite mean, mean, non-finite count
 
     def clone(self) -> _State:
@@ -83,11 +84,13 @@ class _State:
 
 @dataclass
 class _Lookahead:
-    """The last point of a round's lookahead: latents z at flow times t (B*K,), velocity v."""
+    """The last point of a round's lookahead: latents z at flow times t (B*K,), velocity v;
+    ``v0``: the velocity of the first forward, at the candidates themselves."""
 
     z: torch.Tensor
     v: torch.Tensor
     t: torch.Tensor
+    v0: torch.Tensor
 
 
 @dataclass
@@ -239,9 +242,10 @@ class NoiseSearch:
         prompts only through ``cond``'s and ``prepared``'s tensors (graph-safe rewards). The
         stages are the methods below (``bench search`` times them one by one)."""
         z = self._sample(st)
-        x0 = self._x0(st, self._forward(st, z, cond))
+        ahead = self._forward(st, z, cond)
+        x0 = self._x0(st, ahead)
         r = self._score(st, self._decode(x0), prepared)
-        self._select_update(st, r)
+        self._select_update(st, r, ahead.v0)
 
     def _sample(self, st: _State) -> torch.Tensor:
         """(B*K, *S) candidates ``z`` of this round (fused sample + perturb, Philox noise)."""
@@ -256,13 +260,13 @@ class NoiseSearch:
         ``preview_steps - 1`` Euler steps toward t = 0 when m > 1 (one forward each)."""
         m, k = self.config.preview_steps, self.config.k
         x, t = z, st.t
-        v = self.model.velocity(x, t, cond, k=k)
+        v = v0 = self.model.velocity(x, t, cond, k=k)
         for i in range(1, m):
             t_next = st.t * (1.0 - i / m)  # uniform in t from t to 0
             x = x0_estimate(x, v, t - t_next, validate=False)  # x + (t_next - t) v
             t = t_next
             v = self.model.velocity(x, t, cond, k=k)
-        return _Lookahead(x, v, t)
+        return _Lookahead(x, v, t, v0)
 
     def _x0(self, st: _State, ahead: _Lookahead) -> torch.Tensor:
         """(B*K, *S) clean estimates (the last Euler step to t = 0), in the scale of the
@@ -288,8 +292,9 @@ class NoiseSearch:
             )
         return finite_or_nan(r.to(st.mean.device, torch.float32).view(b, k))
 
-    def _select_update(self, st: _State, r: torch.Tensor) -> None:
-        """Elites, the best candidate so far, the round's statistics and the CEM update."""
+    def _select_update(self, st: _State, r: torch.Tensor, v0: torch.Tensor | None = None) -> None:
+        """Elites, the best candidate so far (and its velocity ``v0``, (B*K, *S), when the
+        config keeps it), the round's statistics and the CEM update."""
         cfg = self.config
         b, s = st.mean.shape[0], tuple(st.mean.shape[1:])
         idx = topk_select(r, cfg.top)
@@ -302,6 +307,10 @@ class NoiseSearch:
         better = r1 > st.best_reward  # NaN compares False
         st.best_reward.copy_(torch.where(better, r1, st.best_reward))
         st.best_eps.copy_(torch.where(better.view(b, *([1] * len(s))), eps1, st.best_eps))
+        if v0 is not None and cfg.keeps_velocity:
+            flat = v0.reshape(b, cfg.k, -1)
+            v1 = flat.gather(1, idx[:, :1, None].expand(b, 1, flat.shape[2])).view(b, *s)
+            st.best_v.copy_(torch.where(better.view(b, *([1] * len(s))), v1.float(), st.best_v))
         r_elite = r.gather(1, idx)
         row = torch.stack([r1, r_elite.mean(1), r.nanmean(1), torch.isnan(r).sum(1).float()])
         st.stats.index_copy_(1, st.round.view(1), row.unsqueeze(1))
@@ -336,6 +345,7 @@ class NoiseSearch:
             sigma=torch.full(sigma_shape, cfg.sigma0, device=dev),
             best_reward=torch.full((b,), float("-inf"), device=dev),
             best_eps=torch.full(mean.shape, cfg.mu0, device=dev),
+            best_v=torch.zeros(mean.shape, device=dev),
             stats=torch.full((4, cfg.rounds, b), float("nan"), device=dev),
         )
 
@@ -512,6 +522,9 @@ class NoiseSearch:
         best = torch.where(found, st.best_reward, torch.full_like(st.best_reward, float("nan")))
         stats = st.stats.clone() if graphed else st.stats  # graphed: static, refilled next call
         stats = RoundStats(stats[0], stats[1], stats[2], stats[3].long())
+        velocity = None
+        if cfg.keeps_velocity:
+            velocity = st.best_v.clone() if graphed else st.best_v
         return SearchResult(
             eps=eps,
             mu=st.mu.clone() if graphed else st.mu,
@@ -520,4 +533,5 @@ class NoiseSearch:
             rounds=stats,
             candidates=cfg.model_calls,
             graphed=graphed,
+            velocity=velocity,
         )

@@ -107,6 +107,13 @@ class SearchConfig:
         return self.k * self.rounds
 
     @property
+    def keeps_velocity(self) -> bool:
+        """Whether the chosen noise is a candidate whose velocity the search computed (``use``
+        ``best`` or ``strategy`` ``best_of``, without ``rescale``): then the search keeps
+        that velocity and returns it (:attr:`SearchResult.velocity`)."""
+        return (self.use == "best" or self.strategy == "best_of") and not self.rescale
+
+    @property
     def forward_rows(self) -> int:
         """Velocity rows per rollout: preview_steps * K * N (m forwards per candidate)."""
         return self.preview_steps * self.k * self.rounds
@@ -154,6 +161,12 @@ class SearchResult:
         rounds: per-round statistics.
         candidates: candidates evaluated per rollout (K * N).
         graphed: True when the rounds ran as replays of one captured CUDA graph.
+        velocity: (B, *S) float32, the model's velocity at ``mean + scale * eps`` and
+            ``t_next`` as the search's forward computed it (in its batch of B*K rows), when
+            ``eps`` is a candidate the search evaluated (:attr:`SearchConfig.keeps_velocity`),
+            else None; valid in the rows whose ``best_reward`` is finite (a row that saw no
+            finite reward takes ``mu``, never evaluated: its velocity row is 0). A rollout's
+            next step can take it instead of a forward of its own.
     """
 
     eps: torch.Tensor
@@ -163,3 +176,4 @@ class SearchResult:
     rounds: RoundStats
     candidates: int
     graphed: bool = False
+    velocity: torch.Tensor | None = None

@@ -65,6 +65,7 @@ def search_reference(
     sigma = torch.full(mean.shape if cfg.per_element else (b,), cfg.sigma0, device=dev)
     best_r = torch.full((b,), float("-inf"), device=dev)
     best_eps = mu.clone()
+    best_v = torch.zeros(mean.shape, device=dev)  # the velocity at best_eps's candidate
     stats = torch.full((4, cfg.rounds, b), float("nan"), device=dev)
     prompts_k = [p for p in prompts for _ in range(k)]
     scaling, shift = preview_unscaling(model)  # the decoder that reads the estimates
@@ -74,7 +75,7 @@ def search_reference(
         z = mean.unsqueeze(1) + scale_t.view(b, 1, *ones) * eps
         zf = z.reshape(b * k, *s)
         x, t_i = zf, t
-        v = model.velocity(x, t_i, cond, k=k).float()
+        v = v0 = model.velocity(x, t_i, cond, k=k).float()
         for i in range(1, cfg.preview_steps):  # Euler steps on the times t (1 - i / m)
             t_n = t * (1.0 - i / cfg.preview_steps)
             x = x + (t_n - t_i) * v
@@ -92,6 +93,8 @@ def search_reference(
         best_r = torch.where(better, r_elite[:, 0], best_r)
         eps_best = eps[torch.arange(b, device=dev), elite[:, 0]]
         best_eps = torch.where(better.view(b, *ones), eps_best, best_eps)
+        v_best = v0.view(b, k, *s)[torch.arange(b, device=dev), elite[:, 0]]
+        best_v = torch.where(better.view(b, *ones), v_best, best_v)
         if cfg.strategy == "cem":
             eps_e = eps.gather(1, elite.view(b, cfg.top, *ones).expand(b, cfg.top, *s))
             a = cfg.alpha
@@ -123,4 +126,5 @@ def search_reference(
         rounds=RoundStats(stats[0], stats[1], stats[2], stats[3].long()),
         candidates=cfg.model_calls,
         graphed=False,
+        velocity=best_v if cfg.keeps_velocity else None,
     )

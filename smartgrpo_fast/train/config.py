@@ -140,6 +140,15 @@ class SampleConfig:
         shared_initial_noise: the G rollouts of a prompt start from one x_T (DanceGRPO's
             choice) instead of one each (Flow-GRPO's, the default): a group's spread then comes
             from the SDE steps alone, the only steps whose log-probability the update credits.
+        search_steps: ``noise: smart`` / ``bestof``: how many of the window's SDE steps, from
+            its first, take searched noise; the others take the ``random`` draw of their step.
+            None (default): every SDE step is searched. The search's cost scales with it
+            (K*N forward rows per searched step and rollout).
+        reuse_search_velocity: after a searched step, take the search's velocity at the
+            chosen candidate (``search.use: best``, or ``bestof``) as the next step's instead
+            of a forward of its own: one forward row fewer per searched step and rollout. The
+            search computed it in its batch of ``batch * search.k`` rows, so it equals the
+            rollout's own forward up to float order (``train/rollout.py``).
     """
 
     prompts_per_step: int = 4
@@ -152,6 +161,8 @@ class SampleConfig:
     shift: float | None = None
     batch: int = 64
     shared_initial_noise: bool = False
+    search_steps: int | None = None
+    reuse_search_velocity: bool = True
 
     def __post_init__(self) -> None:
         _positive_int("prompts_per_step", self.prompts_per_step)
@@ -184,6 +195,15 @@ class SampleConfig:
                              f"got {self.sde_type!r}")  # fmt: skip
         if self.shift is not None:
             _finite("shift", self.shift, 0.0, lo_open=True)
+        if self.search_steps is not None and (
+            isinstance(self.search_steps, bool)
+            or not isinstance(self.search_steps, int)
+            or not 1 <= self.search_steps <= self.sde_window_size
+        ):
+            raise ValueError(
+                f"search_steps: expected null or 1 <= search_steps <= sde_window_size = "
+                f"{self.sde_window_size}, got {self.search_steps!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,12 @@ step the noise ``eps`` is
 * ``bestof``: the same search object with ``strategy="best_of"`` (M = K*N draws, equal calls),
 
 and ``x_next = mean + std * eps`` gets the log-probability of the policy's own Gaussian
-N(mean, std^2) (``sde.sde_log_prob``), whatever chose eps. Latents and log-probabilities are
+N(mean, std^2) (``sde.sde_log_prob``), whatever chose eps. ``search_steps`` limits the search to
+the window's first steps (the others take the ``random`` draw of that step). When the search
+chose a candidate it evaluated (``use: best``, ``best_of``), its velocity at ``x_next`` is
+the next step's: that forward is not made again (``reuse_velocity``; the search's batch of
+B*K rows computed it, so it equals a forward of the rollout's batch up to the float order a
+batch size changes). Latents and log-probabilities are
 float32 whatever the model's dtype. Each rollout starts from its own x_T (keyed by its global
 row), or with ``shared_initial_noise`` from its prompt's (keyed by the prompt's global index).
 """
@@ -59,7 +64,9 @@ class Rollouts:
             one-step reward of its first round's candidates (0 for ``random`` noise).
         seconds: wall time spent in ``search``, ``rollout`` (the rest of sampling) and
             ``reward`` (waiting for the final scores).
-        model_calls: velocity rows evaluated per rollout (sampling plus search candidates).
+        model_calls: velocity rows evaluated per rollout (sampling plus search candidates,
+            less the sampling forwards the search's velocity replaced), averaged over the
+            rollouts (an int when every batch made as many).
     """
 
     prompts: list[str]
@@ -74,7 +81,7 @@ class Rollouts:
     rewards: torch.Tensor
     search_gain: torch.Tensor
     seconds: dict[str, float] = field(default_factory=dict)
-    model_calls: int = 0
+    model_calls: int | float = 0
 
     @property
     def size(self) -> int:
@@ -116,6 +123,8 @@ def sample_rollouts(
     batch: int = 64,
     async_reward: Any | None = None,
     shared_initial_noise: bool = False,
+    search_steps: int | None = None,
+    reuse_velocity: bool = True,
 ) -> Rollouts:
     """Sample ``group_size`` rollouts of each prompt (module docstring).
 
@@ -131,9 +140,21 @@ def sample_rollouts(
             to score a batch's images while the next batch is sampled, or None.
         shared_initial_noise: one x_T per prompt (keyed by the prompt's global index) for all
             its G rollouts, instead of one per rollout (keyed by the global row).
+        search_steps: how many of ``sde_steps``, from the first, take searched noise (the
+            rest take the ``random`` draw); None: all of them.
+        reuse_velocity: after a searched step whose result carries the velocity at
+            ``x_next`` (``SearchResult.velocity``, every row with a finite reward, the
+            searcher on ``model`` itself), the next step takes it instead of a forward.
     """
     if noise in ("smart", "bestof") and searcher is None:
         raise ValueError(f"searcher: noise={noise!r} needs a NoiseSearch")
+    if search_steps is not None and not 0 <= search_steps <= len(sde_steps):
+        raise ValueError(
+            f"search_steps: expected None or 0 <= search_steps <= {len(sde_steps)} (the SDE "
+            f"steps), got {search_steps!r}"
+        )
+    searched = [] if noise == "random" else list(sde_steps)[:search_steps]
+    reuse = reuse_velocity and searcher is not None and searcher.model is model
     n_rows = len(prompts) * group_size
     row0 = first_prompt * group_size
     shape = tuple(model.latent_shape)
@@ -156,20 +177,26 @@ def sample_rollouts(
     gain = torch.zeros((n_rows, w), device=dev)
     images, pending = [], []
     seconds = {"search": 0.0, "rollout": 0.0, "reward": 0.0}
+    rows_evaluated = 0  # velocity rows over all rollouts
     t_start = time.perf_counter()
     for lo in range(0, n_rows, batch):
         hi = min(n_rows, lo + batch)
         c = cond.select(list(range(lo, hi)))
         x = x_t[lo:hi]
+        v_next = None  # the velocity at x the last search computed
         for i, (s, s_next) in enumerate(itertools.pairwise(sigmas)):
-            v = model.velocity(x, s, c)
+            if v_next is None:
+                v = model.velocity(x, s, c)
+                rows_evaluated += hi - lo
+            else:
+                v, v_next = v_next, None
             if i not in sde_steps:
                 x = ode_step(x, v, s, s_next)
                 continue
             j = sde_steps.index(i)
             st = sde_step(x, v, s, s_next, noise_level=noise_level, sigma_max=sigmas[1],
                           sde_type=sde_type)  # fmt: skip
-            if noise == "random":
+            if i not in searched:
                 key = derive_seed(seed, "eps", step)
                 eps = philox_normal((hi - lo, 1, *shape), seed=key, round=i, device=dev,
                                     row_offset=row0 + lo).squeeze(1)  # fmt: skip
@@ -181,6 +208,14 @@ def sample_rollouts(
                                    row_offset=row0 + lo)  # fmt: skip
                 eps = res.eps
                 gain[lo:hi, j] = torch.nan_to_num(res.best_reward - res.rounds.mean[0])
+                rows_evaluated += (hi - lo) * searcher.config.forward_rows
+                if (
+                    reuse
+                    and i + 2 < len(sigmas)
+                    and res.velocity is not None
+                    and bool(torch.isfinite(res.best_reward).all())
+                ):
+                    v_next = res.velocity
                 _sync(dev)
                 seconds["search"] += time.perf_counter() - t0
             x_next = st.mean + st.std * eps
@@ -204,7 +239,7 @@ def sample_rollouts(
     _sync(dev)
     seconds["reward"] = time.perf_counter() - sampled
     seconds["rollout"] = sampled - t_start - seconds["search"]
-    calls = len(sigmas) - 1 + (searcher.config.forward_rows * w if noise != "random" else 0)
+    calls = rows_evaluated // n_rows if rows_evaluated % n_rows == 0 else rows_evaluated / n_rows
     return Rollouts(
         prompts=row_prompts,
         groups=(first_prompt + row_index).to(torch.int64),

@@ -583,6 +583,7 @@ class GRPOTrainer:
             sigmas=self.sigmas, sde_steps=window, noise=cfg.noise, searcher=self.searcher,
             noise_level=s.noise_level, sde_type=s.sde_type, batch=s.batch,
             async_reward=self.async_reward, shared_initial_noise=s.shared_initial_noise,
+            search_steps=s.search_steps, reuse_velocity=s.reuse_search_velocity,
         )  # fmt: skip
 
     def policy_log_probs(
@@ -716,7 +717,8 @@ class GRPOTrainer:
         t2 = time.perf_counter()
         self.step = step
         finite = rewards[torch.isfinite(rewards)]
-        gain = self.dist.gather(ro.search_gain.mean().reshape(1)).mean()
+        searched = ro.search_gain[:, : self.cfg.sample.search_steps]  # the searched steps
+        gain = self.dist.gather(searched.mean().reshape(1)).mean()
         line = {
             "step": step,
             "reward_mean": float(finite.mean()) if finite.numel() else float("nan"),
