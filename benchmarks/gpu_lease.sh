@@ -68,29 +68,38 @@ cat "$W/cuda_build.log"
 # Issue 22: every op eager (what a Python caller pays) and kernel-only (100 calls in one CUDA
 # graph), and the host column (µs a call on a tiny latent against one torch.add).
 step ops_bf16 90 python3 -m smartgrpo_fast bench ops --dtype bfloat16 --out "$W" --no-progress
-# Issue 21: the search at SD3.5-medium size (random weights, 512 px): naive loop, fused, one
-# captured round, + a TAESD3-layout preview decoder (random weights), + the compiled forward
-# inside the captured round; candidates/s and the stage split of each.
-step search_sd35m_fast 180 python3 -m smartgrpo_fast bench search --model sd35-medium \
-    --batch 2 --k 16 --rounds 3 --top 4 --repeats 2 --warmup 1 --providers reference fused \
-    graph graph+preview graph+preview+compile --out "$W/search_sd35m_fast"
-# Issue 24: full-size GRPO steps (random SD3.5-medium + random full-size ImageReward) at
-# Flow-GRPO-Fast's settings: split, trainer overhead, measured and estimated peak memory.
-# (The overrides go last, after --out: argparse takes KEY=VALUE words in one run.)
+# Issue 24: a searched full-size GRPO step against a random one (goal <= 1.3x at K*N = 16).
+# First the search as a step pays it (B 4, K 8, N 2, T 2, candidates decoded at 224 px and
+# scored by a full-size random ImageReward in bfloat16, as search_reward_args.dtype=bfloat16
+# runs it; the stage split says what a round costs), then its float32-reward split, then the
+# steps, both with the compiled transformer (random weights + random full-size ImageReward).
+# (bench train's overrides go last, after --out: argparse takes KEY=VALUE words in one run.)
+SEARCH_STEP="--model sd35-medium --batch 4 --k 8 --rounds 2 --top 2 --decode-size 224 \
+    --repeats 2 --warmup 1 --reward imagereward --reward-arg imagereward.random=true"
+step search_sd35m_step 170 python3 -m smartgrpo_fast bench search $SEARCH_STEP \
+    --reward-arg imagereward.dtype=bfloat16 --providers fused+preview graph+preview \
+    graph+preview+compile --out "$W/search_sd35m_step"
+step search_sd35m_step_fp32 70 python3 -m smartgrpo_fast bench search $SEARCH_STEP \
+    --providers fused+preview --out "$W/search_sd35m_step_fp32"
 SD35="--config sd35-medium --steps 1 --warmup 1 --no-progress"
-SD35_RANDOM="model.name=random:sd35-medium reward_args.random=true train.memory_limit_gib=80"
-step train_sd35m_random 80 python3 -m smartgrpo_fast bench train $SD35 --out "$W/sd35m_random" \
+SD35_RANDOM="model.name=random:sd35-medium reward_args.random=true train.memory_limit_gib=80 \
+    model.graph=compile-reduce-overhead"
+step train_sd35m_random 150 python3 -m smartgrpo_fast bench train $SD35 --out "$W/sd35m_random" \
     $SD35_RANDOM noise=random
-step train_sd35m_smart_preview 110 python3 -m smartgrpo_fast bench train $SD35 \
-    --out "$W/sd35m_smart_preview" $SD35_RANDOM model.preview_decoder=random
-step train_sd35m_smart_preview_compile 150 python3 -m smartgrpo_fast bench train $SD35 \
-    --out "$W/sd35m_smart_preview_compile" $SD35_RANDOM model.preview_decoder=random \
-    model.graph=compile-reduce-overhead
+step train_sd35m_smart_fast 200 python3 -m smartgrpo_fast bench train $SD35 \
+    --out "$W/sd35m_smart_fast" $SD35_RANDOM model.preview_decoder=random \
+    search_reward_args.dtype=bfloat16
+# Issue 21: the float8 row of the search at SD3.5-medium size.
 step search_sd35m_fp8 180 python3 -m smartgrpo_fast bench search --model sd35-medium \
     --batch 2 --k 16 --rounds 3 --top 4 --repeats 2 --warmup 1 --providers reference \
     graph+preview+compile+fp8 --out "$W/search_sd35m_fp8"
-step train_sd35m_smart 150 python3 -m smartgrpo_fast bench train $SD35 --out "$W/sd35m_smart" \
-    $SD35_RANDOM
+step train_sd35m_smart_fast_first 200 python3 -m smartgrpo_fast bench train $SD35 \
+    --out "$W/sd35m_smart_fast_first" $SD35_RANDOM model.preview_decoder=random \
+    search_reward_args.dtype=bfloat16 sample.search_steps=1
+# Measured on 2026-12-04 (RESULTS.md): the search's providers at SD3.5-medium size.
+step search_sd35m_fast 180 python3 -m smartgrpo_fast bench search --model sd35-medium \
+    --batch 2 --k 16 --rounds 3 --top 4 --repeats 2 --warmup 1 --providers reference fused \
+    graph graph+preview graph+preview+compile --out "$W/search_sd35m_fast"
 # Earlier checks, run when time is left (their figures are in RESULTS.md from earlier leases).
 step search_tiny 60 python3 -m smartgrpo_fast bench search --model tiny --batch 8 --out "$W"
 step train_smart 60 python3 -m smartgrpo_fast bench train --config tiny --steps 3 --out "$W" \
