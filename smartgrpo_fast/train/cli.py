@@ -101,5 +101,5 @@ def _run_train(args: argparse.Namespace) -> int:
     trainer.train()
     if trainer.dist.main:
         print(f"run: {out}  (metrics: {out / 'metrics.jsonl'}, checkpoints: {out / 'checkpoints'})")
-    trainer.dist.close()
+    trainer.shutdown()
     return 0

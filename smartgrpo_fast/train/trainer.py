@@ -25,6 +25,7 @@ step), ``eval.jsonl``, ``samples/step-NNNNNN.png``, ``checkpoints/step-NNNNNN/``
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import json
 import logging
@@ -815,3 +816,15 @@ class GRPOTrainer:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+    def shutdown(self) -> None:
+        """:meth:`close`, then leave the process group: the DDP wrapper goes first, so that its
+        reducer, freed with the GIL held, is not the last owner of the gloo process group,
+        whose destructor joins worker threads that may need the GIL (a deadlock at exit seen
+        under load; pytorch/pytorch#56297); ``destroy_process_group`` then frees the group
+        through its binding, which releases the GIL."""
+        self.close()
+        if self.ddp is not None:
+            self.ddp = None
+            gc.collect()  # a module's reference cycles: free the reducer now, not at exit
+        self.dist.close()
