@@ -44,6 +44,14 @@ class Variant:
     constexprs: dict
     ptrs: dict = field(default_factory=dict)
     num_warps: int = 4
+    maxnreg: int | None = None
+
+    def options(self) -> dict:
+        """The compile options of this launch: its warps, and its register cap if any."""
+        opts = {"num_warps": self.num_warps}
+        if self.maxnreg is not None:
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
 
 def signature(v: Variant) -> dict[str, str]:
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             try:
                 src = ASTSource(fn=v.kernel, signature=signature(v), constexprs=v.constexprs)
-                compiled = triton.compile(src, target=target, options={"num_warps": v.num_warps})
+                compiled = triton.compile(src, target=target, options=v.options())
                 assert "cubin" in compiled.asm and "ptx" in compiled.asm
                 status = f"ok   ptx+cubin, {len(compiled.asm['cubin'])} B cubin"
             except Exception as exc:  # report every failure, then fail
