@@ -24,7 +24,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from smartgrpo_fast.ops.cem_update import ELITES, _cem_pool_kernel, _cem_update_kernel
+from smartgrpo_fast.ops.cem_update import (
+    ELITES,
+    _cem_pool_kernel,
+    _cem_update_kernel,
+    cem_block_size,
+    cem_num_warps,
+)
 from smartgrpo_fast.ops.philox import _philox_bits_kernel, _philox_normal_kernel
 from smartgrpo_fast.ops.sample_perturb import _sample_perturb_kernel
 from smartgrpo_fast.ops.topk_select import _topk_select_kernel
@@ -33,6 +39,8 @@ from smartgrpo_fast.ops.x0_estimate import _x0_estimate_kernel
 FLOAT_ARGS = {"mu_val", "sigma_val", "scale_val", "t_val", "scaling", "shift", "alpha", "min_sigma"}
 INT64_PTRS = {"seed_ptr", "round_ptr", "row_offset_ptr", "idx_ptr", "counts_ptr", "ctr_ptr"}
 DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+#: Elements of one SD3 latent at 1024 px, (16, 128, 128): the launch configuration compiled.
+SD3_NUMEL = 16 * 128 * 128
 
 
 @dataclass(frozen=True)
@@ -108,12 +116,14 @@ def variants() -> Iterator[Variant]:
             {"r_ptr": dt, "idx_ptr": "i64"},
             num_warps=warps,
         )
+    cem_block = cem_block_size(SD3_NUMEL)  # as launched for SD3 latents
     for per_element, has_counts in ((True, True), (False, False)):
         yield Variant(
             f"cem_update[per_element={per_element}, counts={has_counts}]",
             _cem_update_kernel,
             {"MU_MODE": 2, "SIGMA_MODE": 2 if per_element else 1, "PER_ELEMENT": per_element,
-             "HAS_COUNTS": has_counts, **seeds, "BLOCK": 1024, "ELITES": ELITES},
+             "HAS_COUNTS": has_counts, **seeds, "BLOCK": cem_block, "ELITES": ELITES},
+            num_warps=cem_num_warps(cem_block),
         )  # fmt: skip
     yield Variant(
         "cem_update[pool, counts=True]",
