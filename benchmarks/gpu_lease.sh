@@ -68,6 +68,10 @@ cat "$W/cuda_build.log"
 # Issue 22: every op eager (what a Python caller pays) and kernel-only (100 calls in one CUDA
 # graph), and the host column (µs a call on a tiny latent against one torch.add).
 step ops_bf16 90 python3 -m smartgrpo_fast bench ops --dtype bfloat16 --out "$W" --no-progress
+# Issue 22: cem_update's Triton kernel at the launches sass_counts.py --sweep weighs (the
+# shipped one, the 158-register one it replaced, a maxnreg cap, 1/2/8 elites a step, smaller
+# blocks), kernel-only, at bench ops' 16M and 64M and at two search batches.
+step cem_variants 60 python3 benchmarks/cem_launch_variants.py --out "$W/cem_variants"
 # Issue 21: the search at SD3.5-medium size (random weights, 512 px): naive loop, fused, one
 # captured round, + a TAESD3-layout preview decoder (random weights), + the compiled forward
 # inside the captured round; candidates/s and the stage split of each.
