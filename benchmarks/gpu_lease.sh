@@ -68,6 +68,10 @@ cat "$W/cuda_build.log"
 # Issue 22: every op eager (what a Python caller pays) and kernel-only (100 calls in one CUDA
 # graph), and the host column (µs a call on a tiny latent against one torch.add).
 step ops_bf16 90 python3 -m smartgrpo_fast bench ops --dtype bfloat16 --out "$W" --no-progress
+# Issue 22: cem_update's Triton kernel at the launches sass_counts.py --sweep weighs (the
+# shipped one, the 158-register one it replaced, a maxnreg cap, 1/2/8 elites a step, smaller
+# blocks), kernel-only, at bench ops' 16M and 64M and at two search batches.
+step cem_variants 60 python3 benchmarks/cem_launch_variants.py --out "$W/cem_variants"
 # Issue 24: a searched full-size GRPO step against a random one (goal <= 1.3x at K*N = 16).
 # First the search as a step pays it (B 4, K 8, N 2, T 2, candidates decoded at 224 px and
 # scored by a full-size random ImageReward in bfloat16, as search_reward_args.dtype=bfloat16

@@ -24,7 +24,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from smartgrpo_fast.ops.cem_update import ELITES, _cem_pool_kernel, _cem_update_kernel
+from smartgrpo_fast.ops.cem_update import (
+    ELITES,
+    _cem_pool_kernel,
+    _cem_update_kernel,
+    cem_block_size,
+    cem_num_warps,
+)
 from smartgrpo_fast.ops.philox import _philox_bits_kernel, _philox_normal_kernel
 from smartgrpo_fast.ops.sample_perturb import _sample_perturb_kernel
 from smartgrpo_fast.ops.topk_select import _topk_select_kernel
@@ -33,6 +39,8 @@ from smartgrpo_fast.ops.x0_estimate import _x0_estimate_kernel
 FLOAT_ARGS = {"mu_val", "sigma_val", "scale_val", "t_val", "scaling", "shift", "alpha", "min_sigma"}
 INT64_PTRS = {"seed_ptr", "round_ptr", "row_offset_ptr", "idx_ptr", "counts_ptr", "ctr_ptr"}
 DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+#: Elements of one SD3 latent at 1024 px, (16, 128, 128): the launch configuration compiled.
+SD3_NUMEL = 16 * 128 * 128
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,14 @@ class Variant:
     constexprs: dict
     ptrs: dict = field(default_factory=dict)
     num_warps: int = 4
+    maxnreg: int | None = None
+
+    def options(self) -> dict:
+        """The compile options of this launch: its warps, and its register cap if any."""
+        opts = {"num_warps": self.num_warps}
+        if self.maxnreg is not None:
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
 
 def signature(v: Variant) -> dict[str, str]:
@@ -100,12 +116,14 @@ def variants() -> Iterator[Variant]:
             {"r_ptr": dt, "idx_ptr": "i64"},
             num_warps=warps,
         )
+    cem_block = cem_block_size(SD3_NUMEL)  # as launched for SD3 latents
     for per_element, has_counts in ((True, True), (False, False)):
         yield Variant(
             f"cem_update[per_element={per_element}, counts={has_counts}]",
             _cem_update_kernel,
             {"MU_MODE": 2, "SIGMA_MODE": 2 if per_element else 1, "PER_ELEMENT": per_element,
-             "HAS_COUNTS": has_counts, **seeds, "BLOCK": 1024, "ELITES": ELITES},
+             "HAS_COUNTS": has_counts, **seeds, "BLOCK": cem_block, "ELITES": ELITES},
+            num_warps=cem_num_warps(cem_block),
         )  # fmt: skip
     yield Variant(
         "cem_update[pool, counts=True]",
@@ -126,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             try:
                 src = ASTSource(fn=v.kernel, signature=signature(v), constexprs=v.constexprs)
-                compiled = triton.compile(src, target=target, options={"num_warps": v.num_warps})
+                compiled = triton.compile(src, target=target, options=v.options())
                 assert "cubin" in compiled.asm and "ptx" in compiled.asm
                 status = f"ok   ptx+cubin, {len(compiled.asm['cubin'])} B cubin"
             except Exception as exc:  # report every failure, then fail

@@ -221,7 +221,9 @@ __device__ __forceinline__ void accumulate(float s1[4], float s2[4], const float
   }
 }
 
-__global__ void __launch_bounds__(kThreads)
+// 5 blocks an SM: at most 48 registers a thread (62 uncapped, 4 blocks), no spill, the same
+// hot loop (sm_90, nvcc 13.0; benchmarks/RESULTS.md, issue 22).
+__global__ void __launch_bounds__(kThreads, 5)
     cem_update_kernel(SgfCemUpdateArgs a, int64_t n_blocks, double* var_part) {
   __shared__ double shared[kThreads / 32];
   __shared__ int64_t idx_s[kIdxStage];

@@ -488,9 +488,17 @@ _MAX_GRID_ROWS = 65535
 
 def cem_block_size(numel: int) -> int:
     """Elements per program of the Triton kernel: a function of D alone (never of B), so that
-    a row's pooled sum, added block by block, is the same bits whatever the batch: 1024, or
-    less when D is small enough that bigger blocks would leave the GPU with few programs."""
-    return block_size(numel, 1024 if numel >= 2**17 else 512 if numel >= 2**15 else 256)
+    a row's pooled sum, added block by block, is the same bits whatever the batch: 512, or
+    256 when D is small enough that bigger blocks would leave the GPU with few programs."""
+    return block_size(numel, 512 if numel >= 2**15 else 256)
+
+
+def cem_num_warps(block: int) -> int:
+    """Warps a program of ``block`` elements runs: one Philox group (4 elements) a thread, so
+    that a thread holds ELITES chains, not 2 x ELITES (sm_90, Triton 3.6: 96 registers a
+    thread instead of 158, 20 resident warps an SM instead of 12; see benchmarks/RESULTS.md,
+    issue 22)."""
+    return max(1, min(4, block // 128))
 
 
 def _launch_triton(
@@ -550,7 +558,7 @@ def _launch_triton(
             HAS_COUNTS=counts is not None,
             BLOCK=block,
             ELITES=ELITES,
-            num_warps=max(1, min(4, block // 256)),
+            num_warps=cem_num_warps(block),
             **seed_args(seed, rnd, device, row_offset, traced=wrap),
         )
         if not per_element:
