@@ -8,6 +8,7 @@ Skipped without torchao (the ``fp8`` extra, part of ``dev``) or without CPU floa
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import types
@@ -88,7 +89,13 @@ def test_float8_copy_quantizes_its_linears_and_leaves_the_model_alone(cpu_float8
     state = model.transformer.state_dict(keep_vars=True)
     kinds = {n: (type(t), t.dtype) for n, t in state.items()}
     before = {n: t.detach().clone() for n, t in state.items()}
-    v = model.velocity(z, 0.7, cond, k=4)
+    try:
+        v = model.velocity(z, 0.7, cond, k=4)
+    except RuntimeError as err:  # a torch limitation, not this library's (as in test_lora)
+        if "pack_vnni2" in str(err) and os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+            pytest.skip("torch: bfloat16 attention under ATEN_CPU_CAPABILITY=default on an "
+                        "AVX-512 CPU calls an AVX-512-only packing (pack_vnni2)")  # fmt: skip
+        raise
 
     fast = model.for_search("float8")
     assert fast is model.for_search("float8") and fast.transformer is not model.transformer

@@ -635,7 +635,7 @@ def _provider_rows(
     case = OpCase("search", provider, shape, dtype, device, call, 0)
     warmup = config.warmup
     if warmup:
-        say(f"{provider}: first search (warm-up: capture, compilation)")
+        say(f"{provider}: first search (warm-up)")
         start = time.perf_counter()
         with torch.no_grad():
             call()
