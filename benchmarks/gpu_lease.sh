@@ -13,7 +13,10 @@
 #
 # Wheels the GPU image lacks (diffusers, the peft this code was written against, and torchao
 # for the float8 search forwards) travel in .whl/ (see the device tool's README); they are
-# installed into /tmp/site when present.
+# installed into /tmp/site when present. torchao==0.18.0 is the release built for the image's
+# torch 2.11 (0.17 too; 0.16 is 2.10's; the fp8 extra: torchao>=0.17,<0.19). With it diffusers
+# 0.42 logs "Unable to import `torchao` Tensor objects": diffusers' own stale import paths, about
+# loading torchao checkpoints, harmless here.
 set -uo pipefail
 START=$(date +%s)
 DEADLINE=${DEADLINE:-540}
@@ -54,6 +57,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 python3 -c "import torch, triton, diffusers, peft, transformers as t; print('torch', torch.__version__, \
 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__, \
 'transformers', t.__version__)" | tee -a "$W/gpu.txt"
+python3 -c "from smartgrpo_fast.models.fp8 import versions; print(versions())" | tee -a "$W/gpu.txt"
 git rev-parse HEAD >>"$W/gpu.txt" 2>/dev/null
 
 # The CUDA C++ library compiles (nvcc, CPU only) while the GPU times the velocity call.
@@ -68,12 +72,14 @@ cat "$W/cuda_build.log"
 # Issue 22: every op eager (what a Python caller pays) and kernel-only (100 calls in one CUDA
 # graph), and the host column (µs a call on a tiny latent against one torch.add).
 step ops_bf16 90 python3 -m smartgrpo_fast bench ops --dtype bfloat16 --out "$W" --no-progress
-# Issue 21: the search at SD3.5-medium size (random weights, 512 px): naive loop, fused, one
-# captured round, + a TAESD3-layout preview decoder (random weights), + the compiled forward
-# inside the captured round; candidates/s and the stage split of each.
-step search_sd35m_fast 180 python3 -m smartgrpo_fast bench search --model sd35-medium \
-    --batch 2 --k 16 --rounds 3 --top 4 --repeats 2 --warmup 1 --providers reference fused \
-    graph graph+preview graph+preview+compile --out "$W/search_sd35m_fast"
+# Issue 21, its one missing figure: float8 search forwards at SD3.5-medium size (random
+# weights, 512 px), first without compile (the float8 copy's eager forward inside the captured
+# round) against the same round in bf16; one warm-up and one timed search each (about a
+# second a search in bf16). bench search logs each part with its time (the first line names
+# torch and torchao), so a step cut short says where it stopped.
+step search_sd35m_fp8 150 python3 -m smartgrpo_fast bench search --model sd35-medium \
+    --batch 2 --k 16 --rounds 3 --top 4 --repeats 1 --warmup 1 --providers graph+preview \
+    graph+preview+fp8 --out "$W/search_sd35m_fp8"
 # Issue 24: full-size GRPO steps (random SD3.5-medium + random full-size ImageReward) at
 # Flow-GRPO-Fast's settings: split, trainer overhead, measured and estimated peak memory.
 # (The overrides go last, after --out: argparse takes KEY=VALUE words in one run.)
@@ -86,12 +92,19 @@ step train_sd35m_smart_preview 110 python3 -m smartgrpo_fast bench train $SD35 \
 step train_sd35m_smart_preview_compile 150 python3 -m smartgrpo_fast bench train $SD35 \
     --out "$W/sd35m_smart_preview_compile" $SD35_RANDOM model.preview_decoder=random \
     model.graph=compile-reduce-overhead
-step search_sd35m_fp8 180 python3 -m smartgrpo_fast bench search --model sd35-medium \
-    --batch 2 --k 16 --rounds 3 --top 4 --repeats 2 --warmup 1 --providers reference \
-    graph+preview+compile+fp8 --out "$W/search_sd35m_fp8"
 step train_sd35m_smart 150 python3 -m smartgrpo_fast bench train $SD35 --out "$W/sd35m_smart" \
     $SD35_RANDOM
+# Issue 21 again: the compiled float8 forward. The last lease's 110 s did not cover this
+# provider (no log kept; its compilation the likely cost): the first search's line says.
+step search_sd35m_fp8_compile 180 python3 -m smartgrpo_fast bench search --model sd35-medium \
+    --batch 2 --k 16 --rounds 3 --top 4 --repeats 1 --warmup 1 --providers \
+    graph+preview+compile+fp8 --out "$W/search_sd35m_fp8_compile"
 # Earlier checks, run when time is left (their figures are in RESULTS.md from earlier leases).
+# The search at SD3.5-medium size: naive loop, fused, one captured round, + a TAESD3-layout
+# preview decoder (random weights), + the compiled forward inside the captured round.
+step search_sd35m_fast 180 python3 -m smartgrpo_fast bench search --model sd35-medium \
+    --batch 2 --k 16 --rounds 3 --top 4 --repeats 2 --warmup 1 --providers reference fused \
+    graph graph+preview graph+preview+compile --out "$W/search_sd35m_fast"
 step search_tiny 60 python3 -m smartgrpo_fast bench search --model tiny --batch 8 --out "$W"
 step train_smart 60 python3 -m smartgrpo_fast bench train --config tiny --steps 3 --out "$W" \
     device=cuda
