@@ -13,7 +13,10 @@
 #
 # Wheels the GPU image lacks (diffusers, the peft this code was written against, and torchao
 # for the float8 search forwards) travel in .whl/ (see the device tool's README); they are
-# installed into /tmp/site when present.
+# installed into /tmp/site when present. torchao==0.18.0 is the release built for the image's
+# torch 2.11 (0.17 too; 0.16 is 2.10's; the fp8 extra: torchao>=0.17,<0.19). With it diffusers
+# 0.42 logs "Unable to import `torchao` Tensor objects": diffusers' own stale import paths, about
+# loading torchao checkpoints, harmless here.
 set -uo pipefail
 START=$(date +%s)
 DEADLINE=${DEADLINE:-540}
@@ -54,6 +57,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 python3 -c "import torch, triton, diffusers, peft, transformers as t; print('torch', torch.__version__, \
 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__, \
 'transformers', t.__version__)" | tee -a "$W/gpu.txt"
+python3 -c "from smartgrpo_fast.models.fp8 import versions; print(versions())" | tee -a "$W/gpu.txt"
 git rev-parse HEAD >>"$W/gpu.txt" 2>/dev/null
 
 # The CUDA C++ library compiles (nvcc, CPU only) while the GPU times the velocity call.
@@ -85,6 +89,14 @@ step search_sd35m_step 170 python3 -m smartgrpo_fast bench search $SEARCH_STEP \
     graph+preview+compile --out "$W/search_sd35m_step"
 step search_sd35m_step_fp32 70 python3 -m smartgrpo_fast bench search $SEARCH_STEP \
     --providers fused+preview --out "$W/search_sd35m_step_fp32"
+# Issue 21, its one missing figure: float8 search forwards at SD3.5-medium size (random
+# weights, 512 px), first without compile (the float8 copy's eager forward inside the captured
+# round) against the same round in bf16; one warm-up and one timed search each (about a
+# second a search in bf16). bench search logs each part with its time (the first line names
+# torch and torchao), so a step cut short says where it stopped.
+step search_sd35m_fp8 150 python3 -m smartgrpo_fast bench search --model sd35-medium \
+    --batch 2 --k 16 --rounds 3 --top 4 --repeats 1 --warmup 1 --providers graph+preview \
+    graph+preview+fp8 --out "$W/search_sd35m_fp8"
 SD35="--config sd35-medium --steps 1 --warmup 1 --no-progress"
 SD35_RANDOM="model.name=random:sd35-medium reward_args.random=true train.memory_limit_gib=80 \
     model.graph=compile-reduce-overhead"
@@ -93,18 +105,20 @@ step train_sd35m_random 150 python3 -m smartgrpo_fast bench train $SD35 --out "$
 step train_sd35m_smart_fast 200 python3 -m smartgrpo_fast bench train $SD35 \
     --out "$W/sd35m_smart_fast" $SD35_RANDOM model.preview_decoder=random \
     search_reward_args.dtype=bfloat16
-# Issue 21: the float8 row of the search at SD3.5-medium size.
-step search_sd35m_fp8 180 python3 -m smartgrpo_fast bench search --model sd35-medium \
-    --batch 2 --k 16 --rounds 3 --top 4 --repeats 2 --warmup 1 --providers reference \
-    graph+preview+compile+fp8 --out "$W/search_sd35m_fp8"
 step train_sd35m_smart_fast_first 200 python3 -m smartgrpo_fast bench train $SD35 \
     --out "$W/sd35m_smart_fast_first" $SD35_RANDOM model.preview_decoder=random \
     search_reward_args.dtype=bfloat16 sample.search_steps=1
-# Measured on 2026-12-04 (RESULTS.md): the search's providers at SD3.5-medium size.
+# Issue 21 again: the compiled float8 forward. The last lease's 110 s did not cover this
+# provider (no log kept; its compilation the likely cost): the first search's line says.
+step search_sd35m_fp8_compile 180 python3 -m smartgrpo_fast bench search --model sd35-medium \
+    --batch 2 --k 16 --rounds 3 --top 4 --repeats 1 --warmup 1 --providers \
+    graph+preview+compile+fp8 --out "$W/search_sd35m_fp8_compile"
+# Earlier checks, run when time is left (their figures are in RESULTS.md from earlier leases).
+# The search at SD3.5-medium size: naive loop, fused, one captured round, + a TAESD3-layout
+# preview decoder (random weights), + the compiled forward inside the captured round.
 step search_sd35m_fast 180 python3 -m smartgrpo_fast bench search --model sd35-medium \
     --batch 2 --k 16 --rounds 3 --top 4 --repeats 2 --warmup 1 --providers reference fused \
     graph graph+preview graph+preview+compile --out "$W/search_sd35m_fast"
-# Earlier checks, run when time is left (their figures are in RESULTS.md from earlier leases).
 step search_tiny 60 python3 -m smartgrpo_fast bench search --model tiny --batch 8 --out "$W"
 step train_smart 60 python3 -m smartgrpo_fast bench train --config tiny --steps 3 --out "$W" \
     device=cuda

@@ -46,7 +46,7 @@ python3 -m smartgrpo_fast eval --run "$OUT/train_scale" --num-prompts 128 --prom
 # The search and GRPO steps at SD3.5-medium size (random weights): the preview decoder and the
 # compiled forward inside the captured round, float8 search forwards; full-size steps.
 python3 -m smartgrpo_fast bench search --model sd35-medium --batch 2 --k 16 --rounds 3 --top 4 \
-    --providers reference fused graph graph+preview graph+preview+compile \
+    --providers reference fused graph graph+preview graph+preview+compile graph+preview+fp8 \
     graph+preview+compile+fp8 --out "$OUT/search_sd35m_fast" 2>&1 | tee "$OUT/search_sd35m_fast.txt"
 SD35_RANDOM="model.name=random:sd35-medium reward_args.random=true train.memory_limit_gib=80"
 i=0

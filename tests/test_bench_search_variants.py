@@ -59,7 +59,7 @@ def test_canonical_provider(name: str, want: str) -> None:
         (dict(providers=("reference+preview",)), "the naive reference takes no options"),
         (dict(providers=("graph+preview",), model="sd3-tiny"), "needs a CUDA device"),
         (dict(providers=("fused+preview",), model="tiny"), "options need an SD3 model"),
-        (dict(providers=("fused+fp8",), model="sd3-tiny"), "fp8 needs a CUDA device"),
+        (dict(providers=("fused+fp8",), model="sd3-tiny"), "fp8: search dtype float8: needs a"),
         (dict(backend="graph"), "backend: expected one of compile-reduce-overhead"),
     ],
 )

@@ -192,8 +192,13 @@ class SearchBenchConfig:
             if opts and self.model == "tiny":
                 raise ValueError(f"providers: {p}: options need an SD3 model (sd3-tiny, "
                                  "sd35-medium); the embedded model decodes nothing")  # fmt: skip
-            if "fp8" in opts and not cuda:
-                raise ValueError(f"providers: {p}: fp8 needs a CUDA device")
+            if "fp8" in opts:
+                from smartgrpo_fast.models.fp8 import check_float8
+
+                try:  # CUDA, capability >= 8.9, torchao: before any model is built
+                    check_float8(parse_device(self.device))
+                except RuntimeError as err:
+                    raise ValueError(f"providers: {p}: {err}") from None
         if self.backend not in COMPILE_BACKENDS:
             raise ValueError(
                 f"backend: expected one of {', '.join(COMPILE_BACKENDS)}, got {self.backend!r}"
@@ -233,8 +238,11 @@ class _Variants:
     """The model of each option set, built once: SD3FlowModels sharing the base model's
     weights, with a preview decoder, a compiled forward and / or a float8 transformer."""
 
-    def __init__(self, config: SearchBenchConfig, base: Any) -> None:
+    def __init__(
+        self, config: SearchBenchConfig, base: Any, say: Callable[[str], None] | None = None
+    ) -> None:
         self.config, self.base = config, base
+        self.say = say or (lambda _msg: None)
         self._models: dict[tuple[str, ...], Any] = {(): base}
         self._preview: Any = None
         self._fp8: Any = None
@@ -251,9 +259,16 @@ class _Variants:
         base = self.base
         if "fp8" in options:
             if self._fp8 is None:
-                from smartgrpo_fast.models.fp8 import float8_transformer
+                from smartgrpo_fast.models.fp8 import float8_transformer, versions
 
+                self.say(f"fp8: quantizing a copy of the transformer ({versions()})")
+                start = time.perf_counter()
                 self._fp8 = float8_transformer(base.transformer)
+                synchronize(base.device)
+                linears = sum(type(getattr(m, "weight", None)).__name__ == "Float8Tensor"
+                              for m in self._fp8.modules())  # fmt: skip
+                self.say(f"fp8: {linears} linear layers in float8, "
+                         f"{time.perf_counter() - start:.1f} s")  # fmt: skip
             base = base.with_transformer(self._fp8)
         if "preview" in options and self._preview is None:
             self._preview = _preview_decoder(self.config, base)
@@ -520,23 +535,58 @@ def _stage_rows(base: Mapping[str, Any], samples: Mapping[str, list[float]]) -> 
 # --------------------------------------------------------------------------------------
 
 
-def run(config: SearchBenchConfig, reward: Any | None = None) -> list[dict]:
+def _progress(log: Callable[[str], None] | None) -> Callable[[str], None]:
+    """``say(msg)``: ``log("[  12.3 s] msg")``, seconds since this call; nothing without
+    ``log``."""
+    start = time.perf_counter()
+
+    def say(msg: str) -> None:
+        if log is not None:
+            log(f"[{time.perf_counter() - start:7.1f} s] {msg}")
+
+    return say
+
+
+def run(
+    config: SearchBenchConfig,
+    reward: Any | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
     """Time one search per provider and split a round into stages; rows as described in
     the module docstring (time, throughput, peak memory per provider; the stage rows of the
-    split providers; the speedup rows last). ``reward``: the reward the search scores with,
-    built on the config's device (default: the model's analytic one, module docstring), e.g.
-    a full-size ImageReward to time the search as a trainer's step runs it."""
+    split providers; the speedup rows last).
+
+    ``reward``: the reward the search scores with, built on the config's device (default: the
+    model's analytic one, module docstring), e.g. a full-size ImageReward to time the search
+    as a trainer's step runs it.
+
+    ``log``: called with one line as each part starts or ends (the versions, the model built,
+    the float8 copy made, each provider's first call, timing, memory and split, with the
+    seconds since the start), so that a run cut short says how far it came.
+    """
+    say = _progress(log)
     device = parse_device(config.device)
     info = collect_run_info(device)
+    fp8 = any("fp8" in parse_provider(p)[1] for p in config.providers)
+    if fp8:
+        from smartgrpo_fast.models.fp8 import versions
+
+        libs = versions()
+    else:
+        libs = f"torch {torch.__version__}"
+    say(f"bench search: {config.model} on {info.device_name} ({device}), {config.dtype}, "
+        f"{libs}; providers {' '.join(config.providers)}")  # fmt: skip
     model, default_reward, cond = _model_and_cond(config)
     reward = default_reward if reward is None else reward
+    say("model built")
     search = SearchConfig(k=config.k, rounds=config.rounds, top=config.top, graph=False,
                           decode_size=config.decode_size)  # fmt: skip
     gen = torch.Generator(device=device).manual_seed(1)
     mean = torch.randn((config.batch, *model.latent_shape), generator=gen, device=device)
     scale, t_next = 0.3, 0.8
     scale_t = torch.full((config.batch,), scale, device=device)
-    variants = _Variants(config, model) if any("+" in p for p in config.providers) else None
+    variants = _Variants(config, model, say) if any("+" in p for p in config.providers) else None
     shape = CaseShape(batch=config.batch, k=config.k, latent=tuple(model.latent_shape),
                       elites=config.top)  # fmt: skip
     rows: list[dict] = []
@@ -563,14 +613,17 @@ def run(config: SearchBenchConfig, reward: Any | None = None) -> list[dict]:
             # plain graph's round is fused's: not split again
             staged = None if provider == "graph" else _FusedRound(
                 NoiseSearch(m, reward, search), mean, scale_t, t_next, cond)  # fmt: skip
-        provider_rows = _provider_rows(config, provider, call, shape, m.dtype, device, info)
+        provider_rows = _provider_rows(config, provider, call, shape, m.dtype, device, info,
+                                       say)  # fmt: skip
         rows += provider_rows
         if staged is not None:
+            say(f"{provider}: stage split, {config.warmup} + {config.repeats} searches")
             samples = _time_stages(staged, config.rounds, device, warmup=config.warmup,
                                    repeats=config.repeats, as_captured=base == "graph")  # fmt: skip
             base_row = {**provider_rows[0], "x_name": "candidates/round",
                         "x": shape.batch * shape.k}  # fmt: skip
             rows += _stage_rows(base_row, samples)
+        say(f"{provider}: done")
     ref = next((r for r in rows if r["provider"] == "reference" and r["metric"] == "time"), None)
     if ref is not None:
         for r in [r for r in rows if r["metric"] == "time" and r["provider"] != "reference"]:
@@ -586,11 +639,25 @@ def _provider_rows(
     dtype: torch.dtype,
     device: torch.device,
     info: RunInfo,
+    say: Callable[[str], None],
 ) -> list[dict]:
-    """The ``time`` (first), ``throughput`` and two peak-memory rows of one provider."""
+    """The ``time`` (first), ``throughput`` and two peak-memory rows of one provider; the
+    first warm-up search is timed apart for ``say`` (it holds any capture and compilation)."""
     candidates = shape.batch * shape.k * config.rounds
     case = OpCase("search", provider, shape, dtype, device, call, 0)
-    timing = measure(call, device, warmup=config.warmup, repeats=config.repeats)
+    warmup = config.warmup
+    if warmup:
+        say(f"{provider}: first search (warm-up)")
+        start = time.perf_counter()
+        with torch.no_grad():
+            call()
+        synchronize(device)
+        say(f"{provider}: first search took {time.perf_counter() - start:.1f} s")
+        warmup -= 1
+    say(f"{provider}: timing {warmup} + {config.repeats} searches")
+    timing = measure(call, device, warmup=warmup, repeats=config.repeats)
+    say(f"{provider}: {timing.median:.1f} ms per search (median of {config.repeats}), "
+        f"{candidates / (timing.median * 1e-3):.1f} candidates/s")  # fmt: skip
     time_row = next(r for r in measurement_rows(case, timing, info, config.repeats)
                     if r["metric"] == "time")  # fmt: skip
     time_row |= {"x_name": "candidates", "x": candidates}
@@ -599,6 +666,7 @@ def _provider_rows(
                   "p20": candidates / (timing.p80 * 1e-3),
                   "p80": candidates / (timing.p20 * 1e-3)}  # fmt: skip
     metric, peak, over = peak_memory(call, device)
+    say(f"{provider}: peak memory {peak / 2**20:.0f} MiB ({metric})")
     mem = {**time_row, "unit": "bytes", "repeats": 1}
     return [
         time_row,

@@ -326,6 +326,9 @@ def _add_bench_search(sub: argparse._SubParsersAction) -> None:
     _add_timing(p, d.repeats, d.warmup)
     p.add_argument("--no-plot", action="store_true",
                    help="do not draw the stage split's PNG (default: drawn)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress lines on stderr (default: one line as each part starts "
+                        "or ends, with the seconds since the start)")  # fmt: skip
     _add_common(p, _run_bench_search)
 
 
@@ -354,7 +357,8 @@ def _run_bench_search(args: argparse.Namespace) -> int:
         args.parser.error("argument --reward-arg: needs --reward (the default reward is the "
                           "model's analytic one, which takes no arguments)")  # fmt: skip
     reward = None if args.reward is None else build.build_reward(args, device)
-    rows = search.run(cfg, reward=reward)
+    log = None if args.no_progress else (lambda line: print(line, file=sys.stderr, flush=True))
+    rows = search.run(cfg, reward=reward, log=log)
     stem = args.out / f"search_{args.model}_{device.replace(':', '')}_{dtype}"
     header = (f"search of {args.model} on {rows[0]['device_name']} ({device}), {dtype}, "
               f"B={cfg.batch} K={cfg.k} N={cfg.rounds} T={cfg.top}, {_run_meta(rows)}")  # fmt: skip

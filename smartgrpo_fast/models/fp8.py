@@ -8,38 +8,82 @@ Hopper / Ada tensor cores through ``torch._scaled_mm``). The original is untouch
 rollout's steps, its log-probabilities and training keep running on it.
 
 Float8 matmuls need a CUDA GPU of compute capability >= 8.9; :func:`check_float8` says why not
-anywhere else, before any copy is made.
+anywhere else, before any copy is made. torchao's binary releases follow torch's: 0.17 and
+0.18 are built for torch 2.11 (the GPU machines' release; 0.16 is 2.10's), and
+:data:`TORCHAO_REQUIREMENT` is the range this module was written and tested against. A torchao
+that fails to import or lacks the names used here is an error naming both versions.
+(diffusers 0.42 logs "Unable to import `torchao` Tensor objects" with any torchao >= 0.17: its
+list of classes to unpickle names modules torchao moved. It concerns loading checkpoints saved
+by torchao, not this copy.)
 """
 
 from __future__ import annotations
 
 import copy
+from importlib import metadata
 from typing import Any
 
 import torch
 
-__all__ = ["FP8_EXTRA", "MIN_CAPABILITY", "check_float8", "float8_transformer"]
+__all__ = [
+    "FP8_EXTRA",
+    "MIN_CAPABILITY",
+    "TORCHAO_REQUIREMENT",
+    "check_float8",
+    "float8_transformer",
+    "versions",
+]
 
 #: The pip extra that installs torchao.
 FP8_EXTRA = "smartgrpo-fast[fp8]"
+#: The torchao releases of the ``fp8`` extra (pyproject.toml says the same).
+TORCHAO_REQUIREMENT = "torchao>=0.17,<0.19"
 #: The lowest CUDA compute capability with float8 tensor cores (Ada Lovelace; Hopper is 9.0).
 MIN_CAPABILITY = (8, 9)
+#: What :func:`float8_transformer` takes from ``torchao.quantization``.
+_NAMES = ("quantize_", "Float8DynamicActivationFloat8WeightConfig", "Float8Tensor")
+
+
+def _torchao_version() -> str | None:
+    try:
+        return metadata.version("torchao")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> str:
+    """``torch X, torchao Y`` (or ``torchao not installed``), for logs and errors."""
+    ao = _torchao_version()
+    return f"torch {torch.__version__}, " + (
+        "torchao not installed" if ao is None else f"torchao {ao}"
+    )
 
 
 def _torchao_quantization() -> Any:
+    """``torchao.quantization``, checked to hold what this module uses; RuntimeError naming
+    the versions where torchao is missing, fails to import, or is too old or too new."""
+    wants = (
+        f"pip install '{FP8_EXTRA}' ({TORCHAO_REQUIREMENT}; 0.17 and 0.18 are built for torch 2.11)"
+    )
     try:
         import torchao.quantization as quantization
-    except ImportError as exc:
+    except Exception as exc:  # ImportError, or a torchao built for another torch failing
         raise RuntimeError(
-            f"search dtype float8: torchao cannot be imported ({exc}); install it with "
-            f"pip install '{FP8_EXTRA}'"
+            f"search dtype float8: torchao cannot be imported ({type(exc).__name__}: {exc}; "
+            f"{versions()}); install it with {wants}"
         ) from None
+    missing = [name for name in _NAMES if not hasattr(quantization, name)]
+    if missing:
+        raise RuntimeError(
+            f"search dtype float8: torchao.quantization has no {', '.join(missing)} "
+            f"({versions()}); {wants}"
+        )
     return quantization
 
 
 def check_float8(device: torch.device | str) -> None:
     """RuntimeError saying why float8 search forwards cannot run on ``device``: not a CUDA
-    device, a GPU below compute capability 8.9, or torchao missing."""
+    device, a GPU below compute capability 8.9, or torchao missing or of the wrong release."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         raise RuntimeError(
@@ -72,12 +116,7 @@ def float8_transformer(transformer: torch.nn.Module) -> torch.nn.Module:
     device = next(transformer.parameters()).device
     check_float8(device)
     quantization = _torchao_quantization()
-    config_cls = getattr(quantization, "Float8DynamicActivationFloat8WeightConfig", None)
-    config = (
-        config_cls()
-        if config_cls is not None
-        else quantization.float8_dynamic_activation_float8_weight()  # torchao < 0.10
-    )
+    config = quantization.Float8DynamicActivationFloat8WeightConfig()
     quantized = copy.deepcopy(transformer).eval().requires_grad_(False)
     quantization.quantize_(quantized, config, filter_fn=_float8_linear)
     return quantized
