@@ -244,4 +244,5 @@ def test_the_fp8_extra_is_the_requirement_the_module_names() -> None:
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     extras = project["project"]["optional-dependencies"]
     assert extras["fp8"] == [fp8.TORCHAO_REQUIREMENT]
-    assert any("fp8" in d for d in extras["dev"] if d.startswith("smartgrpo-fast["))
+    # not in dev: torchao's import messages would break the CLI's one-line error tests
+    assert not any("fp8" in d for d in extras["dev"] if d.startswith("smartgrpo-fast["))
