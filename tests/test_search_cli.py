@@ -153,6 +153,19 @@ def test_cli_search_writes_results(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "paired t" in printed and "result.json" in printed and "prompt match" in printed
 
 
+def test_cli_search_one_prompt_prints_n_a(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """One prompt: no std and no paired t (null in result.json); the summary says n/a."""
+    out = tmp_path / "one"
+    argv = ["search", "--num-prompts", "1", "--k", "2", "--rounds", "1", "--top", "1",
+            "--steps", "3", "--step", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    res = json.loads((out / "result.json").read_text())
+    summary = res["summary"]
+    assert summary["searched"]["std"] is None and summary["searched_vs_random"]["t"] is None
+    printed = capsys.readouterr().out
+    assert "± n/a" in printed and "paired t = n/a (df 0)" in printed
+
+
 def test_cli_search_prompt_file(tmp_path: Path) -> None:
     f = tmp_path / "prompts.txt"
     f.write_text(

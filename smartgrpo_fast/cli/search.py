@@ -15,6 +15,12 @@ from smartgrpo_fast.cli.args import int_in
 __all__ = ["add_search"]
 
 
+def _num(x: float | None, spec: str) -> str:
+    """``x`` formatted, or ``n/a`` where result.json holds null (a std or t of one prompt, a
+    mean of no finite reward)."""
+    return "n/a" if x is None else format(x, spec)
+
+
 def add_search(commands: argparse._SubParsersAction) -> None:
     """Register ``search`` on the top-level sub-command parser."""
     from smartgrpo_fast.search import RolloutConfig, SearchConfig
@@ -152,12 +158,12 @@ def _run_search(args: argparse.Namespace) -> int:
     summ = result["summary"]
     for key in ("random", "bestof", "searched"):
         s = summ[key]
-        print(f"final reward {key:>8}: {s['mean']:.4f} ± {s['std']:.4f}")
+        print(f"final reward {key:>8}: {_num(s['mean'], '.4f')} ± {_num(s['std'], '.4f')}")
     for key in ("searched_vs_random", "searched_vs_bestof"):
         s = summ[key]
-        t = "nan" if s["t"] is None else f"{s['t']:.2f}"
-        print(f"{key}: mean diff {s['mean_diff']:+.4f}, paired t = {t} (df {s['df']}), "
-              f"wins {s['win_rate']:.0%}")  # fmt: skip
+        diff, t = _num(s["mean_diff"], "+.4f"), _num(s["t"], ".2f")
+        wins = _num(s["win_rate"], ".0%")
+        print(f"{key}: mean diff {diff}, paired t = {t} (df {s['df']}), wins {wins}")
     for judge, rates in result.get("prompt_match", {}).items():
         shown = ", ".join(f"{k} {rates[k]['all']:.0%}" for k in ("random", "bestof", "searched"))
         print(f"prompt match ({judge}, all three attributes): {shown}")

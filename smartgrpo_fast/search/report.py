@@ -171,7 +171,9 @@ def plot_rounds(comp: Comparison, path: str | Path, *, reward: str = "reward") -
     ]  # fmt: skip
     for label, data, color, style in series:
         d = data.detach().cpu().double()
-        mean, std = d.nanmean(1).numpy(), d.std(1).nan_to_num(0).numpy()
+        # one prompt has no spread: no band (std of one value warns and is NaN)
+        std = d.std(1).nan_to_num(0) if d.shape[1] > 1 else torch.zeros(d.shape[0])
+        mean, std = d.nanmean(1).numpy(), std.numpy()
         ax.plot(x, mean, style, color=color, marker="o", label=label)
         if style == "-":
             ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.12)
