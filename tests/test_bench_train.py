@@ -23,8 +23,13 @@ def test_rows_split_the_step_into_calls_and_overhead() -> None:
     rows = run_train_bench(load_config("tiny", SMALL), steps=1, warmup=0, progress=False)
     med = {r["metric"]: r["median"] for r in rows}
     keys = (*STAGES, "time_step", "overhead", "overhead_frac", "peak_mem_bytes",
-            *(f"call_{c}" for c in CALLS))  # fmt: skip
+            "model_calls_per_rollout", "logp_diff_max", *(f"call_{c}" for c in CALLS))  # fmt: skip
     assert set(med) == set(keys)  # no estimated_peak_bytes: no memory check on a CPU by default
+    units = {r["metric"]: r["unit"] for r in rows}
+    assert units["model_calls_per_rollout"] == "rows" and units["logp_diff_max"] == "nats"
+    cfg = load_config("tiny", SMALL)  # one searched step (window 1), its velocity reused after
+    assert med["model_calls_per_rollout"] == cfg.sample.steps + cfg.search.forward_rows - 1
+    assert 0 <= med["logp_diff_max"] < 1e-5
     assert med["peak_mem_bytes"] > 2**20
     assert all(r["repeats"] == 1 and r["op"] == "grpo_step" for r in rows)
     calls = sum(med[f"call_{c}"] for c in CALLS)

@@ -168,6 +168,10 @@ def run_train_bench(
                     continue
                 replays += _replays(trainer.searcher) - before
                 values = {k: line[k] for k in (*STAGES, "time_step", "peak_mem_bytes")}
+                # the update's view of the rollouts: model rows a rollout made, and how far
+                # the training forward's log-probabilities are from the sampled ones
+                values |= {k: float(line[k]) for k in ("model_calls_per_rollout",
+                                                        "logp_diff_max")}  # fmt: skip
                 values |= {f"call_{k}": v for k, v in timers.seconds.items()}
                 if preview:
                     values["call_preview_decode"] = timers.inner["preview_decode"]
@@ -192,13 +196,22 @@ def run_train_bench(
         samples["search_rounds_replayed"] = [float(replays)]
     rows = []
     for metric, values in samples.items():
-        unit = {"overhead_frac": "fraction", "peak_mem_bytes": "bytes",
-                "estimated_peak_bytes": "bytes",
-                "search_rounds_replayed": "count"}.get(metric, "s")  # fmt: skip
+        unit = _UNITS.get(metric, "s")
         t = summarize(values)
         stats = {"metric": metric, "unit": unit, "median": t.median, "p20": t.p20, "p80": t.p80}
         rows.append(ordered_row(base | stats))
     return rows
+
+
+#: Units of the rows that are not seconds.
+_UNITS = {
+    "overhead_frac": "fraction",
+    "peak_mem_bytes": "bytes",
+    "estimated_peak_bytes": "bytes",
+    "search_rounds_replayed": "count",
+    "model_calls_per_rollout": "rows",
+    "logp_diff_max": "nats",
+}
 
 
 def _replays(searcher: Any) -> int:
@@ -220,6 +233,11 @@ def format_train_table(rows: Sequence[dict]) -> str:
                 note += " (rounds replayed from a CUDA graph: not timed)"
             lines.append(f"{'  preview_decode':<16} {v:>10.3f} {v / step:>8.1%}  {note}")
     lines.append(f"{'overhead_frac':<16} {med['overhead_frac']:>10.3f}")
+    if "model_calls_per_rollout" in med:
+        lines.append(f"{'model rows':<16} {med['model_calls_per_rollout']:>10.1f} a rollout "
+                     "(sampling + search, less the reused velocities)")  # fmt: skip
+        lines.append(f"{'logp_diff_max':<16} {med['logp_diff_max']:>10.2e} (training forward "
+                     "vs sampled log-probabilities, before the update)")  # fmt: skip
     lines.append(f"{'peak memory':<16} {med['peak_mem_bytes'] / 2**30:>10.2f} GiB (measured: "
                  "CUDA max allocated, or the process's peak RSS on a CPU)")  # fmt: skip
     if "estimated_peak_bytes" in med:
