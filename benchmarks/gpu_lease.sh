@@ -7,6 +7,9 @@
 # times, the search and GRPO steps at SD3.5-medium size), then the earlier ones if time is left.
 #
 #   DEADLINE=540 bash benchmarks/gpu_lease.sh        # then: tar xzf $OUT/gpu_out.tgz
+#   A 15-minute lease holds about one full call (DEADLINE=575: the CUDA tests, the ops, the
+#   random and searched SD3.5-medium steps) and a shorter second one with ONLY= naming the
+#   next steps in this file's order (the float8 search, cem_update's launch variants, ...).
 #   ONLY="gpu_tests search_demo" bash benchmarks/gpu_lease.sh    # just these steps
 #   SMARTGRPO_COMMIT=0123456789ab bash benchmarks/gpu_lease.sh    # on a copied tree: the
 #       commit the tables and CSVs name (else `git rev-parse` of wherever the copy landed)
@@ -66,29 +69,25 @@ git rev-parse HEAD >>"$W/gpu.txt" 2>/dev/null
 BUILD=$!
 # Correct first: the CUDA tests (the captured round with a preview decoder and a compiled
 # forward, the fused ops' capture with every argument form, the kernels against the reference).
-step gpu_tests 240 python3 -m pytest -m cuda tests -q -rs -p no:cacheprovider
+step gpu_tests 120 python3 -m pytest -m cuda tests -q -rs -p no:cacheprovider
 wait $BUILD
 cat "$W/cuda_build.log"
 # Issue 22: every op eager (what a Python caller pays) and kernel-only (100 calls in one CUDA
 # graph), and the host column (µs a call on a tiny latent against one torch.add).
 step ops_bf16 90 python3 -m smartgrpo_fast bench ops --dtype bfloat16 --out "$W" --no-progress
-# Issue 22: cem_update's Triton kernel at the launches sass_counts.py --sweep weighs (the
-# shipped one, the 158-register one it replaced, a maxnreg cap, 1/2/8 elites a step, smaller
-# blocks), kernel-only, at bench ops' 16M and 64M and at two search batches.
-step cem_variants 60 python3 benchmarks/cem_launch_variants.py --out "$W/cem_variants"
-# Issue 24: a searched full-size GRPO step against a random one (goal <= 1.3x at K*N = 16).
-# First the search as a step pays it (B 4, K 8, N 2, T 2, candidates decoded at 224 px and
-# scored by a full-size random ImageReward in bfloat16, as search_reward_args.dtype=bfloat16
-# runs it; the stage split says what a round costs), then its float32-reward split, then the
-# steps, both with the compiled transformer (random weights + random full-size ImageReward).
+# Issue 24's question first: a searched full-size GRPO step against a random one (goal <=
+# 1.3x at K*N = 16), both with the compiled transformer (random SD3.5-medium + a random
+# full-size ImageReward), the search with the preview decoder, a bfloat16 copy of the reward
+# and the reused velocity; each prints its split, model rows a rollout and logp_diff_max.
 # (bench train's overrides go last, after --out: argparse takes KEY=VALUE words in one run.)
-SEARCH_STEP="--model sd35-medium --batch 4 --k 8 --rounds 2 --top 2 --decode-size 224 \
-    --repeats 2 --warmup 1 --reward imagereward --reward-arg imagereward.random=true"
-step search_sd35m_step 170 python3 -m smartgrpo_fast bench search $SEARCH_STEP \
-    --reward-arg imagereward.dtype=bfloat16 --providers fused+preview graph+preview \
-    graph+preview+compile --out "$W/search_sd35m_step"
-step search_sd35m_step_fp32 70 python3 -m smartgrpo_fast bench search $SEARCH_STEP \
-    --providers fused+preview --out "$W/search_sd35m_step_fp32"
+SD35="--config sd35-medium --steps 1 --warmup 1 --no-progress"
+SD35_RANDOM="model.name=random:sd35-medium reward_args.random=true train.memory_limit_gib=80 \
+    model.graph=compile-reduce-overhead"
+step train_sd35m_random 150 python3 -m smartgrpo_fast bench train $SD35 --out "$W/sd35m_random" \
+    $SD35_RANDOM noise=random
+step train_sd35m_smart_fast 210 python3 -m smartgrpo_fast bench train $SD35 \
+    --out "$W/sd35m_smart_fast" $SD35_RANDOM model.preview_decoder=random \
+    search_reward_args.dtype=bfloat16
 # Issue 21, its one missing figure: float8 search forwards at SD3.5-medium size (random
 # weights, 512 px), first without compile (the float8 copy's eager forward inside the captured
 # round) against the same round in bf16; one warm-up and one timed search each (about a
@@ -97,14 +96,21 @@ step search_sd35m_step_fp32 70 python3 -m smartgrpo_fast bench search $SEARCH_ST
 step search_sd35m_fp8 150 python3 -m smartgrpo_fast bench search --model sd35-medium \
     --batch 2 --k 16 --rounds 3 --top 4 --repeats 1 --warmup 1 --providers graph+preview \
     graph+preview+fp8 --out "$W/search_sd35m_fp8"
-SD35="--config sd35-medium --steps 1 --warmup 1 --no-progress"
-SD35_RANDOM="model.name=random:sd35-medium reward_args.random=true train.memory_limit_gib=80 \
-    model.graph=compile-reduce-overhead"
-step train_sd35m_random 150 python3 -m smartgrpo_fast bench train $SD35 --out "$W/sd35m_random" \
-    $SD35_RANDOM noise=random
-step train_sd35m_smart_fast 200 python3 -m smartgrpo_fast bench train $SD35 \
-    --out "$W/sd35m_smart_fast" $SD35_RANDOM model.preview_decoder=random \
-    search_reward_args.dtype=bfloat16
+# Issue 22: cem_update's Triton kernel at the launches sass_counts.py --sweep weighs (the
+# shipped one, the 158-register one it replaced, a maxnreg cap, 1/2/8 elites a step, smaller
+# blocks), kernel-only, at bench ops' 16M and 64M and at two search batches.
+step cem_variants 60 python3 benchmarks/cem_launch_variants.py --out "$W/cem_variants"
+# Issue 24, where the searched step's time goes: the search as a step pays it (B 4, K 8, N 2,
+# T 2, candidates decoded at 224 px and scored by a full-size random ImageReward in bfloat16,
+# as search_reward_args.dtype=bfloat16 runs it; the stage split says what a round costs),
+# then the float32 reward's split; after them the step searching only the window's first step.
+SEARCH_STEP="--model sd35-medium --batch 4 --k 8 --rounds 2 --top 2 --decode-size 224 \
+    --repeats 2 --warmup 1 --reward imagereward --reward-arg imagereward.random=true"
+step search_sd35m_step 170 python3 -m smartgrpo_fast bench search $SEARCH_STEP \
+    --reward-arg imagereward.dtype=bfloat16 --providers fused+preview graph+preview \
+    graph+preview+compile --out "$W/search_sd35m_step"
+step search_sd35m_step_fp32 70 python3 -m smartgrpo_fast bench search $SEARCH_STEP \
+    --providers fused+preview --out "$W/search_sd35m_step_fp32"
 step train_sd35m_smart_fast_first 200 python3 -m smartgrpo_fast bench train $SD35 \
     --out "$W/sd35m_smart_fast_first" $SD35_RANDOM model.preview_decoder=random \
     search_reward_args.dtype=bfloat16 sample.search_steps=1
