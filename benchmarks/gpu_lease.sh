@@ -103,7 +103,8 @@ step cem_variants 60 python3 benchmarks/cem_launch_variants.py --out "$W/cem_var
 # Issue 24, where the searched step's time goes: the search as a step pays it (B 4, K 8, N 2,
 # T 2, candidates decoded at 224 px and scored by a full-size random ImageReward in bfloat16,
 # as search_reward_args.dtype=bfloat16 runs it; the stage split says what a round costs),
-# then the float32 reward's split; after them the step searching only the window's first step.
+# then the float32 reward's split; after them the step searching only the window's last SDE
+# step (sample.search_steps=1).
 SEARCH_STEP="--model sd35-medium --batch 4 --k 8 --rounds 2 --top 2 --decode-size 224 \
     --repeats 2 --warmup 1 --reward imagereward --reward-arg imagereward.random=true"
 step search_sd35m_step 170 python3 -m smartgrpo_fast bench search $SEARCH_STEP \
@@ -111,8 +112,8 @@ step search_sd35m_step 170 python3 -m smartgrpo_fast bench search $SEARCH_STEP \
     graph+preview+compile --out "$W/search_sd35m_step"
 step search_sd35m_step_fp32 70 python3 -m smartgrpo_fast bench search $SEARCH_STEP \
     --providers fused+preview --out "$W/search_sd35m_step_fp32"
-step train_sd35m_smart_fast_first 200 python3 -m smartgrpo_fast bench train $SD35 \
-    --out "$W/sd35m_smart_fast_first" $SD35_RANDOM model.preview_decoder=random \
+step train_sd35m_smart_fast_one 200 python3 -m smartgrpo_fast bench train $SD35 \
+    --out "$W/sd35m_smart_fast_one" $SD35_RANDOM model.preview_decoder=random \
     search_reward_args.dtype=bfloat16 sample.search_steps=1
 # Issue 21 again: the compiled float8 forward. The last lease's 110 s did not cover this
 # provider (no log kept; its compilation the likely cost): the first search's line says.

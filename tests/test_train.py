@@ -131,10 +131,12 @@ def test_the_search_velocity_replaces_the_next_forward(tmp_path, noise) -> None:
     assert_float_order_close(on.log_probs, off.log_probs, name="log-probabilities")
 
 
-def test_search_steps_searches_the_window_s_first_steps_only(tmp_path) -> None:
+@pytest.mark.parametrize("at", ["start", "end"])
+def test_search_steps_searches_the_window_s_first_or_last_steps(tmp_path, at) -> None:
     """sample.search_steps=1 of a window of 2: one search per batch, at the window's first
-    step; the second SDE step takes its random draw (no search gain there)."""
-    t = _trainer(tmp_path, "noise=smart", "sample.search_steps=1", "sample.batch=8")
+    (start) or last (end) step; the other SDE step takes its random draw (no search gain)."""
+    t = _trainer(tmp_path, "noise=smart", "sample.search_steps=1", "sample.batch=8",
+                 f"sample.search_steps_at={at}")  # fmt: skip
     searched_at: list[float] = []
     run = t.searcher.run
 
@@ -145,13 +147,18 @@ def test_search_steps_searches_the_window_s_first_steps_only(tmp_path) -> None:
     t.searcher.run = spy
     try:
         ro = t.rollouts(1)
+        line = t.train_step()
     finally:
         t.close()
-    first = ro.sde_steps[0]
-    assert searched_at == [ro.sigmas[first + 1]]  # 8 rollouts in one batch, one search
+    j = 0 if at == "start" else 1
+    step = ro.sde_steps[j]
+    assert ro.searched_steps == [step]
+    assert searched_at[0] == ro.sigmas[step + 1]  # 8 rollouts in one batch, one search
+    assert len(searched_at) == 2  # and one more in train_step's own rollouts
     assert ro.model_calls == 4 + 4 * 2 - 1  # the searched step's velocity is reused
-    assert (ro.search_gain[:, 1] == 0).all() and (ro.search_gain[:, 0] >= 0).all()
-    assert (ro.search_gain[:, 0] > 0).any()
+    assert (ro.search_gain[:, 1 - j] == 0).all() and (ro.search_gain[:, j] >= 0).all()
+    assert (ro.search_gain[:, j] > 0).any()
+    assert line["search_gain"] > 0  # the mean over the searched step only
 
 
 def test_groups_keep_their_spread_and_noise_strategies_differ(tmp_path) -> None:

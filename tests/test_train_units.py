@@ -103,6 +103,7 @@ def test_overrides_set_nested_values_with_yaml_types() -> None:
         ("sample.search_steps=0", "sample.search_steps"),
         ("sample.search_steps=3", "sample.search_steps"),  # more than the window's 2
         ("sample.search_steps=true", "sample.search_steps"),
+        ("sample.search_steps_at=middle", "sample.search_steps_at"),
         ("search_reward_args=[1]", "search_reward_args"),
         ("sample.sde_type=cps", "sample.sde_window_range"),  # window [0, 5) reaches t = 0
         ("lora.rank=0", "lora.rank"),

@@ -140,10 +140,16 @@ class SampleConfig:
         shared_initial_noise: the G rollouts of a prompt start from one x_T (DanceGRPO's
             choice) instead of one each (Flow-GRPO's, the default): a group's spread then comes
             from the SDE steps alone, the only steps whose log-probability the update credits.
-        search_steps: ``noise: smart`` / ``bestof``: how many of the window's SDE steps, from
-            its first, take searched noise; the others take the ``random`` draw of their step.
-            None (default): every SDE step is searched. The search's cost scales with it
-            (K*N forward rows per searched step and rollout).
+        search_steps: ``noise: smart`` / ``bestof``: how many of the window's SDE steps take
+            searched noise (the first or the last ones, ``search_steps_at``); the others take
+            the ``random`` draw of their step. None (default): every SDE step is searched. The
+            search's cost scales with it (K*N forward rows per searched step and rollout).
+        search_steps_at: ``end`` (default) or ``start``: which of the window's SDE steps
+            ``search_steps`` searches. Chosen on dev prompts of the embedded model
+            (``benchmarks/search_steps.py``, RESULTS.md): searching the last of 2 kept more of
+            the search's gain in final reward than searching the first (prompt match +0.16 vs
+            +0.07 over random noise; shape-area +0.0021 vs +0.0018), neither as much as
+            searching both (+0.29; +0.0051).
         reuse_search_velocity: after a searched step, take the search's velocity at the
             chosen candidate (``search.use: best``, or ``bestof``) as the next step's instead
             of a forward of its own: one forward row fewer per searched step and rollout. The
@@ -162,6 +168,7 @@ class SampleConfig:
     batch: int = 64
     shared_initial_noise: bool = False
     search_steps: int | None = None
+    search_steps_at: str = "end"
     reuse_search_velocity: bool = True
 
     def __post_init__(self) -> None:
@@ -203,6 +210,10 @@ class SampleConfig:
             raise ValueError(
                 f"search_steps: expected null or 1 <= search_steps <= sde_window_size = "
                 f"{self.sde_window_size}, got {self.search_steps!r}"
+            )
+        if self.search_steps_at not in ("start", "end"):
+            raise ValueError(
+                f"search_steps_at: expected start or end, got {self.search_steps_at!r}"
             )
 
 

@@ -18,7 +18,7 @@ step the noise ``eps`` is
 
 and ``x_next = mean + std * eps`` gets the log-probability of the policy's own Gaussian
 N(mean, std^2) (``sde.sde_log_prob``), whatever chose eps. ``search_steps`` limits the search to
-the window's first steps (the others take the ``random`` draw of that step). When the search
+the window's first or last steps (the others take the ``random`` draw of that step). When the search
 chose a candidate it evaluated (``use: best``, ``best_of``), its velocity at ``x_next`` is
 the next step's: that forward is not made again (``reuse_velocity``; the search's batch of
 B*K rows computed it, so it equals a forward of the rollout's batch up to the float order a
@@ -61,7 +61,9 @@ class Rollouts:
         images: (R, 3, H, W) float32 in [0, 1], the decoded final samples.
         rewards: (R,) float32 final rewards (NaN where the reward was not finite).
         search_gain: (R, W) float32, the best one-step reward the search found minus the mean
-            one-step reward of its first round's candidates (0 for ``random`` noise).
+            one-step reward of its first round's candidates (0 for ``random`` noise and at the
+            SDE steps not searched).
+        searched_steps: the schedule indices of ``sde_steps`` that took searched noise.
         seconds: wall time spent in ``search``, ``rollout`` (the rest of sampling) and
             ``reward`` (waiting for the final scores).
         model_calls: velocity rows evaluated per rollout (sampling plus search candidates,
@@ -80,6 +82,7 @@ class Rollouts:
     images: torch.Tensor
     rewards: torch.Tensor
     search_gain: torch.Tensor
+    searched_steps: list[int] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     model_calls: int | float = 0
 
@@ -124,6 +127,7 @@ def sample_rollouts(
     async_reward: Any | None = None,
     shared_initial_noise: bool = False,
     search_steps: int | None = None,
+    search_steps_at: str = "end",
     reuse_velocity: bool = True,
 ) -> Rollouts:
     """Sample ``group_size`` rollouts of each prompt (module docstring).
@@ -140,8 +144,9 @@ def sample_rollouts(
             to score a batch's images while the next batch is sampled, or None.
         shared_initial_noise: one x_T per prompt (keyed by the prompt's global index) for all
             its G rollouts, instead of one per rollout (keyed by the global row).
-        search_steps: how many of ``sde_steps``, from the first, take searched noise (the
-            rest take the ``random`` draw); None: all of them.
+        search_steps: how many of ``sde_steps`` take searched noise (the rest take the
+            ``random`` draw); None: all of them. ``search_steps_at``: ``end`` (the last ones)
+            or ``start`` (the first ones).
         reuse_velocity: after a searched step whose result carries the velocity at
             ``x_next`` (``SearchResult.velocity``, every row with a finite reward, the
             searcher on ``model`` itself), the next step takes it instead of a forward.
@@ -153,7 +158,12 @@ def sample_rollouts(
             f"search_steps: expected None or 0 <= search_steps <= {len(sde_steps)} (the SDE "
             f"steps), got {search_steps!r}"
         )
-    searched = [] if noise == "random" else list(sde_steps)[:search_steps]
+    if search_steps_at not in ("start", "end"):
+        raise ValueError(f"search_steps_at: expected 'start' or 'end', got {search_steps_at!r}")
+    searched = [] if noise == "random" else list(sde_steps)
+    if search_steps is not None:
+        n = search_steps
+        searched = searched[:n] if search_steps_at == "start" else searched[len(searched) - n :]
     reuse = reuse_velocity and searcher is not None and searcher.model is model
     n_rows = len(prompts) * group_size
     row0 = first_prompt * group_size
@@ -252,6 +262,7 @@ def sample_rollouts(
         images=torch.cat(images),
         rewards=r,
         search_gain=gain,
+        searched_steps=searched,
         seconds=seconds,
         model_calls=calls,
     )

@@ -584,7 +584,8 @@ class GRPOTrainer:
             sigmas=self.sigmas, sde_steps=window, noise=cfg.noise, searcher=self.searcher,
             noise_level=s.noise_level, sde_type=s.sde_type, batch=s.batch,
             async_reward=self.async_reward, shared_initial_noise=s.shared_initial_noise,
-            search_steps=s.search_steps, reuse_velocity=s.reuse_search_velocity,
+            search_steps=s.search_steps, search_steps_at=s.search_steps_at,
+            reuse_velocity=s.reuse_search_velocity,
         )  # fmt: skip
 
     def policy_log_probs(
@@ -718,7 +719,8 @@ class GRPOTrainer:
         t2 = time.perf_counter()
         self.step = step
         finite = rewards[torch.isfinite(rewards)]
-        searched = ro.search_gain[:, : self.cfg.sample.search_steps]  # the searched steps
+        cols = [ro.sde_steps.index(i) for i in ro.searched_steps]
+        searched = ro.search_gain[:, cols] if cols else torch.zeros_like(ro.search_gain[:, :1])
         gain = self.dist.gather(searched.mean().reshape(1)).mean()
         line = {
             "step": step,
