@@ -254,6 +254,14 @@ _SPECS: Mapping[str, _OpSpec] = MappingProxyType(
 )
 
 
+def _check_op_provider(op: str, provider: str) -> None:
+    """A ValueError naming ``op`` or ``provider`` when either is not one of the benchmark's."""
+    if op not in _SPECS:
+        raise ValueError(f"op: expected one of {', '.join(OPS)}, got {op!r}")
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider: expected one of {', '.join(PROVIDERS)}, got {provider!r}")
+
+
 def build_case(
     op: str,
     provider: str,
@@ -270,10 +278,7 @@ def build_case(
     tensors; the ops draw their noise with ``seed`` and round 0. Whether the provider can run
     on ``device`` is not checked (see :func:`provider_problem`).
     """
-    if op not in _SPECS:
-        raise ValueError(f"op: expected one of {', '.join(OPS)}, got {op!r}")
-    if provider not in PROVIDERS:
-        raise ValueError(f"provider: expected one of {', '.join(PROVIDERS)}, got {provider!r}")
+    _check_op_provider(op, provider)
     return _build(op, provider, case_shape(size), dtype, device, seed, validate)
 
 
@@ -287,10 +292,7 @@ def build_host_case(
     validate: bool = False,
 ) -> OpCase:
     """The host case of ``op``: :data:`HOST_SHAPE`, otherwise as :func:`build_case`."""
-    if op not in _SPECS:
-        raise ValueError(f"op: expected one of {', '.join(OPS)}, got {op!r}")
-    if provider not in PROVIDERS:
-        raise ValueError(f"provider: expected one of {', '.join(PROVIDERS)}, got {provider!r}")
+    _check_op_provider(op, provider)
     return _build(op, provider, HOST_SHAPE, dtype, device, seed, validate)
 
 
