@@ -160,7 +160,9 @@ def test_missing_prompt_file(capsys: pytest.CaptureFixture) -> None:
         ("tiny", ["tiny.nope=1"], "argument --reward-arg: reward 'tiny' does not take 'nope'"),
         ("tiny:1,tiny-color:1", ["tiny-color.checkpoint=x"],
          "argument --reward-arg: reward 'tiny-color' does not take 'checkpoint'"),
-        ("tiny", ["tiny.dtype=int8"], "expected a dtype of float32, bfloat16, float16"),
+        ("tiny", ["tiny.dtype=int8"],
+         "argument --reward-arg: 'tiny.dtype=int8': dtype: expected one of bfloat16, float16, "
+         "float32"),
     ],
 )  # fmt: skip
 def test_reward_arg_errors(reward: str, args: list[str], match: str, capsys) -> None:
@@ -168,6 +170,21 @@ def test_reward_arg_errors(reward: str, args: list[str], match: str, capsys) -> 
     for a in args:
         argv += ["--reward-arg", a]
     assert match in _error(argv, capsys)
+
+
+@pytest.mark.parametrize("text, dtype", [("bf16", "bfloat16"), ("bfloat16", "bfloat16"),
+                                         ("fp32", "float32"), ("torch.float16", "float16")])
+def test_reward_arg_dtype_takes_the_config_names(text: str, dtype: str) -> None:
+    """--reward-arg NAME.dtype=X takes the names a config's ``reward_args.dtype`` takes
+    (rewards.DTYPES, aliases included) and hands the loader a torch.dtype."""
+    import torch
+
+    from smartgrpo_fast.cli.args import reward_arg
+    from smartgrpo_fast.cli.build import _reward_kwargs
+
+    args = [reward_arg(f"imagereward.dtype={text}")]
+    kw = _reward_kwargs(build_parser(), "imagereward", ["imagereward"], args)
+    assert kw == {"imagereward": {"dtype": getattr(torch, dtype)}}
 
 
 def _reward(*argv: str):

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from smartgrpo_fast.cli.args import DTYPES, RewardArg
+from smartgrpo_fast.cli.args import RewardArg
+from smartgrpo_fast.rewards import reward_dtype
 
 __all__ = [
     "CPU_ROWS",
@@ -140,11 +141,11 @@ def _reward_kwargs(
         if arg.key in out[arg.name]:
             parser.error(f"argument --reward-arg: {arg.name}.{arg.key} given twice")
         value = arg.value
-        if arg.key == "dtype":
-            if value not in DTYPES:
-                parser.error(f"argument --reward-arg: {arg.text!r}: expected a dtype of "
-                             f"{', '.join(DTYPES)}")  # fmt: skip
-            value = getattr(torch, value)
+        if arg.key == "dtype":  # the names a config's reward_args take (rewards.DTYPES)
+            try:
+                value = reward_dtype(value)
+            except ValueError as err:
+                parser.error(f"argument --reward-arg: {arg.text!r}: {one_line(err)}")
         out[arg.name][arg.key] = value
     return out
 

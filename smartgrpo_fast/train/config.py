@@ -409,9 +409,17 @@ class RunConfig:
             check_names(self.reward)
         except ValueError as err:
             raise ValueError(f"reward: {err}") from None
+        from smartgrpo_fast.rewards import reward_dtype
+
         for name in ("reward_args", "search_reward_args"):
-            if not isinstance(getattr(self, name), dict):
-                raise ValueError(f"{name}: expected a mapping, got {getattr(self, name)!r}")
+            args = getattr(self, name)
+            if not isinstance(args, dict):
+                raise ValueError(f"{name}: expected a mapping, got {args!r}")
+            if "dtype" in args:
+                try:
+                    reward_dtype(args["dtype"])
+                except ValueError as err:
+                    raise ValueError(f"{name}: {err}") from None
 
 
 # --------------------------------------------------------------------------- dict <-> config

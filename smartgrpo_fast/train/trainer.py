@@ -234,9 +234,8 @@ def build_reward(cfg: RunConfig, device: torch.device, *, search: bool = False) 
         return reward_from_spec(cfg.reward, device=device, **args)
     except TypeError as err:
         raise ConfigError(f"{key}: {cfg.reward}: {_one_line(err)}") from err
-    except (OSError, ValueError) as err:
-        where = key if str(err).startswith("dtype:") else "reward"
-        raise ConfigError(f"{where}: {cfg.reward}: {_one_line(err)}") from err
+    except (OSError, ValueError) as err:  # a bad dtype is refused when the config loads
+        raise ConfigError(f"reward: {cfg.reward}: {_one_line(err)}") from err
 
 
 class _Dist:
