@@ -172,8 +172,15 @@ def test_reward_arg_errors(reward: str, args: list[str], match: str, capsys) -> 
     assert match in _error(argv, capsys)
 
 
-@pytest.mark.parametrize("text, dtype", [("bf16", "bfloat16"), ("bfloat16", "bfloat16"),
-                                         ("fp32", "float32"), ("torch.float16", "float16")])
+@pytest.mark.parametrize(
+    "text, dtype",
+    [
+        ("bf16", "bfloat16"),
+        ("bfloat16", "bfloat16"),
+        ("fp32", "float32"),
+        ("torch.float16", "float16"),
+    ],
+)
 def test_reward_arg_dtype_takes_the_config_names(text: str, dtype: str) -> None:
     """--reward-arg NAME.dtype=X takes the names a config's ``reward_args.dtype`` takes
     (rewards.DTYPES, aliases included) and hands the loader a torch.dtype."""
