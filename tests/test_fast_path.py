@@ -9,18 +9,19 @@ import pytest
 import torch
 from conftest import use_backend
 
-from smartgrpo_fast.ops import cem_update, sample_perturb, x0_estimate
+from smartgrpo_fast.ops import cem_update, sample_perturb, topk_select, x0_estimate
 from smartgrpo_fast.ops._fast import PLAN_LIMIT, PlanCache
 
 SP = sys.modules["smartgrpo_fast.ops.sample_perturb"]
 CEM = sys.modules["smartgrpo_fast.ops.cem_update"]
 X0 = sys.modules["smartgrpo_fast.ops.x0_estimate"]
+TOPK = sys.modules["smartgrpo_fast.ops.topk_select"]
 B, K, T, S = 2, 5, 3, (3, 4, 5)
 
 
 @pytest.fixture(autouse=True)
 def fresh_plans() -> None:
-    for module in (SP, CEM, X0):
+    for module in (SP, CEM, X0, TOPK):
         module._PLANS.clear()
 
 
@@ -111,6 +112,37 @@ def test_x0_estimate_fast_equals_slow(backend, dtypes) -> None:
     assert _equal(got[0], got[2]) and _equal(got[1], got[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_topk_select_fast_equals_slow(backend, dtype) -> None:
+    """NaN, signed zeros, infinities and ties, contiguous and transposed rewards, K = 1 and
+    T = K: the plan's indices are the validated call's."""
+    gen = torch.Generator().manual_seed(4)
+    r = torch.randn(6, 9, generator=gen)
+    r[:, ::4] = float("nan")
+    r[:, 1::3] = r[:, 1:2]  # ties
+    r[0, 2], r[0, 3], r[1, 2], r[1, 3] = 0.0, -0.0, float("inf"), float("-inf")
+    r = r.to(dtype)
+    for rewards in (r, r.t().contiguous().t(), r[:, :1]):
+        for t in sorted({1, 3, rewards.shape[1]}):
+            if t > rewards.shape[1]:
+                continue
+            got = _twice(topk_select, rewards, t)
+            assert _equal(got[0], got[2]) and _equal(got[1], got[2]), (rewards.stride(), t)
+
+
+def test_topk_select_bad_forms_raise_and_are_not_cached() -> None:
+    with pytest.raises(ValueError, match=r"^t: expected 1 <= t <= K = 4, got 5"):
+        topk_select(torch.zeros(2, 4), 5, validate=False)
+    with pytest.raises(TypeError, match=r"^rewards: expected dtype in"):
+        topk_select(torch.zeros(2, 4, dtype=torch.int64), 2, validate=False)
+    with pytest.raises(TypeError, match=r"^t: expected an int"):
+        topk_select(torch.zeros(2, 4), True, validate=False)
+    assert len(TOPK._PLANS) == 0
+    topk_select(torch.zeros(2, 4), 2, validate=False)
+    topk_select(torch.zeros(2, 4), 3, validate=False)  # t fixes the output: its own plan
+    assert len(TOPK._PLANS) == 2
+
+
 def test_bad_values_still_raise_after_a_plan_is_cached() -> None:
     """A plan only holds forms: every value no key holds is checked again at each call."""
     mean = torch.zeros(2, 3)
@@ -172,6 +204,29 @@ def test_bad_forms_raise_and_are_not_cached() -> None:
         sample_perturb(mean.requires_grad_(), 0.0, 1.0, 1.0, k=2, seed=0, validate=False)
     with torch.no_grad():  # the same forms without grad mode: served
         sample_perturb(mean, 0.0, 1.0, 1.0, k=2, seed=0, validate=False)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: x0_estimate(None, None, 0.5, validate=False), r"^z: expected a torch.Tensor"),
+        (lambda: sample_perturb([1.0], 0.0, 1.0, 1.0, k=2, seed=0, validate=False),
+         r"^mean: expected a torch.Tensor"),
+        (lambda: sample_perturb(torch.zeros(2, 3), 0.0, 1.0, 1.0, k=[2], seed=0, validate=False),
+         r"^k: expected an int"),
+        (lambda: cem_update(0.0, 1.0, [[0]], shape=(1, 3), k=2, seed=0, round=0, validate=False),
+         r"^elite_idx: expected a \(B, T\) int64 tensor"),
+        (lambda: cem_update(0.0, 1.0, torch.zeros(1, 1, dtype=torch.int64), shape=3, k=2, seed=0,
+                            round=0, validate=False), r"^shape: expected a tuple of ints"),
+        (lambda: topk_select([[1.0]], 1, validate=False), r"^rewards: expected a torch.Tensor"),
+        (lambda: topk_select(torch.zeros(1, 3), [1], validate=False), r"^t: expected an int"),
+    ],
+)  # fmt: skip
+def test_malformed_arguments_get_the_checks_errors(call, message) -> None:
+    """No tensor where one is expected, or an unhashable value: the plan key cannot be built,
+    and the call raises the argument checks' error (not an AttributeError of the key)."""
+    with pytest.raises(TypeError, match=message):
+        call()
 
 
 def test_the_backend_is_read_at_every_call(monkeypatch) -> None:

@@ -68,6 +68,14 @@ def test_large_k(backend) -> None:
     _check(r, 40)
 
 
+def test_many_rows_match_the_reference(backend) -> None:
+    """600 rows of 64: the C++ op splits them over threads (at least 256 rows a task)."""
+    r = torch.randn(600, 64, generator=torch.Generator().manual_seed(5))
+    r[::3, ::5] = float("nan")
+    r[1::3, 1::4] = r[1::3, :1]  # ties
+    assert torch.equal(topk_select(r, 10), topk_select_reference(r, 10))
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     st.lists(

@@ -7,10 +7,9 @@ Providers
   (:func:`~smartgrpo_fast.ops.sample_perturb`, ...) with ``SMARTGRPO_BACKEND`` set to that
   backend for the measurement: the compiled C++ ops (CPU), the PyTorch reference, the Triton
   kernels (CUDA), the CUDA C++ ops. An op without a version for a backend runs what that backend
-  falls back to (topk_select: the reference under ``cpp``, Triton under ``cuda``; x0_estimate:
-  Triton under ``cuda``). The ops are called with ``validate=False``, as in the search's hot
-  loop (value checks read the tensors and synchronise a CUDA stream), unless
-  :func:`build_case` gets ``validate=True``.
+  falls back to (topk_select and x0_estimate: Triton under ``cuda``). The ops are called with
+  ``validate=False``, as in the search's hot loop (value checks read the tensors and
+  synchronise a CUDA stream), unless :func:`build_case` gets ``validate=True``.
 * ``unfused``: the plain PyTorch a user would write without the library:
 
   - sample_perturb: ``n = torch.randn(B, K, *S)`` materialised, then
@@ -190,7 +189,7 @@ def _build_topk_select(req: _Request) -> Callable[[], torch.Tensor]:
     r = torch.randn((req.shape.batch, req.shape.k), generator=req.generator(), device=req.device)
     t = req.shape.elites
     if req.fused:
-        return lambda: topk_select(r, t)
+        return lambda: topk_select(r, t, validate=req.validate)
     return lambda: torch.topk(torch.nan_to_num(r, nan=float("-inf")), t).indices
 
 

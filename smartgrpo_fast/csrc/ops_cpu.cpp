@@ -15,6 +15,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -350,6 +353,61 @@ void cem_update_out_packed(at::Tensor& mu_out, at::Tensor& sigma_out,
                  floats[2], floats[3], ints[5] != 0, counts);
 }
 
+//! Row b's key for candidate i: unique, and ordered as topk_select ranks (see
+//! smartgrpo_fast/ops/topk_select.py): the float's bits made monotonic as unsigned (-0.0 as
+//! +0.0, every NaN below -inf) in the high word, 2^32 - 1 - i in the low word.
+inline uint64_t rank_key(float x, int64_t i) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if (bits == 0x80000000u) bits = 0;  // -0.0 ranks as +0.0
+  uint32_t hi = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  if (std::isnan(x)) hi = 0;
+  return (static_cast<uint64_t>(hi) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
+}
+
+template <typename scalar_t>
+void topk_rows(int64_t* out, const scalar_t* r, int64_t stride_b, int64_t stride_k, int64_t k,
+               int64_t t, int64_t begin, int64_t end) {
+  std::vector<uint64_t> keys(static_cast<size_t>(k));
+  for (int64_t b = begin; b < end; ++b) {
+    const scalar_t* row = r + b * stride_b;
+    for (int64_t i = 0; i < k; ++i) keys[i] = rank_key(static_cast<float>(row[i * stride_k]), i);
+    std::partial_sort(keys.begin(), keys.begin() + t, keys.end(), std::greater<uint64_t>());
+    for (int64_t j = 0; j < t; ++j) out[b * t + j] = 0xFFFFFFFFu - (keys[j] & 0xFFFFFFFFu);
+  }
+}
+
+//! topk_select on CPU: out (B, T) int64, contiguous, the indices of the T best of each row of
+//! rewards (B, K) float32/bfloat16/float16 (any strides), ranked in float32 as the Triton
+//! kernel ranks them (float64 rewards stay with the reference, which ranks them in float64).
+void topk_select_out(at::Tensor& out, const at::Tensor& rewards, int64_t t) {
+  check_cpu(rewards, "rewards");
+  TORCH_CHECK(rewards.dim() == 2, "rewards: expected a (B, K) tensor, got ", rewards.sizes());
+  const int64_t batch = rewards.size(0), k = rewards.size(1);
+  TORCH_CHECK(1 <= t && t <= k && k <= (int64_t{1} << 32), "t: expected 1 <= t <= K = ", k);
+  check_out(out, "out", batch * t);
+  TORCH_CHECK(out.scalar_type() == at::kLong, "out: expected int64");
+  int64_t* o = out.data_ptr<int64_t>();
+  const int64_t sb = rewards.stride(0), sk = rewards.stride(1);
+  const int64_t grain = std::max<int64_t>(1, 16384 / k);  // rows a thread takes at least
+  auto run = [&](const auto* r) {
+    at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
+      topk_rows(o, r, sb, sk, k, t, b0, b1);
+    });
+  };
+  switch (rewards.scalar_type()) {
+    case at::kFloat:
+      return run(rewards.const_data_ptr<float>());
+    case at::kBFloat16:
+      return run(rewards.const_data_ptr<at::BFloat16>());
+    case at::kHalf:
+      return run(rewards.const_data_ptr<at::Half>());
+    default:  // float64 rewards are ranked in float64 by the reference
+      TORCH_CHECK(false, "rewards: expected float32, bfloat16 or float16, got ",
+                  rewards.scalar_type());
+  }
+}
+
 std::string cpu_isa() { return cpu::isa(); }
 
 }  // namespace
@@ -377,6 +435,7 @@ TORCH_LIBRARY(smartgrpo_fast, m) {
   m.def(
       "cem_update_out.packed(Tensor(a!) mu_out, Tensor(b!) sigma_out, Tensor? mu, "
       "Tensor? sigma, Tensor elite_idx, Tensor? counts, float[] floats, int[] ints) -> ()");
+  m.def("topk_select_out(Tensor(a!) out, Tensor rewards, int t) -> ()");
   m.def("cpu_isa() -> str", &cpu_isa);
 }
 
@@ -388,4 +447,5 @@ TORCH_LIBRARY_IMPL(smartgrpo_fast, CPU, m) {
   m.impl("cem_update_out", &cem_update_out);
   m.impl("sample_perturb_out.packed", &sample_perturb_out_packed);
   m.impl("cem_update_out.packed", &cem_update_out_packed);
+  m.impl("topk_select_out", &topk_select_out);
 }

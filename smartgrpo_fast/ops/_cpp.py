@@ -62,6 +62,7 @@ __all__ = [
     "philox_normal_out",
     "report",
     "sample_perturb_out",
+    "topk_select_out",
     "x0_estimate_out",
 ]
 
@@ -329,6 +330,12 @@ def x0_estimate_out(
 ) -> None:
     """Fill ``out`` (N, D), contiguous, with ``(z2 - t v2) / scaling + shift``."""
     torch.ops.smartgrpo_fast.x0_estimate_out(out, z2, v2, *_param(t), scaling, shift)
+
+
+def topk_select_out(out: torch.Tensor, rewards: torch.Tensor, t: int) -> None:
+    """Fill ``out`` (B, t) int64, contiguous, with the indices of the ``t`` best of each row
+    of ``rewards`` (B, K) float32/bfloat16/float16, any strides (topk_select's order)."""
+    torch.ops.smartgrpo_fast.topk_select_out(out, rewards, t)
 
 
 def cem_update_out(

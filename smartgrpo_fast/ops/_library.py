@@ -159,7 +159,8 @@ def _no_output(*args: object) -> None:
 
 
 _CPP_OPS = ("philox_bits_out", "philox_normal_out", "sample_perturb_out", "x0_estimate_out",
-            "cem_update_out", "sample_perturb_out.packed", "cem_update_out.packed")  # fmt: skip
+            "cem_update_out", "sample_perturb_out.packed", "cem_update_out.packed",
+            "topk_select_out")  # fmt: skip
 _cpp_fakes: list[bool] = []
 
 

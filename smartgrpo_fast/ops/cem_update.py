@@ -739,28 +739,32 @@ def cem_update(
     ``validate=False`` runs a cached plan instead (see :mod:`smartgrpo_fast.ops._fast`).
     """
     if not validate and not compiling():
-        T = torch.Tensor  # the forms of the plan key, inline: see ops._fast.form
-        key = (
-            backend_env(), torch.is_grad_enabled(), k, k.__class__, per_element,
-            shape if shape.__class__ is torch.Size else (shape.__class__, *shape),
-            elite_idx.shape, elite_idx.stride(), elite_idx.dtype, elite_idx.device,
-            (mu.shape, mu.stride(), mu.dtype, mu.device, mu.requires_grad)
-            if isinstance(mu, T) else mu.__class__,
-            (sigma.shape, sigma.stride(), sigma.dtype, sigma.device, sigma.requires_grad)
-            if isinstance(sigma, T) else sigma.__class__,
-            int if seed.__class__ is int else form(seed),
-            int if round.__class__ is int else form(round),
-            int if row_offset.__class__ is int else form(row_offset),
-            None if counts is None else form(counts),
-        )  # fmt: skip
-        plan = _PLANS.lookup(key)
+        try:  # a malformed argument (no tensor, unhashable) takes the checks below
+            T = torch.Tensor  # the forms of the plan key, inline: see ops._fast.form
+            key = (
+                backend_env(), torch.is_grad_enabled(), k, k.__class__, per_element,
+                shape if shape.__class__ is torch.Size else (shape.__class__, *shape),
+                elite_idx.shape, elite_idx.stride(), elite_idx.dtype, elite_idx.device,
+                (mu.shape, mu.stride(), mu.dtype, mu.device, mu.requires_grad)
+                if isinstance(mu, T) else mu.__class__,
+                (sigma.shape, sigma.stride(), sigma.dtype, sigma.device, sigma.requires_grad)
+                if isinstance(sigma, T) else sigma.__class__,
+                int if seed.__class__ is int else form(seed),
+                int if round.__class__ is int else form(round),
+                int if row_offset.__class__ is int else form(row_offset),
+                None if counts is None else form(counts),
+            )  # fmt: skip
+            plan = _PLANS.lookup(key)
+        except (AttributeError, TypeError):
+            plan = None
         if plan is MISSING:
             plan = _plan(mu, sigma, elite_idx, shape, k, seed, round, alpha, min_sigma,
                          per_element, row_offset, counts)  # fmt: skip
             _PLANS.put(key, plan)
-        out = plan(mu, sigma, elite_idx, seed, round, alpha, min_sigma, row_offset, counts)
-        if out is not None:
-            return out
+        if plan is not None:
+            out = plan(mu, sigma, elite_idx, seed, round, alpha, min_sigma, row_offset, counts)
+            if out is not None:
+                return out
     if not compiling():
         shape, seed, round, row_offset = _validate(
             mu, sigma, elite_idx, shape, k, seed, round, alpha, min_sigma, per_element,

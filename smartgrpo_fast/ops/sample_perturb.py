@@ -409,27 +409,31 @@ def sample_perturb(
     with ``validate=False`` runs a cached plan instead (see :mod:`smartgrpo_fast.ops._fast`).
     """
     if not validate and not compiling():
-        T = torch.Tensor  # the forms of the plan key, inline: see ops._fast.form
-        key = (
-            backend_env(), torch.is_grad_enabled(), k, k.__class__,
-            mean.shape, mean.stride(), mean.dtype, mean.device, mean.requires_grad,
-            (mu.shape, mu.stride(), mu.dtype, mu.device, mu.requires_grad)
-            if isinstance(mu, T) else mu.__class__,
-            (sigma.shape, sigma.stride(), sigma.dtype, sigma.device, sigma.requires_grad)
-            if isinstance(sigma, T) else sigma.__class__,
-            (scale.shape, scale.stride(), scale.dtype, scale.device, scale.requires_grad)
-            if isinstance(scale, T) else scale.__class__,
-            int if seed.__class__ is int else form(seed),
-            int if round.__class__ is int else form(round),
-            int if row_offset.__class__ is int else form(row_offset),
-        )  # fmt: skip
-        plan = _PLANS.lookup(key)
+        try:  # a malformed argument (no tensor, unhashable) takes the checks below
+            T = torch.Tensor  # the forms of the plan key, inline: see ops._fast.form
+            key = (
+                backend_env(), torch.is_grad_enabled(), k, k.__class__,
+                mean.shape, mean.stride(), mean.dtype, mean.device, mean.requires_grad,
+                (mu.shape, mu.stride(), mu.dtype, mu.device, mu.requires_grad)
+                if isinstance(mu, T) else mu.__class__,
+                (sigma.shape, sigma.stride(), sigma.dtype, sigma.device, sigma.requires_grad)
+                if isinstance(sigma, T) else sigma.__class__,
+                (scale.shape, scale.stride(), scale.dtype, scale.device, scale.requires_grad)
+                if isinstance(scale, T) else scale.__class__,
+                int if seed.__class__ is int else form(seed),
+                int if round.__class__ is int else form(round),
+                int if row_offset.__class__ is int else form(row_offset),
+            )  # fmt: skip
+            plan = _PLANS.lookup(key)
+        except (AttributeError, TypeError):
+            plan = None
         if plan is MISSING:
             plan = _plan(mean, mu, sigma, scale, k, seed, round, row_offset)
             _PLANS.put(key, plan)
-        out = plan(mean, mu, sigma, scale, seed, round, row_offset)
-        if out is not None:
-            return out
+        if plan is not None:
+            out = plan(mean, mu, sigma, scale, seed, round, row_offset)
+            if out is not None:
+                return out
     if not compiling():
         seed, round, row_offset = _validate(
             mean, mu, sigma, scale, k, seed, round, row_offset, validate

@@ -249,13 +249,16 @@ def x0_estimate(
     :mod:`smartgrpo_fast.ops._fast`).
     """
     if not validate and not compiling():
-        key = (
-            backend_env(), torch.is_grad_enabled(),
-            z.shape, z.stride(), z.dtype, z.device, z.requires_grad,
-            v.shape, v.stride(), v.dtype, v.device, v.requires_grad,
-            form(t),
-        )  # fmt: skip
-        plan = _PLANS.lookup(key)
+        try:  # a malformed argument (no tensor, unhashable) takes the checks below
+            key = (
+                backend_env(), torch.is_grad_enabled(),
+                z.shape, z.stride(), z.dtype, z.device, z.requires_grad,
+                v.shape, v.stride(), v.dtype, v.device, v.requires_grad,
+                form(t),
+            )  # fmt: skip
+            plan = _PLANS.lookup(key)
+        except (AttributeError, TypeError):
+            plan = None
         if plan is MISSING:
             plan = _plan(z, v, t, scaling, shift)
             _PLANS.put(key, plan)

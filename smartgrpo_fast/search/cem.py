@@ -297,7 +297,7 @@ class NoiseSearch:
         config keeps it), the round's statistics and the CEM update."""
         cfg = self.config
         b, s = st.mean.shape[0], tuple(st.mean.shape[1:])
-        idx = topk_select(r, cfg.top)
+        idx = topk_select(r, cfg.top, validate=False)
         common = {"shape": st.mean.shape, "k": cfg.k, "seed": st.seed, "round": st.round}
         common |= {"row_offset": st.row_offset, "per_element": cfg.per_element, "validate": False}
         # The best candidate's noise: the mean of a single "elite" with alpha = 1 is that eps,
