@@ -205,6 +205,96 @@ def test_bench_search_fp8_variant_logs_its_versions_and_copy(cpu_float8) -> None
             assert any(x.startswith(f"{p}: ") and part in x for x in said), (p, part, text)
 
 
+# ------------------------------------------------------------------- with a LoRA adapter
+
+
+def _lora_names(transformer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in transformer.named_parameters() if ".lora_" in n}
+
+
+@torch.no_grad()
+def test_float8_copy_shares_the_lora_adapter_and_follows_its_updates(cpu_float8):
+    """The copy's adapter tensors are the model's own (so an optimizer step, in place, reaches
+    the search's forwards); only the base layers are float8; a copy made before attach_lora
+    is not served after it."""
+    from smartgrpo_fast.models.lora import LoraSpec, attach_lora
+
+    model = _model()
+    stale = model.for_search("float8")
+    params = attach_lora(model, LoraSpec(rank=2, alpha=4.0))
+    fast = model.for_search("float8")
+    assert fast is not stale and fast is model.for_search("float8")
+    mine, theirs = _lora_names(model.transformer), _lora_names(fast.transformer)
+    assert mine.keys() == theirs.keys() and len(mine) == len(params) > 0
+    for name, p in mine.items():
+        assert theirs[name] is p and p.requires_grad, name
+        assert not isinstance(p, cpu_float8.Float8Tensor), name
+    bases = [m for n, m in fast.transformer.named_modules()
+             if n.endswith(".base_layer") and isinstance(m, torch.nn.Linear)]  # fmt: skip
+    assert bases and all(isinstance(m.weight, cpu_float8.Float8Tensor) for m in bases)
+    # the trained model's frozen base weights stay float32 tensors, untouched
+    assert not any(isinstance(p, cpu_float8.Float8Tensor) for p in model.transformer.parameters())
+
+    cond = model.encode_prompts(PROMPTS[:1])
+    z = torch.randn((2, *model.latent_shape), generator=torch.Generator().manual_seed(0))
+    v8 = fast.velocity(z, 0.7, cond, k=2)
+    gen = torch.Generator().manual_seed(1)
+    for p in params:  # an "optimizer step" in place, large enough to move the velocity
+        p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype), alpha=0.3)
+    w, w8 = model.velocity(z, 0.7, cond, k=2), fast.velocity(z, 0.7, cond, k=2)
+    # the update moved the model's velocity by far more than float8 rounding (0.27 measured;
+    # a copy that kept the old adapter would be that far off) ...
+    assert float((v8 - w).norm() / w.norm()) > 2 * FLOAT8_REL
+    # ... and the copy followed it: within float8 rounding of the updated model (0.043)
+    assert float((w8 - w).norm() / w.norm()) < FLOAT8_REL
+
+
+def test_trainer_searches_on_float8_forwards_and_trains_the_model(cpu_float8, tmp_path):
+    """model.search_dtype float8 in a GRPO step (the sd35-medium config at the tiny size): the
+    search's forwards run float8 matmuls on a copy whose adapter is the trainer's parameters,
+    the rollout and the update run on the model (log-probabilities equal: ratio 1), the step
+    after a searched one makes its own forward (reuse off: the rows of a run without reuse),
+    and a resumed run's copy shares the resumed parameters."""
+    from helpers import SD35_TINY_STEP
+
+    from smartgrpo_fast.train.config import load_config
+    from smartgrpo_fast.train.trainer import GRPOTrainer, _module_bytes
+
+    step = [*SD35_TINY_STEP, "train.memory_limit_gib=64", "train.save_every=1"]
+    cfg = load_config("sd35-medium", [*step, "model.search_dtype=float8"])
+    trainer = GRPOTrainer(cfg, tmp_path / "run8")
+    try:
+        fast = trainer.search_model
+        assert fast is not trainer.model and trainer.searcher.model is fast
+        theirs = _lora_names(fast.transformer)
+        assert [theirs[n] for n in trainer.names] == trainer.params  # the same tensors
+        assert _module_bytes(trainer.model, fast) > _module_bytes(trainer.model)
+        before = [p.detach().clone() for p in trainer.params]
+        with _ScaledMM() as mm:
+            line = trainer.train_step()
+        assert mm.calls > 0  # the search's candidates: float8 matmuls
+        assert any(not torch.equal(p, b) for p, b in zip(trainer.params, before, strict=True))
+        assert float(line["logp_diff_max"]) < 1e-5
+        trainer.save()
+    finally:
+        trainer.close()
+    plain = GRPOTrainer(load_config("sd35-medium", [*step, "sample.reuse_search_velocity=false"]),
+                        tmp_path / "plain")  # fmt: skip
+    try:
+        assert plain.search_model is plain.model
+        want = plain.train_step()["model_calls_per_rollout"]
+    finally:
+        plain.close()
+    assert line["model_calls_per_rollout"] == want
+    resumed = GRPOTrainer(cfg, tmp_path / "run8", resume=True)
+    try:
+        theirs = _lora_names(resumed.search_model.transformer)
+        assert [theirs[n] for n in resumed.names] == resumed.params
+        assert resumed.step == 1
+    finally:
+        resumed.close()
+
+
 # ------------------------------------------------------------------------ versions
 
 

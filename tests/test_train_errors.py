@@ -97,6 +97,33 @@ def test_config_errors_are_one_line_too(tmp_path, capsys) -> None:
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "config, overrides, words",
+    [
+        ("tiny", ["model.search_dtype=float8"], ["float8 forwards are for SD3 models"]),
+        ("tiny", ["model.search_dtype=fp16"], ["expected one of model, float8, got 'fp16'"]),
+        ("sd35-medium", ["model.search_dtype=float8", "lora=null", "train.kl_beta=0"],
+         ["full fine-tuning (lora: null) needs search_dtype model"]),
+        # this machine has no CUDA GPU: refused before any model is built
+        ("sd35-medium", ["model.search_dtype=float8"], ["search dtype float8: needs a CUDA GPU",
+                                                        "the model is on cpu"]),
+    ],
+    ids=["tiny", "unknown", "full-fine-tuning", "no-gpu"],
+)  # fmt: skip
+def test_search_dtype_errors_are_one_line(tmp_path, capsys, config, overrides, words) -> None:
+    from helpers import SD35_TINY_STEP
+
+    if torch.cuda.is_available() and any("CUDA" in w for w in words):
+        pytest.skip("a CUDA GPU is here")
+    out = tmp_path / "run"
+    base = SD35_TINY_STEP if config == "sd35-medium" else TINY
+    assert main(["train", "--config", config, "--out", str(out), *base, *overrides]) == 2
+    line = _one_error_line(capsys, "smartgrpo-fast train: error: model.search_dtype: ")
+    for w in words:
+        assert w in line, (w, line)
+    assert not out.exists()
+
+
 def test_search_prompt_outside_the_grammar_is_an_argument_error(tmp_path, capsys) -> None:
     """The default ``tiny`` model and reward read only the embedded world's prompts."""
     with pytest.raises(SystemExit) as exit_:

@@ -153,6 +153,11 @@ def run_train_bench(
         trainer.backward_timer = lambda: timers.timed("backward")
         if trainer.searcher is not None:
             trainer.searcher.run = timers.wrap("search", trainer.searcher.run)
+            scorer = trainer.search_model
+            if scorer is not model:  # a float8 copy (model.search_dtype): its own calls
+                scorer._forward = timers.wrap("forward", scorer._forward)
+                if preview:
+                    scorer.decode_preview = timers.wrap("preview_decode", scorer.decode_preview)
         it = range(warmup + steps)
         if progress:
             from tqdm.auto import tqdm

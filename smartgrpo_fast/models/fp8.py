@@ -29,6 +29,7 @@ __all__ = [
     "FP8_EXTRA",
     "MIN_CAPABILITY",
     "TORCHAO_REQUIREMENT",
+    "adapter_key",
     "check_float8",
     "float8_transformer",
     "versions",
@@ -109,14 +110,60 @@ def _float8_linear(module: torch.nn.Module, _fqn: str) -> bool:
     )
 
 
+def _adapter_parts(transformer: torch.nn.Module) -> tuple[set[str], list[torch.nn.Parameter]]:
+    """The qualified names of a peft adapter's modules inside ``transformer`` (each LoRA
+    layer's ``lora_A``, ``lora_B``, ... containers: ``adapter_layer_names``) and their
+    parameters; nothing for a transformer without an adapter."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # peft is a dependency; a transformer without it has no adapter
+        return set(), []
+    names: set[str] = set()
+    params: list[torch.nn.Parameter] = []
+    for fqn, module in transformer.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for attr in module.adapter_layer_names:
+            part = getattr(module, attr, None)
+            if isinstance(part, torch.nn.Module):
+                names.add(f"{fqn}.{attr}" if fqn else attr)
+                params.extend(part.parameters())
+    return names, params
+
+
+def adapter_key(transformer: torch.nn.Module) -> tuple[int, ...]:
+    """Identifies the adapter tensors of ``transformer`` (empty without one): a float8 copy
+    made for one key shares exactly those tensors."""
+    return tuple(id(p) for p in _adapter_parts(transformer)[1])
+
+
+def _inside(fqn: str, names: set[str]) -> bool:
+    return any(fqn == n or fqn.startswith(n + ".") for n in names)
+
+
 def float8_transformer(transformer: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``transformer`` (no-grad, eval) whose linear layers compute in float8
     (torchao's dynamic activation and weight quantization); checked by :func:`check_float8`
-    first. The copy holds the weights in float8 (about half the bfloat16 memory)."""
+    first. The copy holds the weights in float8 (about half the bfloat16 memory).
+
+    A peft adapter (LoRA) is **shared, not copied**: the copy's ``lora_A`` / ``lora_B``
+    parameters are the very tensors of ``transformer`` (kept in their dtype, their
+    ``requires_grad`` untouched), so an optimizer step or a loaded checkpoint, both in place,
+    reach the copy's forwards with no new copy; only the frozen base layers are quantized. A
+    change of the base weights themselves (full fine-tuning) does not reach it."""
     device = next(transformer.parameters()).device
     check_float8(device)
     quantization = _torchao_quantization()
     config = quantization.Float8DynamicActivationFloat8WeightConfig()
-    quantized = copy.deepcopy(transformer).eval().requires_grad_(False)
-    quantization.quantize_(quantized, config, filter_fn=_float8_linear)
+    adapter, shared = _adapter_parts(transformer)
+    quantized = copy.deepcopy(transformer, memo={id(p): p for p in shared}).eval()
+    keep = {id(p) for p in shared}
+    for p in quantized.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+
+    def wanted(module: torch.nn.Module, fqn: str) -> bool:
+        return _float8_linear(module, fqn) and not _inside(fqn, adapter)
+
+    quantization.quantize_(quantized, config, filter_fn=wanted)
     return quantized

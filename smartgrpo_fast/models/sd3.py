@@ -319,19 +319,23 @@ class SD3FlowModel(DiTFlowModel):
         """The model whose forwards score a search's candidates: this one (``"model"``), or
         one sharing everything but a float8 copy of the transformer (``"float8"``,
         :func:`~smartgrpo_fast.models.fp8.float8_transformer`: CUDA, compute capability >= 8.9,
-        torchao; made once). Never the rollout's steps, log-probabilities or training: the copy
-        does not follow later changes of the transformer's weights (an optimizer step, LoRA)."""
+        torchao). Never the rollout's steps, log-probabilities or training. A LoRA adapter on
+        the transformer is shared with the copy (the same tensors), so the copy follows the
+        adapter's training; the copy is made once per adapter (again after ``attach_lora``),
+        and does not follow a change of the base weights (full fine-tuning)."""
         if search_dtype not in SEARCH_DTYPES:
             raise ValueError(
                 f"search_dtype: expected one of {', '.join(SEARCH_DTYPES)}, got {search_dtype!r}"
             )
         if search_dtype == "model":
             return self
-        if getattr(self, "_float8", None) is None:
-            from smartgrpo_fast.models.fp8 import float8_transformer
+        from smartgrpo_fast.models.fp8 import adapter_key, float8_transformer
 
-            self._float8 = self.with_transformer(float8_transformer(self.transformer))
-        return self._float8
+        key = adapter_key(self.transformer)
+        cached = getattr(self, "_float8", None)
+        if cached is None or cached[0] != key:
+            self._float8 = (key, self.with_transformer(float8_transformer(self.transformer)))
+        return self._float8[1]
 
     # ----------------------------------------------------------------------------- loading
 

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from smartgrpo_fast.models.lora import LoraSpec
+from smartgrpo_fast.models.sd3 import SEARCH_DTYPES
 from smartgrpo_fast.sde import SDE_TYPES
 from smartgrpo_fast.search.config import SearchConfig
 
@@ -84,6 +85,14 @@ class ModelConfig:
             ``random:sd35-medium`` and real SD3 folders; the tiny one for ``random:sd3-tiny``
             and the tiny random pipeline). Run in the transformer's dtype. None: the search
             decodes with the VAE. The embedded model ``tiny`` decodes nothing (pixel space).
+        search_dtype: SD3: ``model`` (default: the search's forwards are the rollout's) or
+            ``float8``: the search scores its candidates on a float8 copy of the transformer
+            (torchao, extra ``fp8``; CUDA, compute capability >= 8.9;
+            :func:`smartgrpo_fast.models.fp8.float8_transformer`) whose LoRA adapter is the
+            trained one's own tensors, so it follows every update. Only the ranking of
+            candidates sees float8: the rollout's steps, log-probabilities and the update run
+            on the model, and the step after a searched one makes its own forward
+            (``sample.reuse_search_velocity`` applies only to ``model``). Needs ``lora``.
     """
 
     name: str = "tiny"
@@ -96,10 +105,17 @@ class ModelConfig:
     embedding_cache: str | None = None
     max_sequence_length: int = 128
     preview_decoder: str | None = None
+    search_dtype: str = "model"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name: expected a model name or path, got {self.name!r}")
+        if self.search_dtype not in SEARCH_DTYPES:
+            raise ValueError(f"search_dtype: expected one of {', '.join(SEARCH_DTYPES)}, "
+                             f"got {self.search_dtype!r}")  # fmt: skip
+        if self.search_dtype != "model" and self.name == "tiny":
+            raise ValueError(f"search_dtype: {self.search_dtype} forwards are for SD3 models; "
+                             "the embedded model tiny has search_dtype model")  # fmt: skip
         if self.preview_decoder is not None:
             if not isinstance(self.preview_decoder, str) or not self.preview_decoder:
                 raise ValueError(f"preview_decoder: expected an AutoencoderTiny folder, random "
@@ -403,6 +419,12 @@ class RunConfig:
             raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not isinstance(self.reward, str) or not self.reward:
             raise ValueError(f"reward: expected a reward spec, got {self.reward!r}")
+        if self.model.search_dtype != "model" and self.lora is None:
+            raise ValueError(
+                f"model.search_dtype: {self.model.search_dtype} search forwards run on a copy "
+                "that shares only a LoRA adapter with the model; full fine-tuning (lora: null) "
+                "needs search_dtype model"
+            )
         from smartgrpo_fast.rewards import check_names
 
         try:

@@ -280,6 +280,40 @@ class _Dist:
             dist.destroy_process_group()
 
 
+def _check_search_dtype(search_dtype: str, device: torch.device) -> None:
+    """A ConfigError naming ``model.search_dtype`` where its forwards cannot run here."""
+    from smartgrpo_fast.models.fp8 import check_float8
+
+    try:
+        check_float8(device)
+    except RuntimeError as err:
+        raise ConfigError(f"model.search_dtype: {_one_line(err)}") from None
+
+
+def _search_model(model: Any, search_dtype: str) -> Any:
+    """The model the search scores candidates with (``model.search_dtype``)."""
+    if search_dtype == "model":
+        return model
+    for_search = getattr(model, "for_search", None)
+    if not callable(for_search):
+        raise ConfigError(f"model.search_dtype: {search_dtype} forwards are for SD3 models; "
+                          f"{type(model).__name__} has none")  # fmt: skip
+    return for_search(search_dtype)
+
+
+def _tensor_bytes(t: torch.Tensor, seen: set[int]) -> int:
+    """Bytes of ``t``'s storage not in ``seen`` (a tensor subclass such as torchao's
+    Float8Tensor: its inner tensors')."""
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is not None:
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n), seen) for n in names)
+    if t.data_ptr() in seen:
+        return 0
+    seen.add(t.data_ptr())
+    return t.numel() * t.element_size()
+
+
 def _module_bytes(*objects: Any) -> int:
     """Bytes of the distinct tensors (parameters and buffers) of the modules that ``objects``
     are or hold as attributes (a flow model's transformer, VAE and text encoders, a reward)."""
@@ -293,9 +327,7 @@ def _module_bytes(*objects: Any) -> int:
                 mods += [v for v in vars(h).values() if isinstance(v, torch.nn.Module)]
         for m in mods:
             for t in [*m.parameters(), *m.buffers()]:
-                if t.data_ptr() not in seen:
-                    seen.add(t.data_ptr())
-                    total += t.numel() * t.element_size()
+                total += _tensor_bytes(t, seen)
     return total
 
 
@@ -358,6 +390,8 @@ class GRPOTrainer:
             raise ConfigError("train.kl_beta: the KL reference is the adapter-disabled model; "
                               "full fine-tuning (lora: null) needs kl_beta 0")  # fmt: skip
         self.prompts, self.eval_prompts = read_prompts(cfg)
+        if cfg.model.search_dtype != "model" and cfg.noise != "random":
+            _check_search_dtype(cfg.model.search_dtype, self.device)  # before any model loads
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         self.model = model if model is not None else build_model(cfg, self.device)
         self.reward = reward if reward is not None else build_reward(cfg, self.device)
@@ -387,6 +421,7 @@ class GRPOTrainer:
             self.ddp = DistributedDataParallel(self.model.transformer, device_ids=ids,
                                                **{sync: False})  # fmt: skip
         self.searcher = None
+        self.search_model = self.model
         #: The reward the search ranks candidates with (``search_reward_args``' copy, or
         #: ``self.reward`` when none is configured).
         self.search_reward = self.reward
@@ -394,7 +429,10 @@ class GRPOTrainer:
             strategy = "cem" if cfg.noise == "smart" else "best_of"
             if cfg.search_reward_args:
                 self.search_reward = build_reward(cfg, self.device, search=True)
-            self.searcher = NoiseSearch(self.model, self.search_reward,
+            #: The model the search's forwards run on: ``self.model``, or its float8 copy
+            #: sharing the adapter (``model.search_dtype``).
+            self.search_model = _search_model(self.model, cfg.model.search_dtype)
+            self.searcher = NoiseSearch(self.search_model, self.search_reward,
                                         replace(cfg.search, strategy=strategy))  # fmt: skip
         shift = cfg.sample.shift if cfg.sample.shift is not None else schedule_shift(self.model)
         self.sigmas = flow_sigmas(cfg.sample.steps, shift).tolist()
@@ -427,7 +465,7 @@ class GRPOTrainer:
             total = torch.cuda.get_device_properties(self.device).total_memory
             where = f"{self.device} ({torch.cuda.get_device_name(self.device)})"
         elif limit is not None:
-            resident = _module_bytes(self.model, self.reward, self.search_reward)
+            resident = _module_bytes(self.model, self.search_model, self.reward, self.search_reward)
             total, where = None, "the limit"
         else:
             return None
