@@ -261,3 +261,20 @@ def test_train_cli_refuses_a_step_that_does_not_fit_in_one_line(tmp_path, capsys
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("smartgrpo-fast train: error: ") and "a step needs about" in line
     assert ": lower it" in line or ": set it to true" in line
+
+
+def test_resident_bytes_count_a_tensor_subclass_by_its_inner_tensors() -> None:
+    """A quantized weight (torchao's Float8Tensor: a wrapper subclass, here torch's TwoTensor) is
+    counted by the tensors it flattens to; a tensor shared by two modules counts once."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    from smartgrpo_fast.train.trainer import _module_bytes
+
+    plain = torch.nn.Linear(4, 4)  # 16 + 4 float32: 80 bytes
+    quantized = torch.nn.Linear(4, 4)
+    inner = torch.zeros(4, 4), torch.ones(4, 4)  # 64 + 64 bytes
+    quantized.weight = torch.nn.Parameter(TwoTensor(*inner), requires_grad=False)
+    quantized.bias = plain.bias  # shared
+    assert _module_bytes(plain) == 80
+    assert _module_bytes(quantized) == 64 + 64 + 16
+    assert _module_bytes(plain, quantized) == 80 + 64 + 64
